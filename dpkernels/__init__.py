@@ -1,0 +1,8 @@
+"""dpkernels: DP-SGD with fused per-sample gradient norms (ghost clipping), one backward pass."""
+
+from dpkernels.bookkeeping import NonFiniteGradientError
+from dpkernels.engine import PrivacyEngine
+from dpkernels.optimizer import DPOptimizer
+
+__version__ = "0.1.0"
+__all__ = ["DPOptimizer", "NonFiniteGradientError", "PrivacyEngine", "__version__"]

@@ -1,0 +1,50 @@
+"""nn.Embedding: a sample's gradient touches only the rows of its ids (repeated ids summed)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dpkernels import ops
+from dpkernels.layers.base import DPLayer, Record
+
+
+class DPEmbedding(DPLayer):
+    module_type = nn.Embedding
+    param_names = ("weight",)
+
+    def check_module(self) -> None:
+        m = self.module
+        if m.max_norm is not None or m.sparse:
+            raise ValueError(f"{self.name}: Embedding with max_norm or sparse=True is not supported")
+        if m.scale_grad_by_freq:
+            raise ValueError(f"{self.name}: Embedding with scale_grad_by_freq=True is not supported")
+
+    def compute(self, ids, params):
+        m = self.module
+        return F.embedding(ids, params[0], m.padding_idx), {"ids": ids}
+
+    def input_grad(self, rec: Record, grad_out: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("an embedding's input has no gradient")
+
+    def tokens(self, rec: Record, grouping) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, G = rec.saved["ids"], rec.grad_out
+        B, D = G.shape[0], G.shape[-1]
+        G = G.reshape(B, -1, D)
+        if self.module.padding_idx is not None:
+            # the padding row gets no gradient (as in F.embedding's backward)
+            G = G.masked_fill((ids.reshape(B, -1) == self.module.padding_idx).unsqueeze(-1), 0)
+        ids3 = grouping.tokens(ids.reshape(B, -1, 1)).squeeze(-1)
+        return ids3, grouping.tokens(G)
+
+    def sq_norms(self, rec, grouping, backend):
+        ids, G = self.tokens(rec, grouping)
+        return {"weight": ops.embedding_norm(ids, G, backend=backend)}
+
+    def clipped_sums(self, rec, grouping, c, noise_std, noise, backend):
+        ids, G = self.tokens(rec, grouping)
+        w = self.module.weight
+        seed, offset = noise.take(w.numel())
+        return {"weight": ops.embedding_clipped_sum(ids, G, c["weight"], w.shape[0], noise_std, seed, offset,
+                                                    backend=backend)}

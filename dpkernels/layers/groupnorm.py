@@ -1,0 +1,52 @@
+"""nn.GroupNorm: per-sample gradients of the per-channel affine parameters ([B, C]) computed directly."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dpkernels import ops
+from dpkernels.layers.base import DPLayer, Record
+from dpkernels.layers.rows import rows_clipped_sums, rows_sq_norms
+
+
+class DPGroupNorm(DPLayer):
+    module_type = nn.GroupNorm
+    param_names = ("weight", "bias")
+
+    def compute(self, x, params):
+        m = self.module
+        weight = params[0] if m.weight is not None else None
+        bias = params[-1] if m.bias is not None else None
+        B, C = x.shape[0], x.shape[1]
+        hw = x[0, 0].numel() if B else x.shape[2:].numel()
+        out, mean, rstd = torch.native_group_norm(x, weight, bias, B, C, hw, m.num_groups, m.eps)
+        return out, {"x": x, "mean": mean, "rstd": rstd, "hw": hw}
+
+    def input_grad(self, rec: Record, grad_out: torch.Tensor) -> torch.Tensor:
+        m, s = self.module, rec.saved
+        x = s["x"]
+        return torch.ops.aten.native_group_norm_backward(
+            grad_out.contiguous(), x, s["mean"], s["rstd"], m.weight, x.shape[0], x.shape[1], s["hw"], m.num_groups,
+            [True, False, False],
+        )[0]
+
+    def grad_samples(self, rec: Record, grouping, backend: str) -> dict[str, torch.Tensor]:
+        s, G = rec.saved, rec.grad_out
+        x = s["x"]
+        B, C, g = x.shape[0], x.shape[1], self.module.num_groups
+        G3 = G.reshape(B, C, -1)
+        out = {}
+        if "weight" in self.trainable:
+            xg = x.reshape(B, g, -1)
+            xhat = ((xg - s["mean"].reshape(B, g, 1)) * s["rstd"].reshape(B, g, 1)).reshape(B, C, -1)
+            out["weight"] = ops.affine_grad_sample(xhat, G3, backend=backend)
+        if "bias" in self.trainable:
+            out["bias"] = G3.sum(-1, dtype=torch.float64 if G.dtype == torch.float64 else torch.float32)
+        return {k: grouping.sum_rows(v) for k, v in out.items()}
+
+    def sq_norms(self, rec, grouping, backend):
+        return rows_sq_norms(self.grad_samples(rec, grouping, backend), rec, backend)
+
+    def clipped_sums(self, rec, grouping, c, noise_std, noise, backend):
+        return rows_clipped_sums(rec.extra["grad_samples"], c, noise_std, noise, backend)

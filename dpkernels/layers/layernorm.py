@@ -1,0 +1,50 @@
+"""nn.LayerNorm: per-sample gradients of the affine parameters are tiny ([B, D]): computed directly."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from dpkernels import ops
+from dpkernels.layers.base import DPLayer, Record
+from dpkernels.layers.rows import rows_clipped_sums, rows_sq_norms
+
+
+class DPLayerNorm(DPLayer):
+    module_type = nn.LayerNorm
+    param_names = ("weight", "bias")
+
+    def compute(self, x, params):
+        m = self.module
+        weight = params[0] if m.weight is not None else None
+        bias = params[-1] if m.bias is not None else None
+        out, mean, rstd = torch.native_layer_norm(x, m.normalized_shape, weight, bias, m.eps)
+        return out, {"x": x, "mean": mean, "rstd": rstd}
+
+    def input_grad(self, rec: Record, grad_out: torch.Tensor) -> torch.Tensor:
+        m, s = self.module, rec.saved
+        return torch.ops.aten.native_layer_norm_backward(
+            grad_out, s["x"], m.normalized_shape, s["mean"], s["rstd"], m.weight, m.bias, [True, False, False]
+        )[0]
+
+    def grad_samples(self, rec: Record, grouping, backend: str) -> dict[str, torch.Tensor]:
+        """Per-example gradients [n, *normalized_shape] of the trainable affine parameters."""
+        s, G = rec.saved, rec.grad_out
+        B, N = G.shape[0], math.prod(self.module.normalized_shape)
+        G3 = G.reshape(B, -1, N)
+        out = {}
+        if "weight" in self.trainable:
+            xhat = ((s["x"] - s["mean"]) * s["rstd"]).reshape(B, -1, N)
+            out["weight"] = ops.affine_grad_sample(xhat.transpose(1, 2), G3.transpose(1, 2), backend=backend)
+        if "bias" in self.trainable:
+            out["bias"] = G3.sum(1, dtype=torch.float64 if G.dtype == torch.float64 else torch.float32)
+        shape = self.module.normalized_shape
+        return {k: grouping.sum_rows(v).reshape(-1, *shape) for k, v in out.items()}
+
+    def sq_norms(self, rec, grouping, backend):
+        return rows_sq_norms(self.grad_samples(rec, grouping, backend), rec, backend)
+
+    def clipped_sums(self, rec, grouping, c, noise_std, noise, backend):
+        return rows_clipped_sums(rec.extra["grad_samples"], c, noise_std, noise, backend)

@@ -1,0 +1,61 @@
+"""nn.Linear: weight norms by ghost (Gram) or direct strategy, clipped sum as one GEMM."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dpkernels import ops
+from dpkernels.layers.base import DPLayer, Record
+from dpkernels.reference import as_3d, round_up4
+
+log = logging.getLogger("dpkernels")
+
+
+def linear_sq_norms(layer: DPLayer, A: torch.Tensor, G: torch.Tensor, backend: str) -> dict[str, torch.Tensor]:
+    """Shared by Linear and the unfolded Conv2d: A [n, T, d], G [n, T, p]."""
+    with_bias = "bias" in layer.trainable
+    if "weight" not in layer.trainable:
+        return {"bias": ops.sq_norms(G.sum(1), backend=backend)}
+    if layer.strategy is None:
+        layer.strategy = ops.choose_strategy(A.shape[1], A.shape[2], G.shape[2])
+        log.info("dpkernels: %s uses the %s norm (T=%d, d=%d, p=%d)", layer.name, layer.strategy, *A.shape[1:], G.shape[2])
+    w, b = ops.linear_norm(A, G, with_bias, layer.strategy, backend)
+    return {"weight": w, "bias": b} if with_bias else {"weight": w}
+
+
+def linear_clipped_sums(layer: DPLayer, A, G, c, noise_std, noise, backend) -> dict[str, torch.Tensor]:
+    """Clipped noisy sums of weight [p, d] and bias [p] from A [n, T, d], G [n, T, p]."""
+    p, d = G.shape[-1], A.shape[-1]
+    if "weight" not in layer.trainable:
+        seed, offset = noise.take(p)
+        return {"bias": ops.clipped_rows_sum(G.sum(1), c["bias"], noise_std, seed, offset, backend=backend)}
+    seed, offset = noise.take(round_up4(p * d) + p)
+    w, b = ops.clipped_sum(A, G, c["weight"], c.get("bias"), noise_std, seed, offset, backend=backend)
+    return {"weight": w, "bias": b} if "bias" in layer.trainable else {"weight": w}
+
+
+class DPLinear(DPLayer):
+    module_type = nn.Linear
+    param_names = ("weight", "bias")
+    strategy: str | None = None
+
+    def compute(self, x, params):
+        return F.linear(x, *params), {"A": x}
+
+    def input_grad(self, rec: Record, grad_out: torch.Tensor) -> torch.Tensor:
+        return grad_out.matmul(self.module.weight.to(grad_out.dtype))
+
+    def tokens(self, rec: Record, grouping) -> tuple[torch.Tensor, torch.Tensor]:
+        return grouping.tokens(as_3d(rec.saved["A"])), grouping.tokens(as_3d(rec.grad_out))
+
+    def sq_norms(self, rec, grouping, backend):
+        A, G = self.tokens(rec, grouping)
+        return linear_sq_norms(self, A, G, backend)
+
+    def clipped_sums(self, rec, grouping, c, noise_std, noise, backend):
+        A, G = self.tokens(rec, grouping)
+        return linear_clipped_sums(self, A, G, c, noise_std, noise, backend)

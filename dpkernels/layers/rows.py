@@ -1,0 +1,25 @@
+"""Helpers for layers whose per-sample gradients are small enough to hold ([B, C]):
+the norm layers' affine parameters. Norms and clipped sums go through the row ops."""
+
+from __future__ import annotations
+
+import torch
+
+from dpkernels import ops
+from dpkernels.layers.base import Record
+from dpkernels.noise import NoiseSource
+
+
+def rows_sq_norms(grad_samples: dict[str, torch.Tensor], rec: Record, backend: str) -> dict[str, torch.Tensor]:
+    """Keep the per-example gradients on the record for the clipped sum; return their squared norms."""
+    rec.extra["grad_samples"] = grad_samples
+    return {k: ops.sq_norms(v, backend=backend) for k, v in grad_samples.items()}
+
+
+def rows_clipped_sums(grad_samples: dict[str, torch.Tensor], c: dict[str, torch.Tensor], noise_std: float,
+                      noise: NoiseSource, backend: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, g in grad_samples.items():
+        seed, offset = noise.take(g.shape[1:].numel())
+        out[k] = ops.clipped_rows_sum(g, c[k], noise_std, seed, offset, backend=backend)
+    return out

@@ -1,0 +1,81 @@
+"""Accounting, noise calibration and Poisson sampling: all Opacus', none written here."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.data_loader import DPDataLoader
+from torch.utils.data import DataLoader
+
+__all__ = ["create_accountant", "get_noise_multiplier", "poisson_loader", "split_batch", "sample_rate_of"]
+
+
+def sample_rate_of(data_loader: DataLoader) -> float:
+    """As Opacus: one logical batch per loader step, q = 1 / len(loader)."""
+    n = len(data_loader)
+    if n == 0:
+        raise ValueError("the data loader is empty")
+    return 1.0 / n
+
+
+def poisson_loader(data_loader: DataLoader, secure_mode: bool) -> DPDataLoader:
+    """Opacus' uniform-with-replacement (Poisson) sampler over the same dataset.
+
+    Secure mode seeds the sampler's generator from the OS (torch's generator itself
+    is not a CSPRNG; Opacus uses torchcsprng for that, which has no build for current torch).
+    """
+    generator = None
+    if secure_mode:
+        generator = torch.Generator()
+        generator.manual_seed(secrets.randbits(63))
+    return DPDataLoader.from_data_loader(data_loader, generator=generator)
+
+
+def split_batch(batch: Any, size: int) -> list[Any]:
+    """Split every tensor of a (nested) batch into chunks of at most `size` rows; at least one chunk."""
+    n = _rows(batch)
+    if n is None:
+        raise ValueError("cannot split a batch that holds no tensor")
+    starts = list(range(0, n, size)) or [0]
+    return [_slice(batch, s, s + size) for s in starts]
+
+
+def _rows(batch: Any) -> int | None:
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    if isinstance(batch, Mapping):
+        batch = list(batch.values())
+    if isinstance(batch, (list, tuple)):
+        for b in batch:
+            n = _rows(b)
+            if n is not None:
+                return n
+    return None
+
+
+def _slice(batch: Any, a: int, b: int) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch[a:b]
+    if isinstance(batch, Mapping):
+        return type(batch)({k: _slice(v, a, b) for k, v in batch.items()})
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(_slice(v, a, b) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_slice(v, a, b) for v in batch)
+    return batch
+
+
+def iterate_chunks(loader, max_physical_batch_size: int, optimizer) -> Iterator[Any]:
+    """Yield physical chunks; tell the optimizer which step() calls only accumulate."""
+    if max_physical_batch_size < 1:
+        raise ValueError(f"max_physical_batch_size must be >= 1, got {max_physical_batch_size}")
+    for batch in loader:
+        chunks = split_batch(batch, max_physical_batch_size)
+        for i, chunk in enumerate(chunks):
+            optimizer.signal_skip_step(i < len(chunks) - 1)
+            yield chunk
