@@ -30,7 +30,7 @@ def as_3d(x: torch.Tensor) -> torch.Tensor:
         return x.unsqueeze(1)
     if x.dim() == 3:
         return x
-    return x.reshape(x.shape[0], -1, x.shape[-1])
+    return x.reshape(x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1])
 
 
 def per_sample_linear_grads(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
@@ -87,13 +87,13 @@ def clipped_sum(
 def sq_norms(X: torch.Tensor) -> torch.Tensor:
     """||X_b||^2 over all trailing dims, [B]."""
     dt = acc_dtype(X)
-    return X.to(dt).reshape(X.shape[0], -1).pow(2).sum(1)
+    return X.to(dt).flatten(1).pow(2).sum(1)
 
 
 def clipped_rows_sum(X: torch.Tensor, c: torch.Tensor, noise_std: float, seed: int, offset: int) -> torch.Tensor:
     """sum_b c_b X_b + noise, shape X.shape[1:]."""
     dt = acc_dtype(X)
-    out = torch.einsum("b,bn->n", c.to(dt), X.to(dt).reshape(X.shape[0], -1))
+    out = torch.einsum("b,bn->n", c.to(dt), X.to(dt).flatten(1))
     out = out + noise_std * philox_normal((out.numel(),), seed, offset, dt, X.device)
     return out.reshape(X.shape[1:])
 
@@ -108,8 +108,8 @@ def embedding_grad_sample(ids: torch.Tensor, G: torch.Tensor, num_embeddings: in
     """Per-sample gradient of an embedding table, [B, V, D] (repeated ids summed)."""
     dt = acc_dtype(G)
     B, D = ids.shape[0], G.shape[-1]
-    ids2 = ids.reshape(B, -1)
-    G3 = G.reshape(B, -1, D).to(dt)
+    ids2 = ids.reshape(B, ids.shape[1:].numel())
+    G3 = G.reshape(B, ids2.shape[1], D).to(dt)
     out = torch.zeros(B, num_embeddings, D, dtype=dt, device=G.device)
     out.scatter_add_(1, ids2.unsqueeze(-1).expand(-1, -1, D), G3)
     return out

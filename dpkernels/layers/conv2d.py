@@ -66,9 +66,9 @@ class DPConv2d(DPLayer):
         m = self.module
         xp, G = rec.saved["A"], rec.grad_out
         B, Cout = G.shape[0], G.shape[1]
-        G = G.reshape(B, Cout, -1).transpose(1, 2)  # [B, L, Cout]
+        G = G.flatten(2).transpose(1, 2)  # [B, L, Cout]
         if m.kernel_size == (1, 1) and m.stride == (1, 1) and rec.saved["pad"] == (0, 0):
-            A = xp.reshape(B, xp.shape[1], -1).transpose(1, 2)  # [B, L, Cin]
+            A = xp.flatten(2).transpose(1, 2)  # [B, L, Cin]
         else:
             cols = F.unfold(xp, m.kernel_size, m.dilation, rec.saved["pad"], m.stride)  # [B, Cin*k*k, L]
             A = cols.transpose(1, 2)

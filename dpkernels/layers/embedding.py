@@ -30,12 +30,12 @@ class DPEmbedding(DPLayer):
 
     def tokens(self, rec: Record, grouping) -> tuple[torch.Tensor, torch.Tensor]:
         ids, G = rec.saved["ids"], rec.grad_out
-        B, D = G.shape[0], G.shape[-1]
-        G = G.reshape(B, -1, D)
+        B, T, D = G.shape[0], ids.shape[1:].numel(), G.shape[-1]
+        G = G.reshape(B, T, D)
         if self.module.padding_idx is not None:
             # the padding row gets no gradient (as in F.embedding's backward)
-            G = G.masked_fill((ids.reshape(B, -1) == self.module.padding_idx).unsqueeze(-1), 0)
-        ids3 = grouping.tokens(ids.reshape(B, -1, 1)).squeeze(-1)
+            G = G.masked_fill((ids.reshape(B, T) == self.module.padding_idx).unsqueeze(-1), 0)
+        ids3 = grouping.tokens(ids.reshape(B, T, 1)).squeeze(-1)
         return ids3, grouping.tokens(G)
 
     def sq_norms(self, rec, grouping, backend):

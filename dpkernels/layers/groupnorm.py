@@ -19,7 +19,7 @@ class DPGroupNorm(DPLayer):
         weight = params[0] if m.weight is not None else None
         bias = params[-1] if m.bias is not None else None
         B, C = x.shape[0], x.shape[1]
-        hw = x[0, 0].numel() if B else x.shape[2:].numel()
+        hw = x.shape[2:].numel()
         out, mean, rstd = torch.native_group_norm(x, weight, bias, B, C, hw, m.num_groups, m.eps)
         return out, {"x": x, "mean": mean, "rstd": rstd, "hw": hw}
 
@@ -35,11 +35,11 @@ class DPGroupNorm(DPLayer):
         s, G = rec.saved, rec.grad_out
         x = s["x"]
         B, C, g = x.shape[0], x.shape[1], self.module.num_groups
-        G3 = G.reshape(B, C, -1)
+        G3 = G.flatten(2)
         out = {}
         if "weight" in self.trainable:
-            xg = x.reshape(B, g, -1)
-            xhat = ((xg - s["mean"].reshape(B, g, 1)) * s["rstd"].reshape(B, g, 1)).reshape(B, C, -1)
+            xg = x.reshape(B, g, (C // g) * s["hw"])
+            xhat = ((xg - s["mean"].reshape(B, g, 1)) * s["rstd"].reshape(B, g, 1)).reshape(B, C, s["hw"])
             out["weight"] = ops.affine_grad_sample(xhat, G3, backend=backend)
         if "bias" in self.trainable:
             out["bias"] = G3.sum(-1, dtype=torch.float64 if G.dtype == torch.float64 else torch.float32)

@@ -32,15 +32,16 @@ class DPLayerNorm(DPLayer):
     def grad_samples(self, rec: Record, grouping, backend: str) -> dict[str, torch.Tensor]:
         """Per-example gradients [n, *normalized_shape] of the trainable affine parameters."""
         s, G = rec.saved, rec.grad_out
-        B, N = G.shape[0], math.prod(self.module.normalized_shape)
-        G3 = G.reshape(B, -1, N)
+        shape = self.module.normalized_shape
+        B, N = G.shape[0], math.prod(shape)
+        M = math.prod(G.shape[1:G.dim() - len(shape)])
+        G3 = G.reshape(B, M, N)
         out = {}
         if "weight" in self.trainable:
-            xhat = ((s["x"] - s["mean"]) * s["rstd"]).reshape(B, -1, N)
+            xhat = ((s["x"] - s["mean"]) * s["rstd"]).reshape(B, M, N)
             out["weight"] = ops.affine_grad_sample(xhat.transpose(1, 2), G3.transpose(1, 2), backend=backend)
         if "bias" in self.trainable:
             out["bias"] = G3.sum(1, dtype=torch.float64 if G.dtype == torch.float64 else torch.float32)
-        shape = self.module.normalized_shape
         return {k: grouping.sum_rows(v).reshape(-1, *shape) for k, v in out.items()}
 
     def sq_norms(self, rec, grouping, backend):

@@ -1,0 +1,71 @@
+"""Shared host-side helpers for the Triton kernels: interpreter detection, dtype checks, configs."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+# TRITON_INTERPRET must be set before the kernels are defined (tests/conftest.py sets it without CUDA).
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+
+def _patch_interpreter_for_numpy2() -> None:
+    """Triton 3.6's interpreter turns scalar args into 1-element arrays and calls int() on them
+    (`range(n)` in a kernel); NumPy >= 2.4 refuses that. Re-patch `tensor.__index__` after it."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_dpkernels_patched", False):
+        return
+
+    def patched(tensor, scope) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._dpkernels_patched = True
+    interpreter._patch_lang_tensor = patched
+
+
+if INTERPRET:
+    _patch_interpreter_for_numpy2()
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_dtype(*tensors: torch.Tensor) -> None:
+    """The Triton backend accumulates in fp32; fp64 inputs belong to the "cuda" or "torch" backends."""
+    for t in tensors:
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"dpkernels.triton supports float32, float16 and bfloat16 inputs, got {t.dtype}; "
+                "use backend='cuda' or backend='torch' for it"
+            )
+
+
+def supports(dtype: torch.dtype) -> bool:
+    return dtype in SUPPORTED_DTYPES
+
+
+def configs(full: list[triton.Config], small: triton.Config) -> list[triton.Config]:
+    """Autotuning under the interpreter is slow and meaningless: one small config there."""
+    return [small] if INTERPRET else full
+
+
+def seed_words(seed: int) -> tuple[int, int]:
+    """64-bit seed -> (lo32, hi32) Philox key words."""
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be a non-negative 64-bit int, got {seed}")
+    return seed & 0xFFFFFFFF, seed >> 32
+
+
+def check_offset(offset: int) -> int:
+    if offset < 0:
+        raise ValueError(f"noise offset must be >= 0, got {offset}")
+    return offset
+
+
+def round_up4(n: int) -> int:
+    return (n + 3) // 4 * 4

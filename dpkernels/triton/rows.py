@@ -1,0 +1,138 @@
+"""Row-wise ops: squared norms of samples, clipped (weighted) sums of rows + noise, add_noise_,
+and the per-sample gradient of a per-channel affine scale (LayerNorm / GroupNorm weight)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dpkernels.triton._common import INTERPRET, check_dtype, check_offset, seed_words
+from dpkernels.triton.philox import normal_at
+
+BLOCK_N = 256 if INTERPRET else 1024  # elements per program of the memory-bound kernels
+CHUNK_N = 4 * BLOCK_N  # elements of one sample per program in sq_norms
+
+
+@triton.jit(do_not_specialize=["S", "seed_lo", "seed_hi", "offset"])
+def _rows_sum_noise_kernel(
+    x_ptr, w_ptr, out_ptr, S, N, std, seed_lo, seed_hi, offset,
+    HAS_W: tl.constexpr, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """out[n] = sum_{s<S} w[s] * x[s, n] + std * normal(offset + n), x [S, N] contiguous.
+
+    S = 0 gives pure noise, S = 1 with out = x is add_noise_, no w is a plain sum (split-K reduce).
+    """
+    cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(S):
+        x = tl.load(x_ptr + s * N + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_W:
+            x = x * tl.load(w_ptr + s).to(tl.float32)
+        acc += x
+    if HAS_NOISE:
+        acc += std * normal_at(offset.to(tl.int64) + cols, seed_lo, seed_hi)
+    tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rows_sum_noise(x: torch.Tensor | None, w: torch.Tensor | None, out: torch.Tensor, noise_std: float, seed: int,
+                   offset: int) -> torch.Tensor:
+    """out (contiguous, flat view of N elements) = sum_s w_s x[s] + noise_std * philox_normal(offset ...)."""
+    N = out.numel()
+    S = 0 if x is None else x.shape[0]
+    if N == 0:
+        return out
+    lo, hi = seed_words(seed)
+    x_arg = out if x is None else x
+    w_arg = out if w is None else w
+    _rows_sum_noise_kernel[(triton.cdiv(N, BLOCK_N),)](
+        x_arg, w_arg, out, S, N, float(noise_std), lo, hi, check_offset(offset),
+        HAS_W=w is not None, HAS_NOISE=noise_std != 0.0, BLOCK=BLOCK_N,
+    )
+    return out
+
+
+@triton.jit
+def _sq_norms_kernel(x_ptr, partial_ptr, N, n_chunks, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """partial[b, j] = sum of squares of x[b, j*CHUNK : (j+1)*CHUNK]."""
+    b = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, CHUNK, BLOCK):
+        cols = j * CHUNK + start + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + b * N + cols, mask=cols < N, other=0.0).to(tl.float32)
+        acc += x * x
+    tl.store(partial_ptr + b * n_chunks + j, tl.sum(acc, axis=0))
+
+
+def sq_norms(X: torch.Tensor) -> torch.Tensor:
+    """||X_b||^2 over all trailing dims, [B] fp32."""
+    check_dtype(X)
+    B = X.shape[0]
+    x = X.reshape(B, X.shape[1:].numel()).contiguous()  # explicit N: reshape(0, -1) is ambiguous
+    N = x.shape[1]
+    if B == 0 or N == 0:
+        return torch.zeros(B, dtype=torch.float32, device=X.device)
+    n_chunks = triton.cdiv(N, CHUNK_N)
+    partial = torch.empty(B, n_chunks, dtype=torch.float32, device=X.device)
+    _sq_norms_kernel[(B, n_chunks)](x, partial, N, n_chunks, CHUNK=CHUNK_N, BLOCK=BLOCK_N)
+    return partial.sum(1)
+
+
+def clipped_rows_sum(X: torch.Tensor, c: torch.Tensor, noise_std: float, seed: int, offset: int) -> torch.Tensor:
+    """sum_b c_b X_b + noise, shape X.shape[1:], fp32."""
+    check_dtype(X)
+    B = X.shape[0]
+    x = X.reshape(B, X.shape[1:].numel()).contiguous()
+    out = torch.empty(X.shape[1:], dtype=torch.float32, device=X.device)
+    w = c.to(device=X.device, dtype=torch.float32).contiguous()
+    return rows_sum_noise(x if B else None, w if B else None, out, noise_std, seed, offset)
+
+
+def add_noise_(x: torch.Tensor, std: float, seed: int, offset: int) -> torch.Tensor:
+    """x += std * philox_normal(offset + row-major index), in place (noise drawn in fp32)."""
+    check_dtype(x)
+    if std == 0.0 or x.numel() == 0:
+        return x
+    flat = x if x.is_contiguous() else x.contiguous()
+    rows_sum_noise(flat.view(1, -1), None, flat.view(-1), std, seed, offset)
+    if flat is not x:
+        x.copy_(flat)
+    return x
+
+
+@triton.autotune(
+    configs=[triton.Config({"BLOCK_R": 1, "BLOCK_S": 1024}, num_warps=4)] if not INTERPRET else
+    [triton.Config({"BLOCK_R": 4, "BLOCK_S": 32})],
+    key=["S"],
+)
+@triton.jit
+def _affine_kernel(x_ptr, g_ptr, out_ptr, R, S, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    """out[r] = sum_s x[r, s] * g[r, s] for rows r = (b, c) of [B*C, S]."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    acc = tl.zeros([BLOCK_R, BLOCK_S], dtype=tl.float32)
+    for start in range(0, S, BLOCK_S):
+        cols = start + tl.arange(0, BLOCK_S)
+        mask = (rows[:, None] < R) & (cols[None, :] < S)
+        idx = rows[:, None] * S + cols[None, :]
+        x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        acc += x * g
+    tl.store(out_ptr + rows, tl.sum(acc, axis=1), mask=rows < R)
+
+
+def affine_grad_sample(xhat: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """xhat, G [B, C, S] -> [B, C] fp32, sum over S of xhat * G."""
+    check_dtype(xhat, G)
+    if xhat.shape != G.shape:
+        raise ValueError(f"xhat {tuple(xhat.shape)} and G {tuple(G.shape)} must have the same shape")
+    out = torch.empty(G.shape[:-1], dtype=torch.float32, device=G.device)
+    R, S = out.numel(), G.shape[-1]
+    if R == 0:
+        return out
+    if S == 0:
+        return out.zero_()
+    x, g = xhat.contiguous(), G.contiguous()
+    _affine_kernel[lambda meta: (triton.cdiv(R, meta["BLOCK_R"]),)](x, g, out, R, S)
+    return out
