@@ -88,7 +88,7 @@ def fastest(op_name: str, x: torch.Tensor, args: tuple | None = None) -> str:
         for name in candidates:
             try:
                 times[name] = _time(ops._implementation(op_name, name), args, op_name)
-            except Exception as e:  # a backend that fails here is not chosen; say why once
+            except Exception as e:  # noqa: BLE001  (any failure: that backend is not chosen; say why)
                 log.warning("dpkernels: backend %s failed on %s while timing: %s", name, op_name, e)
         chosen = min(times, key=times.get) if times else "torch"
     _cache[key] = chosen

@@ -119,17 +119,16 @@ def clipped_sum_split(
     has_bias = c_bias is not None
     w = torch.empty(p, d, dtype=torch.float32, device=dev)
     b = torch.empty(p if has_bias else 0, dtype=torch.float32, device=dev)
-    if K == 0 or p * d == 0:  # empty Poisson batch: pure noise
-        w.zero_()
-        b.zero_()
-        rows_sum_noise(None, None, w, noise_std, seed, offset)
-        if has_bias:
-            rows_sum_noise(None, None, b, noise_std, seed, bias_offset)
-        return w, b
     c32 = c.to(device=dev, dtype=torch.float32).contiguous()
     cb32 = c_bias.to(device=dev, dtype=torch.float32).contiguous() if has_bias else c32
     if c32.shape != (B,) or cb32.shape != (B,):
         raise ValueError(f"c and c_bias must have shape ({B},)")
+    if K == 0 or p * d == 0:  # empty Poisson batch (or empty layer): noise plus, for d = 0, the bias sum
+        rows_sum_noise(None, None, w, noise_std, seed, offset)
+        x = (G3.float() * cb32[:, None, None]).sum(1) if K and has_bias else None
+        if has_bias:
+            rows_sum_noise(x, None, b, noise_std, seed, bias_offset)
+        return w, b
     splits = default_splits(K, p, d, dev) if splits is None else max(1, min(splits, K))
     k_per_split = triton.cdiv(K, splits)
     splits = triton.cdiv(K, k_per_split)  # no empty split

@@ -129,7 +129,7 @@ def _direct_norm_kernel(
 def as_3d(x: torch.Tensor) -> torch.Tensor:
     if x.dim() == 2:
         return x.unsqueeze(1)
-    return x if x.dim() == 3 else x.reshape(x.shape[0], -1, x.shape[-1])
+    return x if x.dim() == 3 else x.reshape(x.shape[0], x.shape[1:-1].numel(), x.shape[-1])  # B may be 0
 
 
 def linear_inputs(A: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
-PHILOX_M0: tl.constexpr = 0xD2511F53
-PHILOX_M1: tl.constexpr = 0xCD9E8D57
-PHILOX_W0: tl.constexpr = 0x9E3779B9
-PHILOX_W1: tl.constexpr = 0xBB67AE85
-TWO_PI: tl.constexpr = 6.283185307179586
-INV_2_32: tl.constexpr = 2.3283064365386963e-10  # 2^-32
+from dpkernels.triton._common import INTERPRET
+
+# Kernels may only read globals that are tl.constexpr instances.
+PHILOX_M0 = tl.constexpr(0xD2511F53)
+PHILOX_M1 = tl.constexpr(0xCD9E8D57)
+PHILOX_W0 = tl.constexpr(0x9E3779B9)
+PHILOX_W1 = tl.constexpr(0xBB67AE85)
+TWO_PI = tl.constexpr(6.283185307179586)
+INV_2_32 = tl.constexpr(2.3283064365386963e-10)  # 2^-32
+# On the GPU, libdevice's correctly rounded-ish logf/sinf/cosf, not the .approx instructions: near
+# u = 1, log's absolute error would dominate sqrt(-2 ln u). The interpreter has no libdevice.
+USE_LIBDEVICE = tl.constexpr(not INTERPRET)
 
 
 @triton.jit
@@ -47,8 +54,22 @@ def normal_at(n, seed_lo, seed_hi):
     # lanes 0, 1 use the pair (x0, x1); lanes 2, 3 the pair (x2, x3)
     xr = tl.where(lane < 2, x0, x2)
     xa = tl.where(lane < 2, x1, x3)
-    u_r = xr.to(tl.float32) * INV_2_32 + 0.5 * INV_2_32  # (x + 0.5) * 2^-32, never 0
+    # ln u with u = (x + 0.5) 2^-32. For u >= 1/2 the fp32 u is too coarse near 1 (and there
+    # sqrt(-2 ln u) magnifies the error), so use v = 1 - u, exact in fp32, and Kahan's
+    # log1p(-v) = ln(w) * (-v) / (w - 1) with w = 1 - v; for u < 1/2, ln u directly.
+    u_r = xr.to(tl.float32) * INV_2_32 + 0.5 * INV_2_32
+    v_r = (xr ^ 0xFFFFFFFF).to(tl.float32) * INV_2_32 + 0.5 * INV_2_32  # (2^32 - 1 - x + 0.5) 2^-32
+    w_r = 1.0 - v_r
+    upper = xr >= 0x80000000
     u_a = xa.to(tl.float32) * INV_2_32 + 0.5 * INV_2_32
-    r = tl.sqrt(-2.0 * tl.log(u_r))
     theta = TWO_PI * u_a
-    return r * tl.where(lane % 2 == 0, tl.cos(theta), tl.sin(theta))
+    if USE_LIBDEVICE:
+        ln_w = libdevice.log(tl.where(upper, w_r, u_r))
+        trig = tl.where(lane % 2 == 0, libdevice.cos(theta), libdevice.sin(theta))
+    else:
+        ln_w = tl.log(tl.where(upper, w_r, u_r))
+        trig = tl.where(lane % 2 == 0, tl.cos(theta), tl.sin(theta))
+    w_minus_1 = tl.where(upper & (w_r != 1.0), w_r - 1.0, -1.0)  # the divisor, safe in unused lanes
+    ln_u = tl.where(upper, tl.where(w_r == 1.0, -v_r, tl.div_rn(ln_w * (-v_r), w_minus_1)), ln_w)
+    r = tl.sqrt_rn(-2.0 * ln_u)
+    return r * trig

@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# GPU check, one command, on a bare GPU machine (torch + triton + nvcc + ninja installed, no network):
+#   bash benchmarks/gpu_check.sh
+# from the repository root. It
+#   1. reports the machine (GPU, driver, torch, triton, nvcc) and which optional packages are missing
+#      (opacus, diffusers, peft; installed from wheels in .whl/ if that folder exists, never from a network);
+#   2. builds the extension in place (CUDA kernels included; sm_80 + sm_90, see setup.py);
+#   3. runs the GPU tests: pytest -m gpu tests;
+#   4. runs the GPU benchmarks at full size: the whole DP step (benchmarks/test_bench_step_gpu.py) and the
+#      kernels (benchmarks/test_bench_kernels_gpu.py), each with --benchmark-json;
+#   5. prints a short status, then the tables (benchmarks/report.py) last.
+# Outputs (logs, JSON, report.md) go to $OUT if set, else to _gpu/ (git-ignored).
+# Whole run bounded by DPK_GPU_BUDGET_S seconds (default 530, under a 10-minute command limit): every phase
+# runs under `timeout -s INT`, so an interrupted pytest still writes the JSON of what it finished.
+# Exit status: 0 if the build and the GPU tests passed, 1 otherwise (benchmarks never fail the check).
+
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+
+OUT_DIR="${OUT:-_gpu}"
+mkdir -p "$OUT_DIR"
+PY="${PYTHON:-python}"
+BUDGET="${DPK_GPU_BUDGET_S:-530}"
+START=$SECONDS
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"   # parallel nvcc/ninja jobs
+export PYTHONUNBUFFERED=1
+STATUS=()
+
+log() { echo "[gpu_check +$((SECONDS - START))s] $*"; }
+
+# Seconds for the next phase: at most $1, leaving $2 seconds for the phases after it.
+phase_time() {
+    local want=$1 reserve=$2 left
+    left=$((BUDGET - (SECONDS - START) - reserve))
+    ((left < want)) && want=$left
+    ((want < 15)) && want=15
+    echo "$want"
+}
+
+run_phase() {  # run_phase NAME SECONDS LOGFILE CMD... : time-bounded, logged, status recorded
+    local name=$1 secs=$2 logfile=$3 rc
+    shift 3
+    log "$name (limit ${secs}s): $*"
+    timeout -s INT -k 20 "$secs" "$@" >"$logfile" 2>&1
+    rc=$?
+    tail -n 25 "$logfile"
+    if ((rc == 124 || rc == 137)); then
+        STATUS+=("$name: TIMED OUT after ${secs}s (log: $logfile)")
+    elif ((rc == 0)); then
+        STATUS+=("$name: ok")
+    else
+        STATUS+=("$name: FAILED rc=$rc (log: $logfile)")
+    fi
+    return $rc
+}
+
+# 1. machine ------------------------------------------------------------------------------------------
+log "machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || echo "nvidia-smi: not found"
+"$PY" - <<'EOF'
+import platform, torch
+print(f"python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+      f"cuda available: {torch.cuda.is_available()}")
+if torch.cuda.is_available():
+    print("GPU:", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0))
+try:
+    import triton
+    print("triton", triton.__version__)
+except ImportError:
+    print("triton: MISSING (Triton kernels and their tests will be skipped)")
+EOF
+(nvcc --version 2>/dev/null | tail -n 2) || echo "nvcc: not on PATH (CUDA kernels will not be built)"
+ninja --version 2>/dev/null | sed 's/^/ninja /' || echo "ninja: MISSING (the build falls back to slower distutils)"
+lscpu 2>/dev/null | grep -E '^(Model name|CPU\(s\)):' || true
+
+if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+    log "no CUDA device visible to torch: nothing to check here"
+    exit 1
+fi
+
+for pkg in opacus diffusers peft pytest_benchmark; do
+    if ! "$PY" -c "import $pkg" 2>/dev/null; then
+        if [[ -d .whl ]]; then
+            log "$pkg missing: installing from .whl/ (no index, no network)"
+            "$PY" -m pip install --no-index --find-links .whl "${pkg//_/-}" >"$OUT_DIR/pip_$pkg.log" 2>&1 \
+                || tail -n 5 "$OUT_DIR/pip_$pkg.log"
+        fi
+        if ! "$PY" -c "import $pkg" 2>/dev/null; then
+            STATUS+=("$pkg: MISSING (benchmarks and tests that need it are skipped)")
+            log "$pkg: MISSING"
+        fi
+    fi
+done
+
+# 2. build ------------------------------------------------------------------------------------------------
+BUILD_OK=0
+if run_phase build "$(phase_time 300 200)" "$OUT_DIR/build.log" "$PY" setup.py build_ext --inplace; then
+    BUILD_OK=1
+else
+    log "build_ext --inplace failed; trying pip install -e ."
+    run_phase build-pip "$(phase_time 240 180)" "$OUT_DIR/build_pip.log" \
+        "$PY" -m pip install --no-build-isolation --no-deps -e . && BUILD_OK=1
+fi
+grep -h "dpkernels: CUDA kernels" "$OUT_DIR"/build*.log | tail -n 1
+"$PY" -c 'import dpkernels.ops as o; print("extension CUDA kernels:", o.extension_has("cuda"))' \
+    || STATUS+=("extension: not importable")
+
+# 3. GPU tests ----------------------------------------------------------------------------------------------
+TESTS_OK=0
+run_phase gpu-tests "$(phase_time 180 170)" "$OUT_DIR/gpu_tests.log" \
+    "$PY" -m pytest -m gpu tests -q -rs -p no:cacheprovider --junitxml="$OUT_DIR/gpu_tests.xml" && TESTS_OK=1
+
+# 4. GPU benchmarks, full size --------------------------------------------------------------------------------
+JSONS=()
+run_phase step-benchmarks "$(phase_time 200 80)" "$OUT_DIR/step_gpu.log" \
+    "$PY" -m pytest -m gpu benchmarks/test_bench_step_gpu.py -q -rs -p no:cacheprovider \
+    --bench-size full --benchmark-json="$OUT_DIR/step_gpu.json" -W ignore::UserWarning
+[[ -s "$OUT_DIR/step_gpu.json" ]] && JSONS+=("$OUT_DIR/step_gpu.json")
+
+if [[ -f benchmarks/test_bench_kernels_gpu.py ]]; then
+    run_phase kernel-benchmarks "$(phase_time 150 15)" "$OUT_DIR/kernels_gpu.log" \
+        "$PY" -m pytest -m gpu benchmarks/test_bench_kernels_gpu.py -q -rs -p no:cacheprovider \
+        --bench-size full --benchmark-json="$OUT_DIR/kernels_gpu.json" \
+        --benchmark-max-time=0.5 --benchmark-min-rounds=5 --benchmark-warmup=on
+    [[ -s "$OUT_DIR/kernels_gpu.json" ]] && JSONS+=("$OUT_DIR/kernels_gpu.json")
+else
+    STATUS+=("kernel-benchmarks: benchmarks/test_bench_kernels_gpu.py not found")
+fi
+
+# 5. status, then the tables last --------------------------------------------------------------------------------
+echo
+log "status"
+printf '  %s\n' "${STATUS[@]}"
+echo
+if ((${#JSONS[@]})); then
+    "$PY" -m benchmarks.report "${JSONS[@]}" | tee "$OUT_DIR/report.md"
+else
+    echo "no benchmark JSON was written"
+fi
+((BUILD_OK && TESTS_OK)) && exit 0
+exit 1

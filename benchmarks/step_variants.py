@@ -1,0 +1,96 @@
+"""One training step of a workload, four ways: the variants every step benchmark compares.
+
+  nonprivate    plain SGD on the same trainable set (the limit)
+  opacus_hooks  opacus.PrivacyEngine, grad_sample_mode="hooks" (per-sample gradients materialised)
+  opacus_ghost  opacus.PrivacyEngine, grad_sample_mode="ghost" (ghost norms, two backward passes)
+  ours          dpkernels.PrivacyEngine (one backward pass, fused norms and clipped sums)
+
+All use the same noise multiplier, clipping norm, learning rate and fixed batch (poisson_sampling=False,
+so every step sees the same B rows: timing stability). A step is forward, backward, optimizer step and
+zero_grad(set_to_none=True), so gradients never outlive the step in any variant.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from benchmarks.models import PerSampleMSE, Workload
+
+VARIANTS = ("nonprivate", "opacus_hooks", "opacus_ghost", "ours")
+NOISE_MULTIPLIER = 1.0
+MAX_GRAD_NORM = 1.0
+LR = 1e-3
+
+
+class VariantUnavailable(Exception):
+    """A package this variant needs is not installed (the caller skips, saying which)."""
+
+
+def missing_requirement(variant: str) -> str | None:
+    """Why `variant` cannot run here, or None. Only absence counts: a broken install still raises."""
+    if variant.startswith("opacus") and importlib.util.find_spec("opacus") is None:
+        return "opacus is not installed"
+    if variant == "ours" and importlib.util.find_spec("dpkernels.engine") is None:
+        return "dpkernels.engine does not exist yet (dpkernels.PrivacyEngine not landed)"
+    return None
+
+
+def _loader(w: Workload) -> DataLoader:
+    # Only its length and batch size matter (expected batch size = len(dataset) / len(loader)):
+    # the step itself reuses the fixed batch already on the device.
+    return DataLoader(TensorDataset(*(t.cpu() for t in w.inputs), w.target.cpu()), batch_size=w.batch_size)
+
+
+def make_step(variant: str, w: Workload) -> Callable[[], float]:
+    """Set `w.model` up for `variant` (in place, so build a fresh workload per variant); return its step."""
+    reason = missing_requirement(variant)
+    if reason is not None:
+        raise VariantUnavailable(f"{variant}: {reason}")
+    params = w.trainable()
+    optimizer = torch.optim.SGD(params, lr=LR)
+    criterion = PerSampleMSE()
+    model = w.model
+    sync = torch.cuda.synchronize if w.target.is_cuda else (lambda: None)
+
+    if variant == "nonprivate":
+        pass
+    elif variant in ("opacus_hooks", "opacus_ghost"):
+        import opacus
+
+        engine = opacus.PrivacyEngine(accountant="rdp")
+        mode = variant.removeprefix("opacus_")
+        private = engine.make_private(
+            module=model, optimizer=optimizer, criterion=criterion, data_loader=_loader(w),
+            noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=MAX_GRAD_NORM, poisson_sampling=False,
+            grad_sample_mode=mode,
+        )
+        if mode == "ghost":  # ghost returns a wrapped criterion whose backward() runs both passes
+            model, optimizer, criterion, _ = private
+        else:
+            model, optimizer, _ = private
+    elif variant == "ours":
+        from dpkernels import PrivacyEngine
+
+        engine = PrivacyEngine(accountant="rdp")
+        model, optimizer, _ = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=_loader(w),
+            noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=MAX_GRAD_NORM, poisson_sampling=False,
+        )
+    else:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+
+    inputs, target = w.inputs, w.target
+
+    def step() -> float:
+        loss = criterion(model(*inputs), target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        return float(loss.detach())
+
+    return step

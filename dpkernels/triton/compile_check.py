@@ -1,0 +1,92 @@
+"""Compile every Triton kernel for NVIDIA targets without a GPU (ahead of time, through ptxas).
+
+CI has no GPU; this catches what the interpreter cannot: code that does not lower (types, tl.dot
+shapes, libdevice calls, globals), for each autotune config and input dtype.
+    TRITON_INTERPRET=0 python -m dpkernels.triton.compile_check [--all-configs] [--arch 90 80]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("compile_check needs TRITON_INTERPRET unset: interpreted kernels are not compiled")
+
+from dpkernels.triton import embedding, linear_norms, rows
+from dpkernels.triton.clipped_sum import _clipped_sum_kernel  # the package attribute clipped_sum is the op
+
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+def _jobs(dt: str):
+    """(kernel, signature, constexprs) per launch variant; pointers to `dt` where inputs are."""
+    norm_sig = {"a_ptr": f"*{dt}", "g_ptr": f"*{dt}", "w_part_ptr": "*fp32", "b_part_ptr": "*fp32",
+                "T": "i32", "d": "i32", "p": "i32", "part_stride": "i32",
+                "WITH_BIAS": "constexpr", "UPCAST": "constexpr"}
+    for kernel in (linear_norms._ghost_norm_kernel, linear_norms._direct_norm_kernel):
+        for bias in (True, False):
+            yield kernel, norm_sig, {"WITH_BIAS": bias, "UPCAST": False}
+    sum_sig = {"a_ptr": f"*{dt}", "g_ptr": f"*{dt}", "c_ptr": "*fp32", "cb_ptr": "*fp32", "w_out_ptr": "*fp32",
+               "b_out_ptr": "*fp32", "K": "i32", "T": "i32", "d": "i32", "p": "i32", "k_per_split": "i32",
+               "std": "fp32", "seed_lo": "i64", "seed_hi": "i32", "offset": "i64", "bias_offset": "i64",
+               "HAS_BIAS": "constexpr", "HAS_NOISE": "constexpr", "PARTIAL": "constexpr", "UPCAST": "constexpr"}
+    for bias, partial in itertools.product((True, False), (True, False)):
+        yield _clipped_sum_kernel, sum_sig, {"HAS_BIAS": bias, "HAS_NOISE": True, "PARTIAL": partial,
+                                                         "UPCAST": False}
+    yield embedding._embedding_norm_kernel, {"ids_ptr": "*i64", "g_ptr": f"*{dt}", "part_ptr": "*fp32", "T": "i32",
+                                             "D": "i32", "part_stride": "i32", "UPCAST": "constexpr"}, {"UPCAST": False}
+    yield embedding._scatter_kernel, {"ids_ptr": "*i64", "g_ptr": f"*{dt}", "c_ptr": "*fp32", "out_ptr": "*fp32",
+                                      "R": "i32", "T": "i32", "D": "i32", "V": "i32", "BLOCK_R": "constexpr",
+                                      "BLOCK_D": "constexpr"}, {"BLOCK_R": 32, "BLOCK_D": 128}
+    yield rows._rows_sum_noise_kernel, {"x_ptr": f"*{dt}", "w_ptr": "*fp32", "out_ptr": f"*{dt}", "S": "i32",
+                                        "N": "i32", "std": "fp32", "seed_lo": "i64", "seed_hi": "i32",
+                                        "offset": "i64", "HAS_W": "constexpr", "HAS_NOISE": "constexpr",
+                                        "BLOCK": "constexpr"}, {"HAS_W": True, "HAS_NOISE": True,
+                                                                "BLOCK": rows.BLOCK_N}
+    yield rows._sq_norms_kernel, {"x_ptr": f"*{dt}", "partial_ptr": "*fp32", "N": "i32", "n_chunks": "i32",
+                                  "CHUNK": "constexpr", "BLOCK": "constexpr"}, {"CHUNK": rows.CHUNK_N,
+                                                                                "BLOCK": rows.BLOCK_N}
+    yield rows._affine_kernel, {"x_ptr": f"*{dt}", "g_ptr": f"*{dt}", "out_ptr": "*fp32", "R": "i32", "S": "i32"}, {}
+
+
+def compile_all(archs: list[int], all_configs: bool, dtypes=DTYPES) -> int:
+    n = 0
+    for arch, dt in itertools.product(archs, dtypes):
+        target = GPUTarget("cuda", arch, 32)
+        for kernel, sig, consts in _jobs(dt):
+            tuned = isinstance(kernel, triton.runtime.Autotuner)
+            fn = kernel.fn if tuned else kernel
+            cfgs = (kernel.configs if all_configs else kernel.configs[:1]) if tuned else [None]
+            for cfg in cfgs:
+                c = dict(consts)
+                s = dict(sig)
+                opts = {}
+                if cfg is not None:
+                    c.update(cfg.kwargs)
+                    s.update({k: "constexpr" for k in cfg.kwargs})
+                    opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+                s.update({k: "constexpr" for k in c})
+                triton.compile(ASTSource(fn, s, c), target=target, options=opts)
+                n += 1
+    return n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--arch", type=int, nargs="+", default=[90])
+    ap.add_argument("--all-configs", action="store_true")
+    ap.add_argument("--dtypes", nargs="+", default=list(DTYPES))
+    args = ap.parse_args()
+    n = compile_all(args.arch, args.all_configs, args.dtypes)
+    print(f"compiled {n} kernel variants for sm_{args.arch}")
+
+
+if __name__ == "__main__":
+    main()

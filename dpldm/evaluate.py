@@ -1,0 +1,132 @@
+"""Stage 5: utility of a synthetic data set.
+
+- CNN, MLP and logistic regression trained on the synthetic set; model selection on a held-out slice of the
+  SYNTHETIC data; accuracy on the REAL test set (used once, by the selected model).
+- Frechet distance between synthetic and real test images in the feature space of a CNN trained on real
+  PUBLIC data (never on private data).
+- Inception FID only with --inception-weights: a local TorchScript Inception (e.g. NVIDIA's
+  inception-2015-12-05.pt, called as model(uint8 images [N,3,299,299], return_features=True) -> [N, 2048]).
+
+    python -m dpldm.evaluate --synthetic runs/mnist/dp-attention-eps10/samples.npz [--data PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import linalg
+
+from dpldm import data as data_mod
+from dpldm.classifiers import accuracy, sklearn_models, to_input, train_cnn
+from dpldm.common import add_config_args, config_from, seed_all
+from dpldm.runlog import RunLog
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dpldm.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p)
+    p.add_argument("--synthetic", type=Path, required=True, help=".npz with images and labels (from dpldm.sample)")
+    p.add_argument("--data", help="real private data set whose TEST split is used (default: the config's)")
+    p.add_argument("--out", type=Path, help="folder for eval.json (default: next to --synthetic)")
+    p.add_argument("--cnn-epochs", type=int)
+    p.add_argument("--inception-weights", type=Path, help="local TorchScript Inception for FID (optional)")
+    p.add_argument("--no-sklearn", action="store_true", help="skip the MLP and logistic regression")
+    return p
+
+
+def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
+    if not np.isfinite(covmean).all():  # near-singular product: regularise, as pytorch-fid does
+        eps = np.eye(len(s1)) * 1e-6
+        covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * np.real(covmean)))
+
+
+@torch.no_grad()
+def features(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 1000) -> np.ndarray:
+    model.eval()
+    return torch.cat([model.features(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]).double().numpy()
+
+
+@torch.no_grad()
+def inception_features(path: Path, images: np.ndarray, batch_size: int = 100) -> np.ndarray:
+    net = torch.jit.load(str(path), map_location="cpu").eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).permute(0, 3, 1, 2)
+        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+        x = F.interpolate(x.float(), size=(299, 299), mode="bilinear", align_corners=False).round().clamp(0, 255)
+        out.append(net(x.to(torch.uint8), return_features=True).double())
+    return torch.cat(out).numpy()
+
+
+def split_holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    perm = np.random.default_rng(seed).permutation(n)
+    k = max(1, round(fraction * n))
+    return perm[k:], perm[:k]
+
+
+def run(cfg: dict[str, Any], synthetic: data_mod.Split, real: data_mod.DataSet, public: data_mod.DataSet,
+        out: Path, cnn_epochs: int | None = None, inception_weights: Path | None = None, use_sklearn: bool = True,
+        seed: int = 0) -> dict[str, Any]:
+    hp = cfg["evaluate"]
+    cnn_epochs = cnn_epochs or hp["cnn_epochs"]
+    seed_all(seed)
+    log = RunLog(out, "evaluate")
+    tr, val = split_holdout(len(synthetic.labels), hp["holdout_fraction"], seed)
+    xs, ys = to_input(synthetic.images), torch.from_numpy(synthetic.labels)
+    xt, yt = to_input(real.test.images), torch.from_numpy(real.test.labels)
+    n_cls = max(real.num_classes, int(ys.max()) + 1)
+    cnn, val_acc = train_cnn(xs[tr], ys[tr], xs[val], ys[val], n_cls, cnn_epochs, seed)
+    result: dict[str, Any] = {"n_synthetic": len(ys), "n_test": len(yt), "cnn_val_acc_synthetic": val_acc,
+                              "cnn_test_acc": accuracy(cnn, xt, yt)}
+    if use_sklearn:
+        flat = synthetic.images.reshape(len(ys), -1) / 255.0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # sklearn convergence warnings on small iteration budgets
+            models = sklearn_models(flat[tr], synthetic.labels[tr], flat[val], synthetic.labels[val], seed)
+        flat_t = real.test.images.reshape(len(yt), -1) / 255.0
+        for name, (m, acc) in models.items():
+            result[f"{name}_val_acc_synthetic"] = acc
+            result[f"{name}_test_acc"] = float(m.score(flat_t, real.test.labels))
+    # Frechet distance in the feature space of a classifier trained on real PUBLIC data
+    xp, yp = to_input(public.train.images), torch.from_numpy(public.train.labels)
+    ptr, pval = split_holdout(len(yp), 0.1, seed)
+    pub_cnn, _ = train_cnn(xp[ptr], yp[ptr], xp[pval], yp[pval], public.num_classes, hp.get("public_cnn_epochs", 5),
+                           seed)
+    result["frechet_distance_public_cnn"] = frechet_distance(features(pub_cnn, xs), features(pub_cnn, xt))
+    if inception_weights is not None:
+        result["fid_inception"] = frechet_distance(inception_features(inception_weights, synthetic.images),
+                                                   inception_features(inception_weights, real.test.images))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(result, indent=1))
+    log.print("evaluation: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                         for k, v in result.items()), **result)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    cfg = config_from(args)
+    try:
+        synthetic = data_mod.from_npz(args.synthetic)
+        real = data_mod.load(args.data or cfg["data"]["private"], cfg["data"]["channels"])
+        public = data_mod.load(cfg["data"]["public"], cfg["data"]["channels"])
+    except data_mod.DataError as e:
+        raise SystemExit(f"error: {e}") from None
+    run(cfg, synthetic, real, public, args.out or args.synthetic.parent, args.cnn_epochs, args.inception_weights,
+        not args.no_sklearn, args.seed)
+
+
+if __name__ == "__main__":
+    main()

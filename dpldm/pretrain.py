@@ -1,0 +1,84 @@
+"""Stage 2: train the latent diffusion UNet + class embedder on PUBLIC data (ordinary, non-private training).
+
+Encodes the public images with the stage-1 autoencoder, then trains the epsilon-prediction objective with
+label dropout (null class) so classifier-free guidance works at sampling time.
+
+    python -m dpldm.pretrain [--config mnist] [--autoencoder runs/mnist/public/autoencoder] [--out runs/mnist/public/ldm]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpldm import data as data_mod
+from dpldm.common import add_config_args, config_from, cycle_batches, images_tensor, public_dir, seed_all, warmup_cosine
+from dpldm.diffusion import diffusion_loss, encode, train_scheduler
+from dpldm.models import build_unet, load_autoencoder, save_ldm
+from dpldm.runlog import RunLog, progress
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dpldm.pretrain", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p)
+    p.add_argument("--autoencoder", type=Path, help="autoencoder folder (default <runs>/<config>/public/autoencoder)")
+    p.add_argument("--out", type=Path, help="LDM folder (default <runs>/<config>/public/ldm)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    return p
+
+
+def run(cfg: dict[str, Any], ae_dir: Path, out: Path, seed: int = 0, device: str = "cpu", steps: int | None = None,
+        batch_size: int | None = None) -> Path:
+    hp = cfg["pretrain"]
+    steps, batch_size = steps or hp["steps"], batch_size or hp["batch_size"]
+    gen = seed_all(seed)
+    log = RunLog(out.parent / "logs" / "ldm", "pretrain")
+    vae = load_autoencoder(ae_dir, cfg).to(device)
+    public = data_mod.load(cfg["data"]["public"], cfg["data"]["channels"])
+    z = (encode(vae, images_tensor(public.train, cfg).to(device)) * vae.config.scaling_factor).cpu()
+    y = torch.from_numpy(public.train.labels)
+    if int(y.max()) >= cfg["data"]["num_classes"]:
+        raise ValueError(f"public data {public.source} has label {int(y.max())} >= num_classes "
+                         f"{cfg['data']['num_classes']} of the config")
+    model = build_unet(cfg).to(device)
+    sched = train_scheduler(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=hp["lr"])
+    lr_sched = warmup_cosine(opt, steps)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.print(f"LDM: {n_params:,} parameters, {len(z)} public latents {tuple(z.shape[1:])} ({public.source}), "
+              f"{steps} steps", params=n_params)
+    batches = cycle_batches(len(z), batch_size, gen)
+    model.train()
+    bar = progress(steps, "pretrain LDM")
+    for step in range(steps):
+        idx = next(batches)
+        loss = diffusion_loss(model, sched, z[idx].to(device), y[idx].to(device), hp["label_dropout"], gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        lr_sched.step()
+        bar.update()
+        if step % 50 == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            log.log(step=step, loss=loss.item())
+    bar.close()
+    save_ldm(model.cpu(), out, {"stage": "pretrain", "public": public.source, "autoencoder": str(ae_dir)})
+    log.print(f"LDM saved to {out}", out=str(out))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    cfg = config_from(args)
+    pub = public_dir(args, cfg)
+    run(cfg, args.autoencoder or pub / "autoencoder", args.out or pub / "ldm", args.seed, args.device, args.steps,
+        args.batch_size)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Stage 1: train the AutoencoderKL on PUBLIC data (ordinary, non-private training).
+
+    python -m dpldm.pretrain_autoencoder [--config mnist] [--out runs/mnist/public/autoencoder]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dpldm import data as data_mod
+from dpldm.common import add_config_args, config_from, cycle_batches, images_tensor, public_dir, seed_all, warmup_cosine
+from dpldm.diffusion import encode
+from dpldm.models import build_autoencoder, save_autoencoder
+from dpldm.runlog import RunLog, progress
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dpldm.pretrain_autoencoder", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p)
+    p.add_argument("--out", type=Path, help="checkpoint folder (default <runs>/<config>/public/autoencoder)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default from config)")
+    p.add_argument("--batch-size", type=int)
+    return p
+
+
+def run(cfg: dict[str, Any], out: Path, seed: int = 0, device: str = "cpu", steps: int | None = None,
+        batch_size: int | None = None) -> Path:
+    hp = cfg["pretrain_autoencoder"]
+    steps, batch_size = steps or hp["steps"], batch_size or hp["batch_size"]
+    gen = seed_all(seed)
+    log = RunLog(out.parent / "logs" / "autoencoder", "pretrain_autoencoder")
+    public = data_mod.load(cfg["data"]["public"], cfg["data"]["channels"])
+    x = images_tensor(public.train, cfg)
+    vae = build_autoencoder(cfg).to(device)
+    opt = torch.optim.AdamW(vae.parameters(), lr=hp["lr"])
+    sched = warmup_cosine(opt, steps)
+    log.print(f"autoencoder: {sum(p.numel() for p in vae.parameters()):,} parameters, {len(x)} public images "
+              f"({public.source}), {steps} steps", params=sum(p.numel() for p in vae.parameters()))
+    batches = cycle_batches(len(x), batch_size, gen)
+    vae.train()
+    bar = progress(steps, "autoencoder")
+    for step in range(steps):
+        xb = x[next(batches)].to(device)
+        post = vae.encode(xb).latent_dist
+        rec = vae.decode(post.sample(generator=None)).sample
+        rec_loss = F.mse_loss(rec, xb) + F.l1_loss(rec, xb)
+        loss = rec_loss + hp["kl_weight"] * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.update()
+        if step % 50 == 0 or step == steps - 1:
+            bar.set_postfix(rec=f"{rec_loss.item():.4f}")
+            log.log(step=step, loss=loss.item(), rec=rec_loss.item())
+    bar.close()
+    # scale latents to unit variance, as LDM does; stored in the diffusers config (scaling_factor)
+    z = encode(vae, x.to(device))
+    vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    save_autoencoder(vae.cpu(), out)
+    log.print(f"autoencoder saved to {out} (scaling_factor {vae.config.scaling_factor:.4f})", out=str(out))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    cfg = config_from(args)
+    run(cfg, args.out or public_dir(args, cfg) / "autoencoder", args.seed, args.device, args.steps, args.batch_size)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Stage 4: DDIM sampling, N images per class, optional classifier-free guidance -> samples.npz + grid.png.
+
+    python -m dpldm.sample --ldm runs/mnist/dp-attention-eps10/ldm --autoencoder runs/mnist/public/autoencoder \
+        --per-class 500 --guidance-scale 2 --out runs/mnist/dp-attention-eps10
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dpldm.common import add_config_args, config_from, public_dir, seed_all
+from dpldm.data import from_model_tensor
+from dpldm.diffusion import ddim_sample, decode
+from dpldm.models import ConditionalUNet, load_autoencoder, load_ldm
+from dpldm.runlog import RunLog, progress
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dpldm.sample", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p)
+    p.add_argument("--ldm", type=Path, required=True, help="LDM folder (unet/, class_embedder/)")
+    p.add_argument("--autoencoder", type=Path, help="default <runs>/<config>/public/autoencoder")
+    p.add_argument("--out", type=Path, required=True, help="folder for samples.npz and grid.png")
+    p.add_argument("--per-class", type=int, help="images per class (default from config)")
+    p.add_argument("--ddim-steps", type=int)
+    p.add_argument("--guidance-scale", type=float, help="1 = no guidance")
+    p.add_argument("--batch-size", type=int)
+    return p
+
+
+def save_grid(images: np.ndarray, labels: np.ndarray, path: Path, per_row: int = 10) -> None:
+    """One row per class, first `per_row` images of each."""
+    from PIL import Image
+
+    rows = []
+    for c in np.unique(labels):
+        imgs = images[labels == c][:per_row]
+        if len(imgs) < per_row:
+            imgs = np.concatenate([imgs, np.zeros((per_row - len(imgs), *imgs.shape[1:]), np.uint8)])
+        rows.append(np.concatenate(list(imgs), axis=1))
+    grid = np.concatenate(rows, axis=0)
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+
+
+def run(cfg: dict[str, Any], model: ConditionalUNet, vae: Any, out: Path, per_class: int | None = None,
+        ddim_steps: int | None = None, guidance_scale: float | None = None, batch_size: int | None = None,
+        seed: int = 0, device: str = "cpu") -> tuple[Path, Path]:
+    hp = cfg["sample"]
+    per_class = per_class or hp["per_class"]
+    ddim_steps = ddim_steps or hp["ddim_steps"]
+    guidance_scale = hp["guidance_scale"] if guidance_scale is None else guidance_scale
+    batch_size = batch_size or hp["batch_size"]
+    gen = seed_all(seed)
+    log = RunLog(out, "sample")
+    model, vae = model.to(device).eval(), vae.to(device).eval()
+    labels = torch.arange(model.class_embedder.num_classes).repeat_interleave(per_class)
+    images = []
+    bar = progress(len(labels), "sample")
+    for i in range(0, len(labels), batch_size):
+        y = labels[i : i + batch_size]
+        z = ddim_sample(model, cfg, y.to(device), ddim_steps, guidance_scale, generator=gen)
+        x = decode(vae, z / vae.config.scaling_factor)
+        images.append(from_model_tensor(x, cfg["data"]["image_size"]))
+        bar.update(len(y))
+    bar.close()
+    imgs, labs = np.concatenate(images), labels.numpy()
+    out.mkdir(parents=True, exist_ok=True)
+    npz, grid = out / "samples.npz", out / "grid.png"
+    tmp = out / ".samples.tmp.npz"
+    np.savez_compressed(tmp, images=imgs, labels=labs)
+    tmp.replace(npz)
+    save_grid(imgs, labs, grid)
+    log.print(f"{len(labs)} samples ({per_class} per class, {ddim_steps} DDIM steps, guidance {guidance_scale}) "
+              f"-> {npz}, grid {grid}", samples=str(npz), grid=str(grid))
+    return npz, grid
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    cfg = config_from(args)
+    vae = load_autoencoder(args.autoencoder or public_dir(args, cfg) / "autoencoder", cfg)
+    model, _ = load_ldm(args.ldm, cfg)
+    run(cfg, model, vae, args.out, args.per_class, args.ddim_steps, args.guidance_scale, args.batch_size,
+        args.seed, args.device)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,284 @@
+"""DP fine-tuning of a latent diffusion model on PRIVATE data (DP-LDM / DP-LoRA), then sampling and evaluation.
+
+With no arguments this runs the embedded default end to end, offline: if no pre-trained model is cached in
+./runs, pre-train a tiny autoencoder + LDM on PUBLIC data (sklearn digits), DP fine-tune the attention blocks
+at epsilon=10 on PRIVATE MNIST-5k (4k train / 1k test), sample, evaluate, print epsilon, accuracy and the grid.
+
+Every private step goes through dpkernels.PrivacyEngine (Poisson sampling, per-example clipping, Gaussian
+noise, PRV accountant). With --noise-multiplicity k each image is used with k diffusion noises; its k rows
+share one example id, so the k losses are averaged BEFORE clipping: the sensitivity stays C.
+
+    python -m dpldm.train                                   # embedded default
+    python -m dpldm.train --preset fmnist --target-epsilon 1
+    python -m dpldm.train --data my_images/ --trainable lora --lora-rank 8
+    python -m dpldm.train --resume                          # continue a killed run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from dpldm import data as data_mod
+from dpldm import evaluate as evaluate_stage
+from dpldm import pretrain as pretrain_stage
+from dpldm import pretrain_autoencoder as ae_stage
+from dpldm import sample as sample_stage
+from dpldm.checkpoint import load_train_state, read_meta, save_train_state
+from dpldm.common import add_config_args, config_from, images_tensor, public_dir, seed_all
+from dpldm.diffusion import diffusion_loss, encode, train_scheduler
+from dpldm.export import plain_copy
+from dpldm.models import CheckpointError, ClassEmbedder, load_autoencoder, load_ldm, save_ldm
+from dpldm.runlog import RunLog, progress
+from dpldm.trainable import select_trainable
+
+# Arguments that define the private computation: a resumed run must use the same ones.
+RESUME_KEYS = ("data", "target_epsilon", "delta", "epochs", "batch_size", "max_grad_norm", "noise_multiplicity",
+               "trainable", "ablation", "lora_rank", "accountant", "lr", "config")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dpldm.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p)
+    p.add_argument("--data", help="private data: an .npz (images, labels) or a folder with one sub-folder per class "
+                                  "(default: the preset's, MNIST-5k for mnist, Fashion-MNIST for fmnist)")
+    p.add_argument("--pretrained", type=Path, help="pre-trained LDM folder (default <runs>/<config>/public/ldm, "
+                                                   "built from public data if missing)")
+    p.add_argument("--autoencoder", type=Path, help="default <runs>/<config>/public/autoencoder")
+    p.add_argument("--out", type=Path, help="run folder (default <runs>/<config>/dp-<trainable>-eps<epsilon>)")
+    p.add_argument("--target-epsilon", type=float)
+    p.add_argument("--delta", type=float, help="default: 1/N rounded down to a power of ten, at most 1e-5")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="expected logical (Poisson) batch size")
+    p.add_argument("--max-physical-batch-size", type=int, help="examples per forward/backward chunk")
+    p.add_argument("--max-grad-norm", type=float)
+    p.add_argument("--noise-multiplicity", type=int, help="k diffusion noises per image, clipped as one example")
+    p.add_argument("--trainable", choices=("attention", "lora", "all"))
+    p.add_argument("--ablation", type=int, help="i: freeze the first i-1 transformer blocks (attention mode)")
+    p.add_argument("--lora-rank", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--accountant", default="prv", choices=("prv", "rdp", "gdp"))
+    p.add_argument("--backend", default="auto", help="dpkernels backend: auto, cpu, cuda, triton, torch")
+    p.add_argument("--secure-mode", action="store_true", help="noise seeds and Poisson sampling seeded from the OS")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--fresh", action="store_true", help="discard an unfinished checkpoint in --out and start over")
+    p.add_argument("--checkpoint-every", type=int, default=20, help="logical steps between checkpoints")
+    p.add_argument("--max-steps", type=int, help="stop (checkpointed, resumable) once this many logical steps are "
+                                                 "done in total; for tests and time-boxed jobs")
+    p.add_argument("--no-sample", action="store_true", help="stop after training (no sampling, no evaluation)")
+    p.add_argument("--no-eval", action="store_true", help="sample but do not evaluate")
+    p.add_argument("--per-class", type=int, help="synthetic images per class")
+    return p
+
+
+def default_delta(n: int) -> float:
+    """1/N rounded down to a power of ten, at most 1e-5."""
+    return min(1e-5, 10.0 ** math.floor(math.log10(1.0 / n)))
+
+
+def fill_defaults(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
+    for key, value in cfg["train"].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.out is None:
+        args.out = Path(args.runs) / cfg["name"] / f"dp-{args.trainable}-eps{args.target_epsilon:g}"
+
+
+def fail(msg: str) -> None:
+    raise SystemExit(f"error: {msg}")
+
+
+def accounted_steps(engine: Any) -> int:
+    return int(sum(h[2] for h in engine.accountant.history))
+
+
+def ensure_pretrained(args: argparse.Namespace, cfg: dict[str, Any], log: RunLog) -> tuple[Path, Path]:
+    pub = public_dir(args, cfg)
+    ae_dir = args.autoencoder or pub / "autoencoder"
+    ldm_dir = args.pretrained or pub / "ldm"
+    if args.pretrained is not None and not ldm_dir.exists():
+        fail(f"--pretrained {ldm_dir}: no such folder")
+    if not ae_dir.exists():
+        if args.autoencoder is not None:
+            fail(f"--autoencoder {ae_dir}: no such folder")
+        log.print(f"no cached autoencoder at {ae_dir}: pre-training one on public data ({cfg['data']['public']})")
+        ae_stage.run(cfg, ae_dir, args.seed, args.device)
+    if not ldm_dir.exists():
+        log.print(f"no cached LDM at {ldm_dir}: pre-training one on public data ({cfg['data']['public']})")
+        pretrain_stage.run(cfg, ae_dir, ldm_dir, args.seed, args.device)
+    return ae_dir, ldm_dir
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    t_start = time.time()
+    args = parser().parse_args(argv)
+    try:
+        cfg = config_from(args)
+    except ValueError as e:
+        fail(str(e))
+    fill_defaults(args, cfg)
+    out: Path = args.out
+    ckpt = out / "checkpoint"
+
+    # --- refuse early: bad data, unreachable epsilon, inconsistent resume ---------------------------------------
+    try:
+        private = data_mod.load(args.data or cfg["data"]["private"], cfg["data"]["channels"])
+    except data_mod.DataError as e:
+        fail(str(e))
+    n = len(private.train.labels)
+    if args.delta is None:
+        args.delta = default_delta(n)
+    if args.batch_size > n:
+        fail(f"--batch-size {args.batch_size} is larger than the private training set ({n} examples)")
+    sample_rate = 1.0 / math.ceil(n / args.batch_size)  # what the engine reads off the loader (1 / len(loader))
+    from dpkernels import PrivacyEngine
+    from dpkernels.privacy import get_noise_multiplier
+
+    try:
+        sigma = get_noise_multiplier(target_epsilon=args.target_epsilon, target_delta=args.delta,
+                                     sample_rate=sample_rate, epochs=args.epochs, accountant=args.accountant)
+    except ValueError as e:
+        fail(f"target epsilon {args.target_epsilon} is unreachable with delta {args.delta:g}, {args.epochs} epochs "
+             f"and sampling rate {sample_rate:.4g} ({e}). Raise --target-epsilon, or lower --epochs or --batch-size.")
+    run_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k in RESUME_KEYS}
+    meta = read_meta(ckpt)
+    if meta is not None and not meta.get("finished"):
+        if not (args.resume or args.fresh):
+            fail(f"{out} holds an unfinished run (step {meta['step']}); pass --resume to continue it or --fresh "
+                 "to discard it")
+        if args.resume:
+            diff = {k: (meta["args"].get(k), v) for k, v in run_args.items() if meta["args"].get(k) != v}
+            if diff:
+                fail(f"--resume: the checkpoint in {ckpt} was made with other settings: "
+                     + "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items()))
+    elif args.resume:
+        fail(f"--resume: no unfinished checkpoint in {out}")
+    resuming = args.resume and meta is not None and not meta.get("finished")
+    if not resuming and out.exists():
+        for stale in ("checkpoint", "ldm", "log.jsonl"):
+            p = out / stale
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+    log = RunLog(out, "train")
+    log.print(f"private data: {private.source}, {n} train / {len(private.test.labels)} test examples; "
+              f"run folder {out}", **{k: v for k, v in run_args.items()})
+    try:
+        ae_dir, ldm_dir = ensure_pretrained(args, cfg, log)
+        vae = load_autoencoder(ae_dir, cfg)
+        model, _ = load_ldm(ldm_dir, cfg)
+    except CheckpointError as e:
+        fail(str(e))
+    if private.num_classes != model.class_embedder.num_classes:
+        # new label set: a fresh class embedder (trained privately in attention/all modes)
+        model.class_embedder = ClassEmbedder(private.num_classes, cfg["unet"]["cross_attention_dim"])
+        log.print(f"private data has {private.num_classes} classes: new class embedder")
+
+    # --- private latents: the frozen public autoencoder is a fixed per-example map --------------------------------
+    seed_all(args.seed)
+    z = (encode(vae, images_tensor(private.train, cfg)) * vae.config.scaling_factor).contiguous()
+    y = torch.from_numpy(private.train.labels)
+    try:
+        n_trainable = select_trainable(model, args.trainable, args.ablation, args.lora_rank)
+    except ValueError as e:
+        fail(str(e))
+    model.to(args.device).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    loader = DataLoader(TensorDataset(z, y), batch_size=args.batch_size)
+    engine = PrivacyEngine(accountant=args.accountant, secure_mode=args.secure_mode)
+    model, opt, loader = engine.make_private(module=model, optimizer=opt, data_loader=loader, noise_multiplier=sigma,
+                                             max_grad_norm=args.max_grad_norm, poisson_sampling=True,
+                                             backend=args.backend, seed=None if args.secure_mode else args.seed)
+    total_steps = args.epochs * len(loader)
+    log.print(f"trainable parameters: {n_trainable:,} ({args.trainable}"
+              + (f", ablation {args.ablation}" if args.trainable == "attention" else "")
+              + (f", rank {args.lora_rank}" if args.trainable == "lora" else "") + ")", trainable_params=n_trainable)
+    log.print(f"sigma (noise multiplier) {opt.noise_multiplier:.4f}, sample rate {engine.sample_rate:.5f}, "
+              f"{total_steps} steps, target epsilon {args.target_epsilon} at delta {args.delta:g}, "
+              f"C {opt.max_grad_norm}, k {args.noise_multiplicity}", sigma=opt.noise_multiplier,
+              sample_rate=engine.sample_rate, total_steps=total_steps, delta=args.delta,
+              max_grad_norm=opt.max_grad_norm, expected_batch_size=opt.expected_batch_size)
+    step = 0
+    if resuming:
+        try:
+            step = load_train_state(ckpt, model, opt, engine)
+        except ValueError as e:
+            fail(str(e))
+        if accounted_steps(engine) != step:
+            fail(f"{ckpt}: accountant history has {accounted_steps(engine)} steps but the checkpoint says {step}")
+        log.print(f"resumed from {ckpt} at step {step}, epsilon so far {engine.get_epsilon(args.delta):.4f}",
+                  resumed_step=step)
+    meta = {"args": run_args, "sigma": opt.noise_multiplier, "total_steps": total_steps, "finished": False}
+
+    # --- DP training loop -------------------------------------------------------------------------------------
+    sched = train_scheduler(cfg)
+    k = args.noise_multiplicity
+    stop_at = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
+    bar = progress(total_steps, "DP fine-tune", initial=step)
+    losses: list[float] = []
+    while step < stop_at:
+        for zb, yb in engine.virtual_batches(loader, args.max_physical_batch_size):
+            opt.zero_grad(set_to_none=True)
+            if len(zb):
+                rows_z, rows_y = zb.repeat_interleave(k, 0).to(args.device), yb.repeat_interleave(k, 0).to(args.device)
+                loss = diffusion_loss(model, sched, rows_z, rows_y, cfg["train"].get("label_dropout", 0.0))
+                opt.set_example_ids(torch.arange(len(zb), device=args.device).repeat_interleave(k))
+                loss.backward()
+                losses.append(loss.item())
+            opt.step()  # an empty Poisson batch still steps: the update is pure noise
+            if accounted_steps(engine) == step:
+                continue  # a physical chunk inside a logical batch
+            step = accounted_steps(engine)
+            bar.update()
+            if losses:
+                log.log(step=step, loss=float(np.mean(losses)))
+                bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+                losses = []
+            if step % args.checkpoint_every == 0 or step >= stop_at:
+                save_train_state(ckpt, model, opt, engine, step, {**meta, "finished": step >= total_steps})
+            if step >= stop_at:
+                break
+    bar.close()
+    epsilon = engine.get_epsilon(args.delta)
+    log.print(f"epsilon spent: {epsilon:.4f} (delta {args.delta:g}, {step}/{total_steps} steps, accountant "
+              f"{args.accountant})", epsilon=epsilon, steps=step)
+    result: dict[str, Any] = {"epsilon": epsilon, "delta": args.delta, "sigma": opt.noise_multiplier, "steps": step,
+                              "total_steps": total_steps, "trainable_params": n_trainable, "run": str(out)}
+    if step < total_steps:
+        log.print(f"stopped at step {step} of {total_steps} (--max-steps): continue with --resume --out {out}")
+        return result
+
+    plain = plain_copy(model, cfg)
+    save_ldm(plain, out / "ldm", {"stage": "train", "epsilon": epsilon, "delta": args.delta,
+                                  "autoencoder": str(ae_dir), "pretrained": str(ldm_dir)})
+    log.print(f"fine-tuned LDM saved to {out / 'ldm'}")
+    if not args.no_sample:
+        npz, grid = sample_stage.run(cfg, plain, vae, out, args.per_class, seed=args.seed, device=args.device)
+        result.update(samples=str(npz), grid=str(grid))
+        if not args.no_eval:
+            public = data_mod.load(cfg["data"]["public"], cfg["data"]["channels"])
+            ev = evaluate_stage.run(cfg, data_mod.from_npz(npz), private, public, out, seed=args.seed)
+            result.update(ev)
+    result["wall_s"] = time.time() - t_start
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    summary = f"done in {result['wall_s'] / 60:.1f} min: epsilon {epsilon:.3f} (delta {args.delta:g})"
+    if "cnn_test_acc" in result:
+        summary += f", CNN accuracy on real test data {result['cnn_test_acc']:.4f}"
+    if "grid" in result:
+        summary += f", grid: {result['grid']}"
+    log.print(summary, **{k: v for k, v in result.items() if not isinstance(v, str)})
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
