@@ -3,9 +3,12 @@
 pytest-benchmark times the variants one after another, so a burst of load from another process during
 one variant skews the ratios. Here every round runs one step of each variant back to back (order rotated
 each round) and the ratio is taken within the round; the median over rounds of those ratios is robust
-to load that drifts on a scale longer than one round.
-    nice python -m benchmarks.interleaved --model transformer --size full --rounds 15
-Prints one JSON line per variant (median seconds, median ratio to non-private and to ours).
+to load that drifts on a scale longer than one round. Process CPU time (all threads) is recorded too:
+under contention it tracks the work done better than wall time, provided idle OpenMP threads sleep
+instead of spinning (run with OMP_WAIT_POLICY=PASSIVE).
+    OMP_WAIT_POLICY=PASSIVE nice python -m benchmarks.interleaved --model transformer --size full --rounds 15
+Prints one JSON line per variant: median wall and CPU seconds, and median per-round ratios of each to
+the non-private step and to ours.
 """
 
 from __future__ import annotations
@@ -27,20 +30,23 @@ def run(model: str, size: str, rounds: int, device: str = "cpu") -> list[dict]:
     names = list(steps)
     for name in names:  # warm-up
         steps[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
-            t0 = time.perf_counter()
+            w0, c0 = time.perf_counter(), time.process_time()
             steps[name]()
-            times[name].append(time.perf_counter() - t0)
+            wall[name].append(time.perf_counter() - w0)
+            cpu[name].append(time.process_time() - c0)
     out = []
     for name in names:
         row = {"model": model, "size": size, "variant": name, "rounds": rounds,
-               "median_s": statistics.median(times[name])}
-        for ref in ("nonprivate", "ours"):
-            if ref in times:
-                row[f"median_ratio_to_{ref}"] = statistics.median(a / b for a, b in zip(times[name], times[ref]))
+               "wall_s": statistics.median(wall[name]), "cpu_s": statistics.median(cpu[name])}
+        for kind, t in (("wall", wall), ("cpu", cpu)):
+            for ref in ("nonprivate", "ours"):
+                if ref in t:
+                    row[f"{kind}_ratio_to_{ref}"] = statistics.median(a / b for a, b in zip(t[name], t[ref]))
         out.append(row)
     return out
 

@@ -73,8 +73,9 @@ def _implementation(name: str, backend: str) -> Callable:
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
 
 
-def resolve(name: str, backend: str, x: torch.Tensor) -> str:
-    """Map "auto" to a concrete backend for op `name` on tensors like `x`; check explicit choices."""
+def resolve(name: str, backend: str, x: torch.Tensor, args: tuple | None = None) -> str:
+    """Map "auto" to a concrete backend for op `name` on tensors like `x` (the call's `args`, when
+    given, let "auto" time the real shapes); check explicit choices."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     dev = x.device.type
@@ -82,7 +83,7 @@ def resolve(name: str, backend: str, x: torch.Tensor) -> str:
         if dev == "cuda":
             from dpkernels.autobackend import fastest
 
-            chosen = fastest(name, x)
+            chosen = fastest(name, x, args)
         else:
             chosen = "cpu" if extension_has("cpu") else "torch"
     else:
@@ -104,7 +105,7 @@ def resolve(name: str, backend: str, x: torch.Tensor) -> str:
 def call(name: str, backend: str, *args):
     """Run op `name` on `backend` (after resolving "auto" on the first tensor argument)."""
     x = next(a for a in args if isinstance(a, torch.Tensor))
-    return _implementation(name, resolve(name, backend, x))(*args)
+    return _implementation(name, resolve(name, backend, x, args))(*args)
 
 
 def ghost_norm(A: torch.Tensor, G: torch.Tensor, with_bias: bool = True, backend: str = "auto"):

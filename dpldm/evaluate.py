@@ -70,13 +70,22 @@ def inception_features(path: Path, images: np.ndarray, batch_size: int = 100) ->
     return torch.cat(out).numpy()
 
 
+def conform(split: data_mod.Split, cfg: dict[str, Any]) -> data_mod.Split:
+    """Real images at the synthetic images' size and channel count (user data may differ)."""
+    d = cfg["data"]
+    if split.images.shape[1:] == (d["image_size"], d["image_size"], d["channels"]):
+        return split
+    x = data_mod.to_model_tensor(split.images, d["image_size"], d["image_size"], d["channels"])
+    return data_mod.Split(data_mod.from_model_tensor(x, d["image_size"]), split.labels)
+
+
 def split_holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     perm = np.random.default_rng(seed).permutation(n)
     k = max(1, round(fraction * n))
     return perm[k:], perm[:k]
 
 
-def run(cfg: dict[str, Any], synthetic: data_mod.Split, real: data_mod.DataSet, public: data_mod.DataSet,
+def run(cfg: dict[str, Any], synthetic: data_mod.Split, real: data_mod.DataSet, public: data_mod.DataSet | None,
         out: Path, cnn_epochs: int | None = None, inception_weights: Path | None = None, use_sklearn: bool = True,
         seed: int = 0) -> dict[str, Any]:
     hp = cfg["evaluate"]
@@ -85,7 +94,8 @@ def run(cfg: dict[str, Any], synthetic: data_mod.Split, real: data_mod.DataSet, 
     log = RunLog(out, "evaluate")
     tr, val = split_holdout(len(synthetic.labels), hp["holdout_fraction"], seed)
     xs, ys = to_input(synthetic.images), torch.from_numpy(synthetic.labels)
-    xt, yt = to_input(real.test.images), torch.from_numpy(real.test.labels)
+    test = conform(real.test, cfg)
+    xt, yt = to_input(test.images), torch.from_numpy(test.labels)
     n_cls = max(real.num_classes, int(ys.max()) + 1)
     cnn, val_acc = train_cnn(xs[tr], ys[tr], xs[val], ys[val], n_cls, cnn_epochs, seed)
     result: dict[str, Any] = {"n_synthetic": len(ys), "n_test": len(yt), "cnn_val_acc_synthetic": val_acc,
@@ -95,19 +105,19 @@ def run(cfg: dict[str, Any], synthetic: data_mod.Split, real: data_mod.DataSet, 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # sklearn convergence warnings on small iteration budgets
             models = sklearn_models(flat[tr], synthetic.labels[tr], flat[val], synthetic.labels[val], seed)
-        flat_t = real.test.images.reshape(len(yt), -1) / 255.0
+        flat_t = test.images.reshape(len(yt), -1) / 255.0
         for name, (m, acc) in models.items():
             result[f"{name}_val_acc_synthetic"] = acc
-            result[f"{name}_test_acc"] = float(m.score(flat_t, real.test.labels))
-    # Frechet distance in the feature space of a classifier trained on real PUBLIC data
-    xp, yp = to_input(public.train.images), torch.from_numpy(public.train.labels)
-    ptr, pval = split_holdout(len(yp), 0.1, seed)
-    pub_cnn, _ = train_cnn(xp[ptr], yp[ptr], xp[pval], yp[pval], public.num_classes, hp.get("public_cnn_epochs", 5),
-                           seed)
-    result["frechet_distance_public_cnn"] = frechet_distance(features(pub_cnn, xs), features(pub_cnn, xt))
+            result[f"{name}_test_acc"] = float(m.score(flat_t, test.labels))
+    if public is not None:  # Frechet distance in the feature space of a classifier trained on real PUBLIC data
+        xp, yp = to_input(conform(public.train, cfg).images), torch.from_numpy(public.train.labels)
+        ptr, pval = split_holdout(len(yp), 0.1, seed)
+        pub_cnn, _ = train_cnn(xp[ptr], yp[ptr], xp[pval], yp[pval], public.num_classes,
+                               hp.get("public_cnn_epochs", 5), seed)
+        result["frechet_distance_public_cnn"] = frechet_distance(features(pub_cnn, xs), features(pub_cnn, xt))
     if inception_weights is not None:
         result["fid_inception"] = frechet_distance(inception_features(inception_weights, synthetic.images),
-                                                   inception_features(inception_weights, real.test.images))
+                                                   inception_features(inception_weights, test.images))
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=1))
     log.print("evaluation: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
@@ -120,8 +130,10 @@ def main(argv: list[str] | None = None) -> None:
     cfg = config_from(args)
     try:
         synthetic = data_mod.from_npz(args.synthetic)
+        if not (args.data or cfg["data"].get("private")):
+            raise data_mod.DataError(f"config {cfg['name']} names no real data set: pass --data PATH")
         real = data_mod.load(args.data or cfg["data"]["private"], cfg["data"]["channels"])
-        public = data_mod.load(cfg["data"]["public"], cfg["data"]["channels"])
+        public = data_mod.load(cfg["data"]["public"], cfg["data"]["channels"]) if cfg["data"].get("public") else None
     except data_mod.DataError as e:
         raise SystemExit(f"error: {e}") from None
     run(cfg, synthetic, real, public, args.out or args.synthetic.parent, args.cnn_epochs, args.inception_weights,

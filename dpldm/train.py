@@ -109,6 +109,9 @@ def ensure_pretrained(args: argparse.Namespace, cfg: dict[str, Any], log: RunLog
     ldm_dir = args.pretrained or pub / "ldm"
     if args.pretrained is not None and not ldm_dir.exists():
         fail(f"--pretrained {ldm_dir}: no such folder")
+    if not (ae_dir.exists() and ldm_dir.exists()) and not cfg["data"].get("public"):
+        fail(f"no pre-trained model at {ldm_dir} and config {cfg['name']} names no public data to build one: pass "
+             "--pretrained/--autoencoder folders, or public data with --set data.public=PATH")
     if not ae_dir.exists():
         if args.autoencoder is not None:
             fail(f"--autoencoder {ae_dir}: no such folder")
@@ -132,6 +135,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ckpt = out / "checkpoint"
 
     # --- refuse early: bad data, unreachable epsilon, inconsistent resume ---------------------------------------
+    if not (args.data or cfg["data"].get("private")):
+        fail(f"config {cfg['name']} names no private data set: pass --data PATH (.npz or folder of class folders)")
     try:
         private = data_mod.load(args.data or cfg["data"]["private"], cfg["data"]["channels"])
     except data_mod.DataError as e:
@@ -266,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         npz, grid = sample_stage.run(cfg, plain, vae, out, args.per_class, seed=args.seed, device=args.device)
         result.update(samples=str(npz), grid=str(grid))
         if not args.no_eval:
-            public = data_mod.load(cfg["data"]["public"], cfg["data"]["channels"])
+            public = data_mod.load(cfg["data"]["public"], cfg["data"]["channels"]) if cfg["data"].get("public") else None
             ev = evaluate_stage.run(cfg, data_mod.from_npz(npz), private, public, out, seed=args.seed)
             result.update(ev)
     result["wall_s"] = time.time() - t_start

@@ -97,3 +97,15 @@ def test_peft_lora_matches_opacus():
     ours = one_step(dpkernels.PrivacyEngine(), model, (x, t), loss, 0.2)
     theirs = one_step(opacus.PrivacyEngine(), model, (x, t), loss, 0.2)
     assert_same_update(ours, theirs, trainable)
+
+
+def test_every_layer_type_through_the_triton_kernels_matches_opacus():
+    """The whole engine on the Triton backend (on CPU tensors under TRITON_INTERPRET without a GPU)."""
+    pytest.importorskip("triton")
+    torch.manual_seed(4)
+    model, batch = models.AllLayers(), models.all_layers_batch(5, seed=4)
+    if torch.cuda.is_available():
+        model, batch = model.cuda(), tuple(b.cuda() for b in batch)
+    ours = one_step(dpkernels.PrivacyEngine(), model, batch, models.all_layers_loss, 0.05, backend="triton")
+    theirs = one_step(opacus.PrivacyEngine(), model, batch, models.all_layers_loss, 0.05)
+    assert_same_update(ours, theirs, [n for n, _ in model.named_parameters()], rtol=1e-5)

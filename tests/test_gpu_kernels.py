@@ -46,6 +46,12 @@ def cases():
     return [(b, dt) for b in BACKENDS for dt in dtypes_for(b)]
 
 
+def linear_cases():
+    """bf16 (the GPU training dtype) at every shape, the other dtypes at two: every compile costs time."""
+    return [(b, dt, shape) for b in BACKENDS for dt in dtypes_for(b) for i, shape in enumerate(LINEAR_SHAPES)
+            if dt == torch.bfloat16 or i in (0, 2)]
+
+
 def randn(*shape: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     g = torch.Generator(device="cuda").manual_seed(seed)
     return torch.randn(*shape, generator=g, device="cuda").to(dtype)
@@ -61,8 +67,7 @@ def assert_rel(x: torch.Tensor, ref: torch.Tensor, rtol: float) -> None:
     torch.testing.assert_close(x.double(), ref.double(), rtol=rtol, atol=rtol * scale)
 
 
-@pytest.mark.parametrize("backend,dtype", cases())
-@pytest.mark.parametrize("shape", LINEAR_SHAPES)
+@pytest.mark.parametrize("backend,dtype,shape", linear_cases())
 @pytest.mark.parametrize("name", ["ghost_norm", "direct_norm"])
 def test_linear_norms(name: str, backend: str, dtype: torch.dtype, shape) -> None:
     B, T, d, p = shape
@@ -73,9 +78,10 @@ def test_linear_norms(name: str, backend: str, dtype: torch.dtype, shape) -> Non
     assert w.dtype == out_dt and b.dtype == out_dt
     assert_rel(w, ref_w, NORM_RTOL[dtype])
     assert_rel(b, ref_b, NORM_RTOL[dtype])
-    w2, b2 = impl(backend, name)(A[:, 0], G[:, 0], False)  # 2-D inputs, no bias
-    assert_rel(w2, reference.direct_norm(A[:, 0].double(), G[:, 0].double(), False)[0], NORM_RTOL[dtype])
-    assert b2.numel() == 0
+    if T == 1:  # the same as 2-D inputs; and no bias
+        w2, b2 = impl(backend, name)(A[:, 0], G[:, 0], False)
+        assert_rel(w2, ref_w, NORM_RTOL[dtype])
+        assert b2.numel() == 0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -85,8 +91,7 @@ def test_linear_norms_empty_batch(name: str, backend: str) -> None:
     assert w.shape == (0,) and b.shape == (0,)
 
 
-@pytest.mark.parametrize("backend,dtype", cases())
-@pytest.mark.parametrize("shape", LINEAR_SHAPES)
+@pytest.mark.parametrize("backend,dtype,shape", linear_cases())
 def test_clipped_sum(backend: str, dtype: torch.dtype, shape) -> None:
     B, T, d, p = shape
     A, G = randn(B, T, d, dtype=dtype, seed=3), randn(B, T, p, dtype=dtype, seed=4)

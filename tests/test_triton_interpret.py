@@ -53,7 +53,8 @@ def noise(shape: tuple[int, ...], seed: int, offset: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("seed,offset", [(0, 0), (123, 3), (2**40 + 77, 2**33 + 5), (2**63 - 1, 2**32 - 2)])
 def test_noise_stream_matches_reference(seed: int, offset: int) -> None:
-    x = torch.zeros(3, 37, 601)  # 66k draws: enough to meet u near 0 and near 1
+    # one case with 66k draws (enough to meet u near 0 and near 1), the others small: the interpreter is slow
+    x = torch.zeros(3, 37, 601) if seed == 2**40 + 77 else torch.zeros(3, 37, 11)
     dtriton.add_noise_(x, 1.0, seed, offset)
     torch.testing.assert_close(x.double(), noise(x.shape, seed, offset), rtol=0, atol=NOISE_ATOL)
 

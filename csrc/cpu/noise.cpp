@@ -17,21 +17,43 @@ namespace dpkernels::cpu {
 // 2*pi*u carries that much rounding), far below float32 rounding of the noise.
 constexpr int kBatch = 64;  // Philox blocks per batch (256 normals)
 
+// A small unsigned integer (< 2^52) as a double, by bits: vectorises where int64 -> double does not.
+static inline double small_u64_to_double(uint64_t v) {
+  const uint64_t bits = 0x4330000000000000ull | v;  // 2^52 + v
+  double d;
+  std::memcpy(&d, &bits, sizeof d);
+  return d - 4503599627370496.0;
+}
+
 static inline double log_unit(double u) {  // log(u) for a normal double u > 0
   uint64_t bits;
   std::memcpy(&bits, &u, sizeof bits);
-  const int64_t e = static_cast<int64_t>(bits >> 52) - 1023;
   const uint64_t mbits = (bits & 0x000FFFFFFFFFFFFFull) | 0x3FF0000000000000ull;
   double m;
   std::memcpy(&m, &mbits, sizeof m);  // u = m * 2^e, m in [1, 2)
-  const bool big = m > 1.4142135623730951;  // centre m on 1: m in [sqrt(1/2), sqrt(2))
-  m = big ? 0.5 * m : m;
-  const double k = static_cast<double>(big ? e + 1 : e);
+  // centre m on 1 (m in [sqrt(1/2), sqrt(2))); the sign bit of a wrapped difference, not a
+  // comparison, so the compiler emits no branch and vectorises the loop
+  constexpr uint64_t kSqrt2Bits = 0x3FF6A09E667F3BCDull;
+  const double big = small_u64_to_double((kSqrt2Bits - mbits) >> 63);
+  m *= 1.0 - 0.5 * big;
+  const double k = small_u64_to_double(bits >> 52) - 1023.0 + big;
   const double f = m - 1.0;
   const double s = f / (2.0 + f);  // log(m) = 2 atanh(s), |s| < 0.172
   const double z = s * s;
+  // sum_j z^j / (2j + 1), j <= 12 (written out: inner loops would stop the vectoriser)
   double poly = 1.0 / 25;
-  for (int j = 11; j >= 0; --j) poly = poly * z + 1.0 / (2 * j + 1);
+  poly = poly * z + 1.0 / 23;
+  poly = poly * z + 1.0 / 21;
+  poly = poly * z + 1.0 / 19;
+  poly = poly * z + 1.0 / 17;
+  poly = poly * z + 1.0 / 15;
+  poly = poly * z + 1.0 / 13;
+  poly = poly * z + 1.0 / 11;
+  poly = poly * z + 1.0 / 9;
+  poly = poly * z + 1.0 / 7;
+  poly = poly * z + 1.0 / 5;
+  poly = poly * z + 1.0 / 3;
+  poly = poly * z + 1.0;
   return k * 0.6931471805599453094 + 2.0 * s * poly;
 }
 
@@ -43,20 +65,40 @@ constexpr double kCos[10] = {1.0, -1.0 / 2, 1.0 / 24, -1.0 / 720, 1.0 / 40320, -
                              1.0 / 479001600.0, -1.0 / 87178291200.0, 1.0 / 20922789888000.0,
                              -1.0 / 6402373705728000.0};
 
-// cos(2 pi u), sin(2 pi u) for u in [0, 1]: the quadrant comes from u exactly, the rest by Taylor.
-static inline void sincos_2pi(double u, double& c_out, double& s_out) {
-  const double q = std::floor(4.0 * u + 0.5);
-  const double t = 6.283185307179586477 * (u - 0.25 * q);  // |t| <= pi/4
+// cos(2 pi u), sin(2 pi u) for u = (x + 0.5) 2^-32: the quadrant q = round(4u) comes exactly
+// from the bits of x, the rest t = 2 pi (u - q/4), |t| <= pi/4, by Taylor.
+static inline void sincos_2pi(uint64_t x, double& c_out, double& s_out) {
+  const uint64_t q = (x + (1ull << 29)) >> 30;  // floor(4u + 1/2), 0..4
+  const double u = (small_u64_to_double(x) + 0.5) * (1.0 / 4294967296.0);
+  const double t = 6.283185307179586477 * (u - 0.25 * small_u64_to_double(q));
   const double t2 = t * t;
-  double sp = kSin[9], cp = kCos[9];
-  for (int j = 8; j >= 0; --j) {
-    sp = sp * t2 + kSin[j];
-    cp = cp * t2 + kCos[j];
-  }
+  double sp = kSin[9], cp = kCos[9];  // Horner, written out for the vectoriser
+  sp = sp * t2 + kSin[8];
+  cp = cp * t2 + kCos[8];
+  sp = sp * t2 + kSin[7];
+  cp = cp * t2 + kCos[7];
+  sp = sp * t2 + kSin[6];
+  cp = cp * t2 + kCos[6];
+  sp = sp * t2 + kSin[5];
+  cp = cp * t2 + kCos[5];
+  sp = sp * t2 + kSin[4];
+  cp = cp * t2 + kCos[4];
+  sp = sp * t2 + kSin[3];
+  cp = cp * t2 + kCos[3];
+  sp = sp * t2 + kSin[2];
+  cp = cp * t2 + kCos[2];
+  sp = sp * t2 + kSin[1];
+  cp = cp * t2 + kCos[1];
+  sp = sp * t2 + kSin[0];
+  cp = cp * t2 + kCos[0];
   const double sv = t * sp, cv = cp;
-  const int quad = static_cast<int>(q) & 3;  // cos/sin(t + quad * pi/2)
-  c_out = quad == 0 ? cv : quad == 1 ? -sv : quad == 2 ? -cv : sv;
-  s_out = quad == 0 ? sv : quad == 1 ? cv : quad == 2 ? -sv : -cv;
+  // cos/sin(t + q pi/2), branch-free (vectorises): odd q swap cos and sin; q = 1, 2 negate
+  // cos; q = 2, 3 negate sin (q = 4 is q = 0)
+  const double swap = small_u64_to_double(q & 1);
+  const double neg_c = small_u64_to_double(((q + 1) >> 1) & 1);
+  const double neg_s = small_u64_to_double((q >> 1) & 1);
+  c_out = (cv * (1.0 - swap) + sv * swap) * (1.0 - 2.0 * neg_c);
+  s_out = (sv * (1.0 - swap) + cv * swap) * (1.0 - 2.0 * neg_s);
 }
 
 // z[4 * k + lane] = the normals of Philox blocks first .. first + n - 1 (n <= kBatch).
@@ -64,22 +106,22 @@ static inline void sincos_2pi(double u, double& c_out, double& s_out) {
 __attribute__((target_clones("avx512f", "avx2", "default")))
 #endif
 static void normals_batch(uint64_t first, int n, uint64_t seed, double* z) {
-  double u0[kBatch], u1[kBatch], u2[kBatch], u3[kBatch];
+  uint64_t x0[kBatch], x1[kBatch], x2[kBatch], x3[kBatch];
   for (int k = 0; k < n; ++k) {
     uint32_t r[4];
     philox4x32_10(first + static_cast<uint64_t>(k), seed, r);
-    u0[k] = uint32_to_unit(r[0]);
-    u1[k] = uint32_to_unit(r[1]);
-    u2[k] = uint32_to_unit(r[2]);
-    u3[k] = uint32_to_unit(r[3]);
+    x0[k] = r[0];
+    x1[k] = r[1];
+    x2[k] = r[2];
+    x3[k] = r[3];
   }
 #pragma omp simd
   for (int k = 0; k < n; ++k) {
-    const double r01 = std::sqrt(-2.0 * log_unit(u0[k]));
-    const double r23 = std::sqrt(-2.0 * log_unit(u2[k]));
+    const double r01 = std::sqrt(-2.0 * log_unit((small_u64_to_double(x0[k]) + 0.5) * (1.0 / 4294967296.0)));
+    const double r23 = std::sqrt(-2.0 * log_unit((small_u64_to_double(x2[k]) + 0.5) * (1.0 / 4294967296.0)));
     double c1, s1, c3, s3;
-    sincos_2pi(u1[k], c1, s1);
-    sincos_2pi(u3[k], c3, s3);
+    sincos_2pi(x1[k], c1, s1);
+    sincos_2pi(x3[k], c3, s3);
     z[4 * k + 0] = r01 * c1;
     z[4 * k + 1] = r01 * s1;
     z[4 * k + 2] = r23 * c3;

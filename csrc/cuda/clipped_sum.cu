@@ -139,17 +139,15 @@ __global__ void __launch_bounds__(kTcThreads)
   const int nd = static_cast<int>(std::min<int64_t>(d - d0, kTileD));
   const int warp = threadIdx.x / kWarpSize;
   const int m0 = (warp / 2) * kTcWarpTile, n0 = (warp % 2) * kTcWarpTile;
+  const bool vec_g = rows_16b_aligned(G, p), vec_a = rows_16b_aligned(A, d);
   FragAcc acc[kTcFrags][kTcFrags];
   zero_frags(acc);
   for (int64_t r0 = 0; r0 < n_rows; r0 += kTcK) {
     const int nr = static_cast<int>(std::min<int64_t>(n_rows - r0, kTcK));
     load_row_scales(row_scale, c, r0, nr, n_tok);
     __syncthreads();
-    load_window<kTcK, kTileP, kTcLdP, false>(Gs, nr, np, Elem<T>::zero(), [&](int r, int col) {
-      return Elem<T>::from_acc(row_scale[r] * Elem<T>::to_acc(G[(r0 + r) * p + p0 + col]));
-    });
-    load_window<kTcK, kTileD, kTcLdD, false>(As, nr, nd, Elem<T>::zero(),
-                                             [&](int r, int col) { return A[(r0 + r) * d + d0 + col]; });
+    load_rows_16bit<kTcK, kTileP, kTcLdP>(Gs, G + r0 * p + p0, p, nr, np, vec_g, row_scale);
+    load_rows_16bit<kTcK, kTileD, kTcLdD>(As, A + r0 * d + d0, d, nr, nd, vec_a);
     __syncthreads();
     // Gs[r][p] read col_major is (c G)^T (p x r); As[r][d] read row_major is A (r x d).
     warp_tile_mma<kTcK, wmma::col_major, wmma::row_major>(acc, Gs, kTcLdP, As, kTcLdD, m0, n0);

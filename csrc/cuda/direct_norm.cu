@@ -85,14 +85,13 @@ __global__ void __launch_bounds__(kTcThreads)
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
     const T* Ab = A + b * n_tok * d;
     const T* Gb = G + b * n_tok * p;
+    const bool vec_g = rows_16b_aligned(Gb, p), vec_a = rows_16b_aligned(Ab, d);
     FragAcc acc[kTcFrags][kTcFrags];
     zero_frags(acc);
     for (int64_t t0 = 0; t0 < n_tok; t0 += kTcK) {
       const int nt = static_cast<int>(std::min<int64_t>(n_tok - t0, kTcK));
-      load_window<kTcK, kTileP, kTcLdP, false>(Gs, nt, np, Elem<T>::zero(),
-                                               [&](int r, int c) { return Gb[(t0 + r) * p + p0 + c]; });
-      load_window<kTcK, kTileD, kTcLdD, false>(As, nt, nd, Elem<T>::zero(),
-                                               [&](int r, int c) { return Ab[(t0 + r) * d + d0 + c]; });
+      load_rows_16bit<kTcK, kTileP, kTcLdP>(Gs, Gb + t0 * p + p0, p, nt, np, vec_g);
+      load_rows_16bit<kTcK, kTileD, kTcLdD>(As, Ab + t0 * d + d0, d, nt, nd, vec_a);
       __syncthreads();
       warp_tile_mma<kTcK, wmma::col_major, wmma::row_major>(acc, Gs, kTcLdP, As, kTcLdD, m0, n0);
       __syncthreads();

@@ -86,16 +86,13 @@ __device__ void tc_gram_tile(FragAcc (&acc)[kTcFrags][kTcFrags], const T* __rest
   const int nj = static_cast<int>(std::min<int64_t>(rows - j0, kTileT));
   const int warp = threadIdx.x / kWarpSize;
   const int m0 = (warp / 2) * kTcWarpTile, n0 = (warp % 2) * kTcWarpTile;
+  const bool vec = rows_16b_aligned(X, n);
   for (int64_t k0 = 0; k0 < n; k0 += kTcK) {
     const int nk = static_cast<int>(std::min<int64_t>(n - k0, kTcK));
     // Row-major copies [row][k]: Xi is the M x K operand (row_major), and the same storage
     // of Xj read as col_major is Xj^T, the K x N operand.
-    load_window<kTileT, kTcK, kTcLd, false>(Xi, ni, nk, Elem<T>::zero(),
-                                            [&](int r, int c) { return X[(i0 + r) * n + k0 + c]; });
-    if (!diagonal) {
-      load_window<kTileT, kTcK, kTcLd, false>(Xj, nj, nk, Elem<T>::zero(),
-                                              [&](int r, int c) { return X[(j0 + r) * n + k0 + c]; });
-    }
+    load_rows_16bit<kTileT, kTcK, kTcLd>(Xi, X + i0 * n + k0, n, ni, nk, vec);
+    if (!diagonal) load_rows_16bit<kTileT, kTcK, kTcLd>(Xj, X + j0 * n + k0, n, nj, nk, vec);
     __syncthreads();
     warp_tile_mma<kTcK, wmma::row_major, wmma::col_major>(acc, Xi, kTcLd, diagonal ? Xi : Xj, kTcLd, m0, n0);
     __syncthreads();

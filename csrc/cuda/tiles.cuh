@@ -35,6 +35,48 @@ __device__ __forceinline__ void load_window(Tout* smem, int n_rows, int n_cols, 
   }
 }
 
+// Tensor-core operands (16-bit): copies the R x C window src[r * ld + c] into smem[r * LDS + c],
+// zero outside n_rows x n_cols, optionally scaling row r by row_scale[r] (rounded back to T).
+// With vec_ok (every row of the source starts 16-byte aligned: ld % 8 == 0 and an aligned base)
+// each thread moves 8 elements with one 16-byte load; ragged edges fall back to scalars.
+template <int R, int C, int LDS, typename T>
+__device__ __forceinline__ void load_rows_16bit(T* smem, const T* __restrict__ src, int64_t ld, int n_rows,
+                                                int n_cols, bool vec_ok, const float* row_scale = nullptr) {
+  static_assert(sizeof(T) == 2, "tensor-core operands are fp16 / bf16");
+  constexpr int kVec = 8;
+  static_assert(C % kVec == 0 && LDS % kVec == 0, "16-byte aligned shared-memory rows");
+  auto fetch = [&](int r, int c) -> T {
+    const T x = src[r * ld + c];
+    return row_scale ? Elem<T>::from_acc(row_scale[r] * Elem<T>::to_acc(x)) : x;
+  };
+  if (!vec_ok) {
+    load_window<R, C, LDS, false>(smem, n_rows, n_cols, Elem<T>::zero(), fetch);
+    return;
+  }
+  for (int e = threadIdx.x; e < R * C / kVec; e += blockDim.x) {
+    const int r = e / (C / kVec), c = (e % (C / kVec)) * kVec;
+    T* dst = smem + r * LDS + c;
+    if (r < n_rows && c + kVec <= n_cols) {
+      uint4 v = *reinterpret_cast<const uint4*>(src + r * ld + c);
+      if (row_scale) {
+        T* h = reinterpret_cast<T*>(&v);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) h[k] = Elem<T>::from_acc(row_scale[r] * Elem<T>::to_acc(h[k]));
+      }
+      *reinterpret_cast<uint4*>(dst) = v;
+    } else {
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) dst[k] = (r < n_rows && c + k < n_cols) ? fetch(r, c + k) : Elem<T>::zero();
+    }
+  }
+}
+
+// Rows of a row-major matrix with leading dimension ld start 16-byte aligned.
+template <typename T>
+__device__ __forceinline__ bool rows_16b_aligned(const T* base, int64_t ld) {
+  return (ld * int64_t(sizeof(T))) % 16 == 0 && reinterpret_cast<uintptr_t>(base) % 16 == 0;
+}
+
 // ---------------------------------------------------------------------------------------
 // SIMT tile product (fp32 / fp64, and the fallback for fp16/bf16 before sm_80).
 // 256 threads as 16 x 16; thread (ty, tx) owns rows ty + 16 m and columns tx + 16 n of the

@@ -273,7 +273,11 @@ at::Tensor affine_grad_sample(const at::Tensor& xhat, const at::Tensor& G) {
 }
 
 // ids [B, ...] and G [B, ..., D] -> contiguous int64 [B, T] and [B, T, D].
-std::tuple<at::Tensor, at::Tensor> embedding_inputs(const at::Tensor& ids, const at::Tensor& G, const char* op) {
+struct EmbeddingInputs {
+  at::Tensor ids, G;
+};
+
+EmbeddingInputs embedding_inputs(const at::Tensor& ids, const at::Tensor& G, const char* op) {
   check_cuda(ids, op, "ids");
   check_cuda(G, op, "G");
   check_floating(G, "G", op);
@@ -290,7 +294,9 @@ std::tuple<at::Tensor, at::Tensor> embedding_inputs(const at::Tensor& ids, const
 
 at::Tensor embedding_norm(const at::Tensor& ids, const at::Tensor& G) {
   const char* op = "embedding_norm";
-  const auto [ids2, G3] = embedding_inputs(ids, G, op);
+  const EmbeddingInputs in = embedding_inputs(ids, G, op);
+  const at::Tensor& ids2 = in.ids;
+  const at::Tensor& G3 = in.G;
   const c10::cuda::CUDAGuard guard(G.device());
   at::Tensor out = at::zeros({G3.size(0)}, acc_options(G3));
   dispatch_floating(G3.scalar_type(), op, [&](auto tag) {
@@ -305,7 +311,9 @@ at::Tensor embedding_norm(const at::Tensor& ids, const at::Tensor& G) {
 at::Tensor embedding_clipped_sum(const at::Tensor& ids, const at::Tensor& G, const at::Tensor& c,
                                  int64_t num_embeddings, double noise_std, int64_t seed, int64_t offset) {
   const char* op = "embedding_clipped_sum";
-  const auto [ids2, G3] = embedding_inputs(ids, G, op);
+  const EmbeddingInputs in = embedding_inputs(ids, G, op);
+  const at::Tensor& ids2 = in.ids;
+  const at::Tensor& G3 = in.G;
   check_noise_args(noise_std, seed, offset, op);
   TORCH_CHECK(num_embeddings >= 0, "dpkernels.embedding_clipped_sum: num_embeddings must be >= 0, got ",
               num_embeddings);

@@ -23,8 +23,7 @@ from dpkernels.triton.rows import rows_sum_noise
 def _gemm_configs() -> list[triton.Config]:
     full = [
         triton.Config({"BLOCK_P": bp, "BLOCK_D": bd, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bp, bd, bk, w, s in [(64, 64, 32, 4, 4), (64, 64, 64, 4, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
-                                 (128, 128, 32, 8, 3), (128, 128, 64, 8, 3)]
+        for bp, bd, bk, w, s in [(64, 64, 32, 4, 4), (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (128, 128, 64, 8, 3)]
     ]
     return configs(full, triton.Config({"BLOCK_P": 16, "BLOCK_D": 16, "BLOCK_K": 16}))
 

@@ -18,6 +18,7 @@ from triton.compiler import ASTSource
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("compile_check needs TRITON_INTERPRET unset: interpreted kernels are not compiled")
+os.environ["DPK_TRITON_AUTOTUNE"] = "1"  # every config is listed; --all-configs chooses how many to compile
 
 from dpkernels.triton import embedding, linear_norms, rows
 from dpkernels.triton.clipped_sum import _clipped_sum_kernel  # the package attribute clipped_sum is the op
@@ -56,11 +57,20 @@ def _jobs(dt: str):
     yield rows._affine_kernel, {"x_ptr": f"*{dt}", "g_ptr": f"*{dt}", "out_ptr": "*fp32", "R": "i32", "S": "i32"}, {}
 
 
+def _with_t1(dt: str):
+    """The jobs, plus (bf16 only) the token-free case: Triton turns an int arg equal to 1 into a constexpr,
+    and T = 1 (2-D inputs, class embeddings) is common."""
+    for kernel, sig, consts in _jobs(dt):
+        yield kernel, sig, consts
+        if dt == "bf16" and "T" in sig and consts.get("WITH_BIAS", True) and not consts.get("PARTIAL", False):
+            yield kernel, sig, {**consts, "T": 1}
+
+
 def compile_all(archs: list[int], all_configs: bool, dtypes=DTYPES) -> int:
     n = 0
     for arch, dt in itertools.product(archs, dtypes):
         target = GPUTarget("cuda", arch, 32)
-        for kernel, sig, consts in _jobs(dt):
+        for kernel, sig, consts in _with_t1(dt):
             tuned = isinstance(kernel, triton.runtime.Autotuner)
             fn = kernel.fn if tuned else kernel
             cfgs = (kernel.configs if all_configs else kernel.configs[:1]) if tuned else [None]

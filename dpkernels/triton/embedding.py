@@ -22,7 +22,7 @@ MIN_BLOCK_T = 16 if INTERPRET else 32
 def _norm_configs() -> list[triton.Config]:
     full = [
         triton.Config({"BLOCK_T": bt, "BLOCK_K": bk}, num_warps=w, num_stages=3)
-        for bt, bk, w in [(32, 64, 4), (64, 64, 4), (64, 32, 4), (128, 64, 8)]
+        for bt, bk, w in [(32, 64, 4), (64, 64, 4), (128, 64, 8)]
     ]
     return configs(full, triton.Config({"BLOCK_T": 16, "BLOCK_K": 16}))
 

@@ -42,7 +42,7 @@ def gram_tile(base, rows_i, rows_j, T, n, UPCAST: tl.constexpr, BLOCK_T: tl.cons
 def _ghost_configs() -> list[triton.Config]:
     full = [
         triton.Config({"BLOCK_T": bt, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bt, bk, w, s in [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 8, 4)]
+        for bt, bk, w, s in [(64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3)]
     ]
     return configs(full, triton.Config({"BLOCK_T": 16, "BLOCK_K": 16}))
 
@@ -85,8 +85,7 @@ def _ghost_norm_kernel(
 def _direct_configs() -> list[triton.Config]:
     full = [
         triton.Config({"BLOCK_P": bp, "BLOCK_D": bd, "BLOCK_T": bt}, num_warps=w, num_stages=s)
-        for bp, bd, bt, w, s in [(64, 64, 32, 4, 3), (64, 64, 64, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3),
-                                 (128, 128, 32, 8, 3), (128, 128, 64, 8, 2)]
+        for bp, bd, bt, w, s in [(64, 64, 32, 4, 3), (128, 128, 32, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3)]
     ]
     return configs(full, triton.Config({"BLOCK_P": 16, "BLOCK_D": 16, "BLOCK_T": 16}))
 

@@ -26,11 +26,13 @@ def _rows_sum_noise_kernel(
     cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
     acc = tl.zeros([BLOCK], dtype=tl.float32)
+    x_ptrs = x_ptr + cols
     for s in range(S):
-        x = tl.load(x_ptr + s * N + cols, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
         if HAS_W:
             x = x * tl.load(w_ptr + s).to(tl.float32)
         acc += x
+        x_ptrs += N  # pointer steps: no int32 row offset s * N to overflow
     if HAS_NOISE:
         acc += std * normal_at(offset.to(tl.int64) + cols, seed_lo, seed_hi)
     tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
