@@ -18,6 +18,18 @@ from dpldm.config import load_config
 DEFAULT_RUNS = Path(os.environ.get("DPLDM_RUNS", "runs"))
 
 
+def set_threads() -> int:
+    """CPU threads for torch: DPLDM_THREADS, else the cores that are idle now (at least 1).
+
+    On a shared machine, two OpenMP threads competing with other jobs can be 10x slower than one."""
+    n = int(os.environ.get("DPLDM_THREADS", "0"))
+    if n <= 0:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        n = max(1, min(cores, int(cores - os.getloadavg()[0] + 0.5)))
+    torch.set_num_threads(n)
+    return n
+
+
 def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "--preset", dest="config", default="mnist",
                    help="preset name in dpldm/configs/ (mnist, fmnist, rgb32, rgb64, tiny) or a YAML/JSON path")
@@ -29,6 +41,7 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def config_from(args: argparse.Namespace) -> dict[str, Any]:
+    set_threads()
     return load_config(args.config, args.set)
 
 

@@ -31,6 +31,7 @@ struct Elem<float> {
   using acc_t = float;
   static __device__ __forceinline__ float to_acc(float x) { return x; }
   static __device__ __forceinline__ float from_acc(float x) { return x; }
+  static __device__ __forceinline__ float from_acc_rz(float x) { return x; }
   static __device__ __forceinline__ float zero() { return 0.f; }
 };
 
@@ -39,6 +40,7 @@ struct Elem<double> {
   using acc_t = double;
   static __device__ __forceinline__ double to_acc(double x) { return x; }
   static __device__ __forceinline__ double from_acc(double x) { return x; }
+  static __device__ __forceinline__ double from_acc_rz(double x) { return x; }
   static __device__ __forceinline__ double zero() { return 0.0; }
 };
 
@@ -47,6 +49,8 @@ struct Elem<__half> {
   using acc_t = float;
   static __device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
   static __device__ __forceinline__ __half from_acc(float x) { return __float2half_rn(x); }
+  // Toward zero: a clip-scaled row c_b * G rounded back to half never grows past what was clipped.
+  static __device__ __forceinline__ __half from_acc_rz(float x) { return __float2half_rz(x); }
   static __device__ __forceinline__ __half zero() { return __float2half_rn(0.f); }
 };
 
@@ -55,6 +59,7 @@ struct Elem<__nv_bfloat16> {
   using acc_t = float;
   static __device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
   static __device__ __forceinline__ __nv_bfloat16 from_acc(float x) { return __float2bfloat16_rn(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from_acc_rz(float x) { return __float2bfloat16_rz(x); }
   static __device__ __forceinline__ __nv_bfloat16 zero() { return __float2bfloat16_rn(0.f); }
 };
 

@@ -47,7 +47,7 @@ __device__ __forceinline__ void load_rows_16bit(T* smem, const T* __restrict__ s
   static_assert(C % kVec == 0 && LDS % kVec == 0, "16-byte aligned shared-memory rows");
   auto fetch = [&](int r, int c) -> T {
     const T x = src[r * ld + c];
-    return row_scale ? Elem<T>::from_acc(row_scale[r] * Elem<T>::to_acc(x)) : x;
+    return row_scale ? Elem<T>::from_acc_rz(row_scale[r] * Elem<T>::to_acc(x)) : x;
   };
   if (!vec_ok) {
     load_window<R, C, LDS, false>(smem, n_rows, n_cols, Elem<T>::zero(), fetch);
@@ -61,7 +61,7 @@ __device__ __forceinline__ void load_rows_16bit(T* smem, const T* __restrict__ s
       if (row_scale) {
         T* h = reinterpret_cast<T*>(&v);
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) h[k] = Elem<T>::from_acc(row_scale[r] * Elem<T>::to_acc(h[k]));
+        for (int k = 0; k < kVec; ++k) h[k] = Elem<T>::from_acc_rz(row_scale[r] * Elem<T>::to_acc(h[k]));
       }
       *reinterpret_cast<uint4*>(dst) = v;
     } else {
