@@ -87,13 +87,13 @@ def clipped_sum(
 def sq_norms(X: torch.Tensor) -> torch.Tensor:
     """||X_b||^2 over all trailing dims, [B]."""
     dt = acc_dtype(X)
-    return X.to(dt).flatten(1).pow(2).sum(1)
+    return X.to(dt).reshape(X.shape[0], math.prod(X.shape[1:])).pow(2).sum(1)
 
 
 def clipped_rows_sum(X: torch.Tensor, c: torch.Tensor, noise_std: float, seed: int, offset: int) -> torch.Tensor:
     """sum_b c_b X_b + noise, shape X.shape[1:]."""
     dt = acc_dtype(X)
-    out = torch.einsum("b,bn->n", c.to(dt), X.to(dt).flatten(1))
+    out = torch.einsum("b,bn->n", c.to(dt), X.to(dt).reshape(X.shape[0], math.prod(X.shape[1:])))
     out = out + noise_std * philox_normal((out.numel(),), seed, offset, dt, X.device)
     return out.reshape(X.shape[1:])
 

@@ -45,10 +45,12 @@ def parser() -> argparse.ArgumentParser:
 def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
     mu1, mu2 = f1.mean(0), f2.mean(0)
     s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
-    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
-    if not np.isfinite(covmean).all():  # near-singular product: regularise, as pytorch-fid does
-        eps = np.eye(len(s1)) * 1e-6
-        covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # LinAlgWarning: singular for small sets; regularised below
+        covmean = linalg.sqrtm(s1 @ s2)
+        if not np.isfinite(covmean).all():  # near-singular product: regularise, as pytorch-fid does
+            eps = np.eye(len(s1)) * 1e-6
+            covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * np.real(covmean)))
 
 

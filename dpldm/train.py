@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from dpkernels import PrivacyEngine
     from dpkernels.privacy import get_noise_multiplier
 
+    if not args.target_epsilon > 0:
+        fail(f"--target-epsilon must be positive, got {args.target_epsilon}")
     try:
         sigma = get_noise_multiplier(target_epsilon=args.target_epsilon, target_delta=args.delta,
                                      sample_rate=sample_rate, epochs=args.epochs, accountant=args.accountant)
@@ -201,9 +203,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     loader = DataLoader(TensorDataset(z, y), batch_size=args.batch_size)
     engine = PrivacyEngine(accountant=args.accountant, secure_mode=args.secure_mode)
-    model, opt, loader = engine.make_private(module=model, optimizer=opt, data_loader=loader, noise_multiplier=sigma,
-                                             max_grad_norm=args.max_grad_norm, poisson_sampling=True,
-                                             backend=args.backend, seed=None if args.secure_mode else args.seed)
+    try:
+        model, opt, loader = engine.make_private(
+            module=model, optimizer=opt, data_loader=loader, noise_multiplier=sigma, max_grad_norm=args.max_grad_norm,
+            poisson_sampling=True, backend=args.backend, seed=None if args.secure_mode else args.seed)
+    except ValueError as e:  # unknown backend, non-positive clipping norm, unsupported trainable module
+        fail(str(e))
     total_steps = args.epochs * len(loader)
     log.print(f"trainable parameters: {n_trainable:,} ({args.trainable}"
               + (f", ablation {args.ablation}" if args.trainable == "attention" else "")

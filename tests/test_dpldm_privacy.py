@@ -105,10 +105,13 @@ def test_lora_training_runs_and_merges(tiny_runs: Path, tiny_private: Path, tmp_
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--target-epsilon", "0.01", "--epochs", "50"], "unreachable"),
+    (["--target-epsilon", "1e-5", "--epochs", "1000", "--accountant", "rdp"], "unreachable"),
+    (["--target-epsilon", "0"], "must be positive"),
     (["--batch-size", "1000"], "larger than the private training set"),
     (["--ablation", "9"], "--ablation must be in"),
     (["--resume"], "no unfinished checkpoint"),
+    (["--backend", "nope"], "unknown backend"),
+    (["--max-grad-norm", "0"], "max_grad_norm must be positive"),
 ])
 def test_refusals(tiny_runs: Path, tiny_private: Path, tmp_path: Path, extra: list, message: str) -> None:
     with pytest.raises(SystemExit, match=message):  # later flags override train_args' (argparse: last wins)

@@ -121,3 +121,15 @@ def test_train_end_to_end_with_sampling(tiny_runs: Path, tiny_private: Path, tmp
         assert (out / f).exists(), f
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert any("epsilon" in r for r in log) and any(r.get("stage") == "evaluate" for r in log)
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists(),
+                    reason="dataset-fashion-mnist not installed (apt-get install -y dataset-fashion-mnist)")
+def test_fmnist_private_with_mnist_public(tmp_path: Path) -> None:
+    """The fmnist preset's data path (private Fashion-MNIST 60k, public MNIST digits) on the tiny models."""
+    res = train.main(["--config", "tiny", "--set", "data.private=fmnist", "--set", "data.public=mnist5k",
+                      "--runs", str(tmp_path), "--max-steps", "1", "--no-sample", "--batch-size", "64"])
+    assert res["steps"] == 1 and res["total_steps"] == 938  # q = 1/ceil(60000/64)
+    assert res["delta"] == 1e-5
+    log = (tmp_path / "tiny" / "public" / "logs" / "ldm" / "log.jsonl").read_text()
+    assert "public latents (3, 8, 8) (mnist5k)" in log
