@@ -44,7 +44,7 @@ from dpldm.trainable import select_trainable
 
 # Arguments that define the private computation: a resumed run must use the same ones.
 RESUME_KEYS = ("data", "target_epsilon", "delta", "epochs", "batch_size", "max_grad_norm", "noise_multiplicity",
-               "trainable", "ablation", "lora_rank", "accountant", "lr", "config")
+               "trainable", "ablation", "lora_rank", "accountant", "lr", "config", "set")
 
 
 def parser() -> argparse.ArgumentParser:
