@@ -12,7 +12,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader
 
-__all__ = ["create_accountant", "get_noise_multiplier", "poisson_loader", "split_batch", "sample_rate_of"]
+__all__ = ["create_accountant", "get_noise_multiplier", "poisson_loader", "sample_rate_of", "split_batch"]
 
 
 def sample_rate_of(data_loader: DataLoader) -> float:

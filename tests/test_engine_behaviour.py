@@ -166,7 +166,7 @@ def test_empty_poisson_batch_steps_with_pure_noise():
     model = models.AllLayers()
     data = TensorDataset(*models.all_layers_batch(8))
     engine = PrivacyEngine()
-    model, opt, loader = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+    model, opt, _loader = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
                                              data_loader=DataLoader(data, batch_size=2), noise_multiplier=1.0,
                                              max_grad_norm=1.0, seed=3)
     before = [p.detach().clone() for p in model.parameters()]
@@ -186,7 +186,7 @@ def test_noise_statistics_and_no_reuse():
     sigma, C, E = 1.3, 0.7, 10
     data = TensorDataset(torch.zeros(40, 128), torch.zeros(40, 256))
     engine = PrivacyEngine()
-    lin, opt, loader = engine.make_private(module=lin, optimizer=torch.optim.SGD(lin.parameters(), lr=0.0),
+    lin, opt, _loader = engine.make_private(module=lin, optimizer=torch.optim.SGD(lin.parameters(), lr=0.0),
                                            data_loader=DataLoader(data, batch_size=E), noise_multiplier=sigma,
                                            max_grad_norm=C, poisson_sampling=False, seed=1234)
     grads = []
@@ -241,7 +241,7 @@ def test_make_private_with_epsilon_calibrates_with_opacus():
     model = mlp()
     data = TensorDataset(torch.randn(100, 6, 8), torch.randn(100, 3))
     engine = PrivacyEngine(accountant="rdp")
-    model, opt, loader = engine.make_private_with_epsilon(
+    model, opt, _loader = engine.make_private_with_epsilon(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
         data_loader=DataLoader(data, batch_size=10), target_epsilon=3.0, target_delta=1e-5, epochs=2,
         max_grad_norm=1.0)
@@ -299,7 +299,7 @@ def test_unsupported_models_are_refused_before_anything_changes(model, message):
 def test_module_called_twice_is_refused_before_any_step():
     model = Twice()
     state = copy.deepcopy(model.state_dict())
-    _, model, opt, _ = make(model, dim=(4,))
+    _, model, _opt, _ = make(model, dim=(4,))
     with pytest.raises(RuntimeError, match="called twice"):
         model(torch.randn(3, 4))
     for k, v in model.state_dict().items():
@@ -352,9 +352,9 @@ def test_other_bad_inputs():
 
 
 def test_per_layer_sensitivity_is_the_norm_of_the_thresholds():
-    _, model, opt, _ = make(mlp(), C=[0.5] * 6, clipping="per_layer")
+    _, _, opt, _ = make(mlp(), C=[0.5] * 6, clipping="per_layer")
     assert opt.max_grad_norm == pytest.approx(0.5 * math.sqrt(6))
-    _, model, opt, _ = make(mlp(), C=2.0, clipping="per_layer")
+    _, _, opt, _ = make(mlp(), C=2.0, clipping="per_layer")
     assert opt.max_grad_norm == pytest.approx(2.0)
 
 

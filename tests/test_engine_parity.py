@@ -93,7 +93,7 @@ def test_peft_lora_matches_opacus():
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     x, t = torch.randn(6, 9, 16), torch.randn(6, 3)
-    loss = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()  # noqa: E731
+    loss = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()
     ours = one_step(dpkernels.PrivacyEngine(), model, (x, t), loss, 0.2)
     theirs = one_step(opacus.PrivacyEngine(), model, (x, t), loss, 0.2)
     assert_same_update(ours, theirs, trainable)

@@ -65,7 +65,6 @@ class DPConv2d(DPLayer):
         """Per group: A [n, L, Cin/g*k*k], G [n, L, Cout/g] over the L output positions."""
         m = self.module
         xp, G = rec.saved["A"], rec.grad_out
-        B, Cout = G.shape[0], G.shape[1]
         G = G.flatten(2).transpose(1, 2)  # [B, L, Cout]
         if m.kernel_size == (1, 1) and m.stride == (1, 1) and rec.saved["pad"] == (0, 0):
             A = xp.flatten(2).transpose(1, 2)  # [B, L, Cin]
