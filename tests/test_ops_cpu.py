@@ -160,6 +160,11 @@ def test_affine_grad_sample(dtype):
         xhat, G = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
         out = both("affine_grad_sample", xhat, G)
         close(out, reference.affine_grad_sample(xhat.double(), G.double()), dtype, f"affine {shape}")
+        # LayerNorm's layout: [B, S, C] tensors seen as [B, C, S] (the channel-last path, no copies)
+        B, C, S = shape
+        xl, Gl = torch.randn(B, S, C).to(dtype).transpose(1, 2), torch.randn(B, S, C).to(dtype).transpose(1, 2)
+        out = both("affine_grad_sample", xl, Gl)
+        close(out, reference.affine_grad_sample(xl.double(), Gl.double()), dtype, f"affine channel-last {shape}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
