@@ -33,7 +33,7 @@ class Recorder:
         self.on_new_batch = None  # set by the optimizer: flushes a finished batch before a new one starts
 
     def new_record(self, layer: DPLayer, saved: dict, rows: int) -> Record:
-        if self.records and any(r.grad_out is not None for _, r in self.records) and self.on_new_batch:
+        if self.records and any(r.has_grad for _, r in self.records) and self.on_new_batch:
             self.on_new_batch()  # forward after backward without a step: gradient accumulation
         if layer.record is not None:
             self.discard()
@@ -76,6 +76,8 @@ class Clipper:
         self.backend = backend
         self.loss_reduction = loss_reduction
         self.keys = [(layer, name) for layer in layers for name in layer.trainable]
+        for layer in layers:
+            layer.backend = backend
         if clipping == "flat":
             if not isinstance(max_grad_norm, (int, float)):
                 raise ValueError("flat clipping takes one max_grad_norm")
@@ -100,7 +102,7 @@ class Clipper:
     def sums(self, records, rows: int, example_ids, scale: float, noise_std: float, noise: NoiseSource | None
              ) -> dict[nn.Parameter, torch.Tensor]:
         """Per parameter: scale * sum_b c_b g_b (+ N(0, noise_std^2) when noise is given) for the layers that ran."""
-        done = [(layer, rec) for layer, rec in records if rec.grad_out is not None]
+        done = [(layer, rec) for layer, rec in records if rec.has_grad]
         if not done:
             return {}
         grouping = Grouping(example_ids, rows)
@@ -113,6 +115,10 @@ class Clipper:
                                       noise or _NO_NOISE, self.backend)
             for name, g in sums.items():
                 out[getattr(layer.module, name)] = g
+            # this layer's (A, G) are spent: free them now, so the gradients being written replace them
+            rec.grad_out = None
+            rec.saved.clear()
+            rec.extra.clear()
         return out
 
     def clip_factors(self, sq: dict[DPLayer, dict[str, torch.Tensor]], s: float, scale: float

@@ -27,6 +27,7 @@ class Record:
     saved: dict[str, Any]
     rows: int
     grad_out: torch.Tensor | None = None
+    has_grad: bool = False  # the backward pass reached this call
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -42,8 +43,9 @@ class _Tap(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         rec = ctx.record
-        rec.grad_out = grad_out
+        rec.grad_out, rec.has_grad = grad_out, True
         grad_x = ctx.layer.input_grad(rec, grad_out) if ctx.needs_input_grad[1] else None
+        ctx.layer.on_grad(rec)
         return (None, grad_x) + (None,) * ctx.n_params
 
 
@@ -60,6 +62,7 @@ class DPLayer:
         self.trainable = [n for n in self.param_names if getattr(module, n, None) is not None
                           and getattr(module, n).requires_grad]
         self.record: Record | None = None
+        self.backend = "auto"  # set by the engine's Clipper
         self.check_module()
 
     # --- hooked forward ----------------------------------------------------------------
@@ -87,6 +90,10 @@ class DPLayer:
 
     def input_grad(self, rec: Record, grad_out: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def on_grad(self, rec: Record) -> None:
+        """Called once G is in (after the input gradient): layers with small per-sample gradients
+        reduce to them here and drop (A, G) early."""
 
     def sq_norms(self, rec: Record, grouping: Grouping, backend: str) -> dict[str, torch.Tensor]:
         """Squared per-example norm of each trainable parameter's gradient (unscaled), [n] each."""

@@ -31,7 +31,16 @@ class DPGroupNorm(DPLayer):
             [True, False, False],
         )[0]
 
+    def on_grad(self, rec: Record) -> None:
+        rec.extra["rows"] = self.row_grads(rec, self.backend)
+        rec.grad_out = None  # [rows, C] is all the norms and sums need: free G and the saved input now
+        rec.saved.clear()
+
     def grad_samples(self, rec: Record, grouping, backend: str) -> dict[str, torch.Tensor]:
+        return {k: grouping.sum_rows(v) for k, v in rec.extra["rows"].items()}
+
+    def row_grads(self, rec: Record, backend: str) -> dict[str, torch.Tensor]:
+        """Per-row gradients [rows, C] of the trainable affine parameters."""
         s, G = rec.saved, rec.grad_out
         x = s["x"]
         B, C, g = x.shape[0], x.shape[1], self.module.num_groups
@@ -43,7 +52,7 @@ class DPGroupNorm(DPLayer):
             out["weight"] = ops.affine_grad_sample(xhat, G3, backend=backend)
         if "bias" in self.trainable:
             out["bias"] = G3.sum(-1, dtype=torch.float64 if G.dtype == torch.float64 else torch.float32)
-        return {k: grouping.sum_rows(v) for k, v in out.items()}
+        return out
 
     def sq_norms(self, rec, grouping, backend):
         return rows_sq_norms(self.grad_samples(rec, grouping, backend), rec, backend)

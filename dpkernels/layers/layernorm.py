@@ -29,8 +29,17 @@ class DPLayerNorm(DPLayer):
             grad_out, s["x"], m.normalized_shape, s["mean"], s["rstd"], m.weight, m.bias, [True, False, False]
         )[0]
 
+    def on_grad(self, rec: Record) -> None:
+        rec.extra["rows"] = self.row_grads(rec, self.backend)
+        rec.grad_out = None  # [rows, C] is all the norms and sums need: free G and the saved input now
+        rec.saved.clear()
+
     def grad_samples(self, rec: Record, grouping, backend: str) -> dict[str, torch.Tensor]:
         """Per-example gradients [n, *normalized_shape] of the trainable affine parameters."""
+        return {k: grouping.sum_rows(v).reshape(-1, *self.module.normalized_shape) for k, v in rec.extra["rows"].items()}
+
+    def row_grads(self, rec: Record, backend: str) -> dict[str, torch.Tensor]:
+        """Per-row gradients [rows, N] of the trainable affine parameters."""
         s, G = rec.saved, rec.grad_out
         shape = self.module.normalized_shape
         B, N = G.shape[0], math.prod(shape)
@@ -42,7 +51,7 @@ class DPLayerNorm(DPLayer):
             out["weight"] = ops.affine_grad_sample(xhat.transpose(1, 2), G3.transpose(1, 2), backend=backend)
         if "bias" in self.trainable:
             out["bias"] = G3.sum(1, dtype=torch.float64 if G.dtype == torch.float64 else torch.float32)
-        return {k: grouping.sum_rows(v).reshape(-1, *shape) for k, v in out.items()}
+        return out
 
     def sq_norms(self, rec, grouping, backend):
         return rows_sq_norms(self.grad_samples(rec, grouping, backend), rec, backend)
