@@ -19,15 +19,13 @@ DEFAULT_RUNS = Path(os.environ.get("DPLDM_RUNS", "runs"))
 
 
 def set_threads() -> int:
-    """CPU threads for torch: DPLDM_THREADS, else the cores that are idle now (at least 1).
+    """CPU threads for torch: DPLDM_THREADS if set (e.g. 1 on a machine shared with other jobs), else torch's default.
 
-    On a shared machine, two OpenMP threads competing with other jobs can be 10x slower than one."""
+    Guessing idle cores from the load average picked one thread on an idle machine that had just been busy."""
     n = int(os.environ.get("DPLDM_THREADS", "0"))
-    if n <= 0:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        n = max(1, min(cores, int(cores - os.getloadavg()[0] + 0.5)))
-    torch.set_num_threads(n)
-    return n
+    if n > 0:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:

@@ -95,6 +95,15 @@ def digits28() -> DataSet:
     return DataSet(train, test, 10, "digits")
 
 
+def fontdigits(n: int = 10_000) -> DataSet:
+    """Digits rendered from fonts with hand-drawn-like distortions (dpldm/font_digits.py): 9k train / 1k test."""
+    from dpldm.font_digits import render
+
+    images, labels = render(n, seed=SPLIT_SEED)
+    train, test = _fixed_split(_check(images, labels, "dpldm.font_digits.render()"), n // 10)
+    return DataSet(train, test, 10, "fontdigits")
+
+
 def _read_idx(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as f:
         raw = f.read()
@@ -183,6 +192,8 @@ def load(name: str, channels: int = 1) -> DataSet:
         return mnist5k()
     if name == "digits":
         return digits28()
+    if name == "fontdigits":
+        return fontdigits()
     if name == "fmnist":
         return fashion_mnist()
     return user_data(name, channels)

@@ -102,8 +102,23 @@ def _norm(v: Any) -> Any:
     return [_norm(x) for x in v] if isinstance(v, (list, tuple)) else v
 
 
-def save_autoencoder(vae: AutoencoderKL, folder: Path) -> None:
-    atomic_dir(folder, lambda tmp: vae.save_pretrained(tmp, safe_serialization=True))
+def save_autoencoder(vae: AutoencoderKL, folder: Path, extra: dict[str, Any] | None = None) -> None:
+    """A diffusers AutoencoderKL folder plus dpldm.json (what it was trained on)."""
+
+    def write(tmp: Path) -> None:
+        vae.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "dpldm.json").write_text(json.dumps(extra or {}, indent=1))
+
+    atomic_dir(folder, write)
+
+
+def trained_on(folder: Path) -> str | None:
+    """The public data set an autoencoder or LDM folder of ours was pre-trained on (None if not recorded)."""
+    found = existing_dir(folder)
+    for name in ("ldm.json", "dpldm.json"):
+        if found is not None and (found / name).is_file():
+            return json.loads((found / name).read_text()).get("public")
+    return None
 
 
 def load_autoencoder(folder: Path, cfg: dict[str, Any]) -> AutoencoderKL:

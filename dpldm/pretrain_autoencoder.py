@@ -63,7 +63,7 @@ def run(cfg: dict[str, Any], out: Path, seed: int = 0, device: str = "cpu", step
     # scale latents to unit variance, as LDM does; stored in the diffusers config (scaling_factor)
     z = encode(vae, x.to(device))
     vae.register_to_config(scaling_factor=float(1.0 / z.std()))
-    save_autoencoder(vae.cpu(), out)
+    save_autoencoder(vae.cpu(), out, {"stage": "pretrain_autoencoder", "public": public.source})
     log.print(f"autoencoder saved to {out} (scaling_factor {vae.config.scaling_factor:.4f})", out=str(out))
     return out
 

@@ -38,7 +38,7 @@ from dpldm.checkpoint import load_train_state, read_meta, save_train_state
 from dpldm.common import add_config_args, config_from, images_tensor, public_dir, seed_all
 from dpldm.diffusion import diffusion_loss, encode, train_scheduler
 from dpldm.export import plain_copy
-from dpldm.models import CheckpointError, ClassEmbedder, load_autoencoder, load_ldm, save_ldm
+from dpldm.models import CheckpointError, ClassEmbedder, load_autoencoder, load_ldm, save_ldm, trained_on
 from dpldm.runlog import RunLog, progress
 from dpldm.trainable import select_trainable
 
@@ -112,6 +112,14 @@ def ensure_pretrained(args: argparse.Namespace, cfg: dict[str, Any], log: RunLog
     if not (ae_dir.exists() and ldm_dir.exists()) and not cfg["data"].get("public"):
         fail(f"no pre-trained model at {ldm_dir} and config {cfg['name']} names no public data to build one: pass "
              "--pretrained/--autoencoder folders, or public data with --set data.public=PATH")
+    # a cache pre-trained on other public data (e.g. before the preset changed) is refused, never reused or erased
+    public = cfg["data"].get("public")
+    for folder, given in ((ae_dir, args.autoencoder), (ldm_dir, args.pretrained)):
+        source = trained_on(folder) if given is None else None
+        if public and source is not None and source != str(Path(public)):
+            fail(f"the cached model {folder} was pre-trained on public data {source!r}, but config {cfg['name']} names "
+                 f"{cfg['data']['public']!r}: move {pub} away to pre-train again, or pass --autoencoder/--pretrained "
+                 "to use it anyway")
     if not ae_dir.exists():
         if args.autoencoder is not None:
             fail(f"--autoencoder {ae_dir}: no such folder")

@@ -99,3 +99,31 @@ def test_fmnist_from_debian_package() -> None:
     ds = data.fashion_mnist()
     assert ds.train.images.shape == (60000, 28, 28, 1) and ds.test.images.shape == (10000, 28, 28, 1)
     assert np.bincount(ds.test.labels).tolist() == [1000] * 10
+
+
+def test_font_digits_deterministic_centred_and_labelled() -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    from dpldm.font_digits import render
+
+    x, y = render(40, seed=5)
+    x2, _ = render(40, seed=5)
+    assert x.shape == (40, 28, 28) and x.dtype == np.uint8 and np.array_equal(x, x2)
+    assert not np.array_equal(x, render(40, seed=6)[0])
+    assert y.tolist() == list(range(10)) * 4
+    assert (x.reshape(40, -1).max(1) > 128).all()  # every digit has ink
+    ys, xs = np.indices((28, 28))
+    mass = x.astype(np.float64).sum((1, 2))
+    centre = np.stack([(x * ys).sum((1, 2)) / mass, (x * xs).sum((1, 2)) / mass], 1)
+    assert np.abs(centre - 14).max() < 3.5  # MNIST's layout: centred by mass (elastic moves it a little)
+    # the label is the digit drawn: a linear model trained on one rendering reads another
+    xa, ya = render(1000, seed=0)
+    xb, yb = render(300, seed=1)
+    clf = LogisticRegression(C=0.1, max_iter=300).fit(xa.reshape(1000, -1) / 255.0, ya)
+    assert clf.score(xb.reshape(300, -1) / 255.0, yb) > 0.7  # chance: 0.1
+
+
+def test_fontdigits_public_set() -> None:
+    ds = data.load("fontdigits")
+    assert (len(ds.train.labels), len(ds.test.labels)) == (9000, 1000) and ds.source == "fontdigits"
+    assert ds.train.images.shape[1:] == (28, 28, 1) and np.bincount(ds.train.labels).min() > 850

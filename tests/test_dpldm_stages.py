@@ -56,6 +56,18 @@ def test_mismatched_checkpoint_refused(tiny_runs: Path) -> None:
                     "--no-sample", "--max-steps", "1"])
 
 
+def test_cache_pretrained_on_other_public_data_refused(tiny_runs: Path, tiny_private: Path, tmp_path: Path) -> None:
+    pub = tiny_runs / "tiny" / "public"
+    before = sorted(p.name for p in pub.iterdir())
+    with pytest.raises(SystemExit, match=r"pre-trained on public data 'digits', but config tiny names 'fontdigits'"):
+        train.main(train_args(tiny_runs, tiny_private, tmp_path / "a", "--set", "data.public=fontdigits"))
+    assert sorted(p.name for p in pub.iterdir()) == before  # nothing erased
+    # named explicitly, the same folders are used as given
+    res = train.main(train_args(tiny_runs, tiny_private, tmp_path / "b", "--set", "data.public=fontdigits",
+                                "--autoencoder", str(pub / "autoencoder"), "--pretrained", str(pub / "ldm")))
+    assert res["steps"] == res["total_steps"]
+
+
 def test_atomic_dir_keeps_old_on_failure(tmp_path: Path) -> None:
     cfg = load_config("tiny")
     dest = tmp_path / "ldm"
