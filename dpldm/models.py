@@ -115,10 +115,8 @@ def save_autoencoder(vae: AutoencoderKL, folder: Path, extra: dict[str, Any] | N
 def trained_on(folder: Path) -> str | None:
     """The public data set an autoencoder or LDM folder of ours was pre-trained on (None if not recorded)."""
     found = existing_dir(folder)
-    for name in ("ldm.json", "dpldm.json"):
-        if found is not None and (found / name).is_file():
-            return json.loads((found / name).read_text()).get("public")
-    return None
+    metas = [] if found is None else [found / "ldm.json", found / "dpldm.json"]
+    return next((json.loads(m.read_text()).get("public") for m in metas if m.is_file()), None)
 
 
 def load_autoencoder(folder: Path, cfg: dict[str, Any]) -> AutoencoderKL:

@@ -118,7 +118,7 @@ def ensure_pretrained(args: argparse.Namespace, cfg: dict[str, Any], log: RunLog
         source = trained_on(folder) if given is None else None
         if public and source is not None and source != str(Path(public)):
             fail(f"the cached model {folder} was pre-trained on public data {source!r}, but config {cfg['name']} names "
-                 f"{cfg['data']['public']!r}: move {pub} away to pre-train again, or pass --autoencoder/--pretrained "
+                 f"{public!r}: move {pub} away to pre-train again, or pass --autoencoder/--pretrained "
                  "to use it anyway")
     if not ae_dir.exists():
         if args.autoencoder is not None:
