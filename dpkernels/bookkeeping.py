@@ -57,13 +57,19 @@ class Recorder:
 
     def take(self) -> tuple[list[tuple[DPLayer, Record]], int, torch.Tensor | None]:
         out = (self.records, self.rows or 0, self.example_ids)
-        for layer, _ in self.records:
+        for layer, rec in self.records:
             layer.record = None
+            rec.spent = True
         self.records, self.rows, self.example_ids = [], None, None
         return out
 
     def discard(self) -> None:
-        self.take()
+        """Drop the current batch's records (and their A, G): nothing of it reaches a step."""
+        records, _, _ = self.take()
+        for _, rec in records:
+            rec.grad_out = None
+            rec.saved.clear()
+            rec.extra.clear()
 
 
 class Clipper:
@@ -105,6 +111,8 @@ class Clipper:
         done = [(layer, rec) for layer, rec in records if rec.has_grad]
         if not done:
             return {}
+        for layer, rec in done:  # before anything is computed: a stale A would give a wrong clipped sum
+            rec.check_unmodified(layer.name)
         grouping = Grouping(example_ids, rows)
         s = float(grouping.n) if self.loss_reduction == "mean" else 1.0
         sq = {layer: layer.sq_norms(rec, grouping, self.backend) for layer, rec in done}

@@ -23,7 +23,14 @@ from dpkernels.bookkeeping import Clipper, Recorder
 from dpkernels.layers import RULES, DPLayer, rule_for
 from dpkernels.noise import NoiseSource
 from dpkernels.optimizer import DPOptimizer
-from dpkernels.privacy import create_accountant, get_noise_multiplier, iterate_chunks, poisson_loader, sample_rate_of
+from dpkernels.privacy import (
+    create_accountant,
+    get_noise_multiplier,
+    iterate_chunks,
+    poisson_loader,
+    sample_rate_of,
+    sampler_generator,
+)
 
 log = logging.getLogger("dpkernels")
 
@@ -51,6 +58,22 @@ class PrivacyEngine:
         loss_reduction: str = "mean",
         seed: int | None = None,
     ) -> tuple[nn.Module, DPOptimizer, DataLoader]:
+        """Make `module` private in place; return it, the DP optimizer and the Poisson loader.
+
+        Args:
+            module: the model. Every trainable parameter must belong to a supported layer (README); a
+                BatchNorm must be frozen and in eval mode.
+            optimizer: holds the trainable parameters (frozen ones may be held too; they must stay frozen).
+            data_loader: its batch size over its data set size is the sampling rate q.
+            noise_multiplier: sigma; the noise std on the summed gradient is sigma * C.
+            max_grad_norm: C, or one threshold per trainable parameter with clipping="per_layer".
+            poisson_sampling: replace the loader by Opacus' Poisson (uniform with replacement) loader.
+            clipping: "flat" (one norm over all parameters) or "per_layer".
+            backend: "auto", "cpu", "cuda", "triton" or "torch" (the plain-torch reference).
+            loss_reduction: "mean" (the update is divided by the expected batch size q N) or "sum".
+            seed: None (the default) draws the noise seed and the Poisson sampler's seed from the OS; an int
+                makes both reproducible, for tests only: whoever knows it can subtract the noise.
+        """
         if self.optimizer is not None:
             raise RuntimeError("this PrivacyEngine already made a model private; use a new engine per model")
         if backend not in ops.BACKENDS:
@@ -61,25 +84,32 @@ class PrivacyEngine:
             raise RuntimeError("this module was already made private by another PrivacyEngine")
         params = trainable_parameters(module)
         check_optimizer(optimizer, params)
+        norm_guards = batch_statistics_modules(module)
 
         sample_rate = sample_rate_of(data_loader)
         expected_batch_size = int(len(data_loader.dataset) * sample_rate)
+        self.noise = NoiseSource(seed, self.secure_mode)
+        self.sampler_generator = None
         if poisson_sampling:
-            data_loader = poisson_loader(data_loader, self.secure_mode)
+            self.sampler_generator = sampler_generator(seed)
+            data_loader = poisson_loader(data_loader, self.sampler_generator)
         else:
             log.warning("dpkernels: poisson_sampling=False: the accountant's guarantee assumes Poisson sampling")
 
         recorder = Recorder()
         layers = [rule_for(m)(name, m, recorder) for name, m in private_modules(module)]
         clipper = Clipper(layers, max_grad_norm, clipping, backend, loss_reduction)
-        self.noise = NoiseSource(seed, self.secure_mode)
+        names = {id(p): n for n, p in module.named_parameters()}
         self.optimizer = DPOptimizer(optimizer, params, recorder, clipper, self.noise, noise_multiplier,
-                                     expected_batch_size, backend)
+                                     expected_batch_size, backend, names)
         self.optimizer.step_hooks.append(
             lambda opt: self.accountant.step(noise_multiplier=opt.noise_multiplier, sample_rate=sample_rate))
         self.sample_rate = sample_rate
         for layer in layers:  # patch last: nothing is changed if a check above failed
             layer.module.forward = layer.forward
+        module.zero_grad = _discarding_zero_grad(module, self.optimizer)
+        for name, m in norm_guards:  # model.train() later must not bring batch statistics back
+            m.register_forward_pre_hook(_refuse_batch_statistics(name))
         module._dpkernels_engine = self
         self.layers = layers
         return module, self.optimizer, data_loader
@@ -96,7 +126,13 @@ class PrivacyEngine:
         max_grad_norm: float | list[float],
         **kwargs: Any,
     ) -> tuple[nn.Module, DPOptimizer, DataLoader]:
-        """Calibrate sigma with Opacus' get_noise_multiplier for `epochs` passes, then make_private."""
+        """Calibrate sigma with Opacus' get_noise_multiplier for `epochs` passes, then make_private.
+
+        Args:
+            target_epsilon, target_delta: the (epsilon, delta) to spend over `epochs` passes.
+            epochs: passes over the data set at the loader's sampling rate (steps = epochs / q).
+            module, optimizer, data_loader, max_grad_norm, **kwargs: as in make_private.
+        """
         if not target_epsilon > 0:
             raise ValueError(f"target_epsilon must be positive, got {target_epsilon}")
         if not 0 < target_delta < 1:
@@ -119,12 +155,20 @@ class PrivacyEngine:
         return self.accountant.get_epsilon(delta=delta)
 
     def state_dict(self) -> dict:
-        return {"accountant": self.accountant.state_dict(), "noise": self.noise.state_dict() if self.noise else {}}
+        """Accountant, and where the noise and Poisson streams stand. PRIVATE: whoever reads the stream
+        states can regenerate the noise; keep them with the checkpoint, never in logs or results.
+        Secure mode keeps no stream state (a resumed run draws fresh OS seeds)."""
+        state = {"accountant": self.accountant.state_dict(), "noise": self.noise.state_dict() if self.noise else {}}
+        if self.sampler_generator is not None and not self.secure_mode:
+            state["sampler"] = self.sampler_generator.get_state()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.accountant.load_state_dict(state["accountant"])
         if self.noise is not None:
             self.noise.load_state_dict(state.get("noise", {}))
+        if self.sampler_generator is not None and "sampler" in state:
+            self.sampler_generator.set_state(state["sampler"])
 
 
 def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
@@ -155,6 +199,53 @@ def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
 def private_modules(module: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in module.named_modules()
             if rule_for(m) is not None and any(p.requires_grad for p in m.parameters(recurse=False))]
+
+
+def batch_statistics_modules(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Norm layers that could read statistics of a batch of private data; refuse those doing it now.
+
+    A BatchNorm using batch statistics mixes the examples of a batch (one example's gradient depends on
+    the others, so clipping no longer bounds its influence), and any norm layer tracking running
+    statistics in train mode writes raw averages of private data into buffers released with the model.
+    Returns the modules to guard at every forward (model.train() may be called later).
+    """
+    guarded = []
+    for name, m in module.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if m.training or m.running_mean is None:
+                raise ValueError(
+                    f"module '{name}' ({type(m).__name__}) is in train mode (or has no running statistics): its batch "
+                    "statistics mix the examples of a batch, so clipping does not bound one example's influence, and "
+                    "its running statistics would be raw averages of private data released with the model. Freeze "
+                    "it and call .eval() on it before make_private, or replace it with GroupNorm/LayerNorm")
+            guarded.append((name, m))
+        elif isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats:
+            if m.training:
+                raise ValueError(
+                    f"module '{name}' ({type(m).__name__}) tracks running statistics in train mode: they would be raw "
+                    "averages of private data released with the model. Call .eval() on it before make_private, or "
+                    "build it with track_running_stats=False")
+            guarded.append((name, m))
+    return guarded
+
+
+def _discarding_zero_grad(module: nn.Module, optimizer: DPOptimizer):
+    """model.zero_grad() must drop a batch that ran backward, as optimizer.zero_grad() does."""
+    plain = module.zero_grad
+
+    def zero_grad(set_to_none: bool = True) -> None:
+        optimizer.discard_batch()
+        plain(set_to_none)
+    return zero_grad
+
+
+def _refuse_batch_statistics(name: str):
+    def hook(m: nn.Module, args: Any) -> None:
+        if m.training:
+            raise RuntimeError(
+                f"module '{name}' ({type(m).__name__}) of a private model ran in train mode: it would read statistics "
+                "of the private batch (see make_private). Call .eval() on it after model.train()")
+    return hook
 
 
 def check_optimizer(optimizer: Optimizer, params: list[nn.Parameter]) -> None:

@@ -22,7 +22,8 @@ from dpkernels.noise import NoiseSource
 
 class DPOptimizer(Optimizer):
     def __init__(self, optimizer: Optimizer, params: list[nn.Parameter], recorder: Recorder, clipper: Clipper,
-                 noise: NoiseSource, noise_multiplier: float, expected_batch_size: int, backend: str = "auto"):
+                 noise: NoiseSource, noise_multiplier: float, expected_batch_size: int, backend: str = "auto",
+                 names: dict[int, str] | None = None):
         # Deliberately no super().__init__: param_groups/state/defaults are the wrapped optimizer's.
         if expected_batch_size <= 0:
             raise ValueError(f"expected batch size must be positive, got {expected_batch_size}")
@@ -36,8 +37,12 @@ class DPOptimizer(Optimizer):
         self.noise_multiplier = float(noise_multiplier)
         self.expected_batch_size = int(expected_batch_size)
         self.backend = backend
+        self.names = names or {}  # id(parameter) -> its name in the module, for error messages
+        # the private gradient is divided by E for a mean-reduced loss, as Opacus does (not for a sum)
+        self.normaliser = self.expected_batch_size if clipper.loss_reduction == "mean" else 1
         self.step_hooks: list[Callable[[DPOptimizer], None]] = []
         self._skip_next = False
+        self._last_step_skipped = False
         self._acc: dict[nn.Parameter, torch.Tensor] = {}
         recorder.on_new_batch = self._accumulate
 
@@ -90,40 +95,82 @@ class DPOptimizer(Optimizer):
         self._skip_next = do_skip
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop everything of the current logical step, as Opacus does: the (A, G) of a batch that ran
+        backward without a step, and the clipped sums accumulated so far, unless the last step() only
+        accumulated (a physical chunk of a virtual batch)."""
+        self.discard_batch()
         self.original_optimizer.zero_grad(set_to_none)
+
+    def discard_batch(self) -> None:
+        """What zero_grad drops besides p.grad (also called by the private module's zero_grad)."""
+        self.recorder.discard()
+        if not self._last_step_skipped:
+            self._acc.clear()
+
+    def add_param_group(self, param_group: dict) -> None:
+        raise RuntimeError(
+            "add_param_group after make_private is refused: the new parameters would be updated with their plain, "
+            "non-private gradients. Put every trainable parameter in the optimizer before make_private (frozen "
+            "ones may be unfrozen only by making the model private again with a new PrivacyEngine)")
 
     def step(self, closure=None):
         if closure is not None:
             with torch.enable_grad():
                 closure()
+        self.check_parameters()
         if self._skip_next:
             self._skip_next = False
+            self._last_step_skipped = True
             self._accumulate()
             return None
+        self._last_step_skipped = False
         self.write_private_grads()
         for hook in self.step_hooks:
             hook(self)
         return self.original_optimizer.step()
 
+    def check_parameters(self) -> None:
+        """Refuse a step that would update a parameter with a gradient the engine did not write."""
+        ours = {id(p) for p in self.params}
+        for group in self.param_groups:
+            for p in group["params"]:
+                name = self.names.get(id(p), f"of shape {tuple(p.shape)} (not a parameter of the private module)")
+                if id(p) in ours:
+                    if not p.requires_grad:
+                        raise RuntimeError(
+                            f"parameter {name} was frozen after make_private; the engine would still write its noisy "
+                            "gradient. Make the model private again with a new PrivacyEngine to change what trains")
+                elif p.requires_grad:
+                    raise RuntimeError(
+                        f"parameter {name} is trainable but was not registered by make_private (unfrozen or added to "
+                        "the optimizer afterwards): it would be updated with its plain, non-private gradient. Freeze "
+                        "it, or make the model private again with a new PrivacyEngine. Nothing was changed")
+                elif p.grad is not None:
+                    raise RuntimeError(
+                        f"parameter {name} has a gradient that the engine did not write: the optimizer would apply "
+                        "it without privacy. Set its .grad to None. Nothing was changed")
+
     # --- the private gradient ---------------------------------------------------------------
+    @torch.no_grad()
     def _accumulate(self) -> None:
         """Clipped sums of the finished physical batch into the accumulator (no noise yet)."""
         records, rows, ids = self.recorder.take()
         try:
-            sums = self.clipper.sums(records, rows, ids, 1.0 / self.expected_batch_size, 0.0, None)
+            sums = self.clipper.sums(records, rows, ids, 1.0 / self.normaliser, 0.0, None)
         except Exception:
             self._acc.clear()
             raise
         for p, g in sums.items():
             self._acc[p] = self._acc[p] + g if p in self._acc else g
 
+    @torch.no_grad()  # the private gradient carries no graph, and keeps no activation alive
     def write_private_grads(self) -> None:
-        """p.grad = (sum_b c_b g_b + N(0, sigma^2 C^2)) / E for every private parameter."""
+        """p.grad = (sum_b c_b g_b + N(0, sigma^2 C^2)) / E for every private parameter (no / E for a sum loss)."""
         self.noise.new_step()
-        std = self.noise_multiplier * self.clipper.total_norm / self.expected_batch_size
+        std = self.noise_multiplier * self.clipper.total_norm / self.normaliser
         records, rows, ids = self.recorder.take()
         try:
-            sums = self.clipper.sums(records, rows, ids, 1.0 / self.expected_batch_size, std, self.noise)
+            sums = self.clipper.sums(records, rows, ids, 1.0 / self.normaliser, std, self.noise)
         except Exception:
             self._acc.clear()
             raise

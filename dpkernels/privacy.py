@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -12,7 +13,8 @@ from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader
 
-__all__ = ["create_accountant", "get_noise_multiplier", "poisson_loader", "sample_rate_of", "split_batch"]
+__all__ = ["create_accountant", "get_noise_multiplier", "poisson_loader", "sample_rate_of", "sampler_generator",
+           "split_batch"]
 
 
 def sample_rate_of(data_loader: DataLoader) -> float:
@@ -23,16 +25,21 @@ def sample_rate_of(data_loader: DataLoader) -> float:
     return 1.0 / n
 
 
-def poisson_loader(data_loader: DataLoader, secure_mode: bool) -> DPDataLoader:
-    """Opacus' uniform-with-replacement (Poisson) sampler over the same dataset.
+def sampler_generator(seed: int | None) -> torch.Generator:
+    """The Poisson sampler's own generator: seeded from the OS unless a (test) seed is given.
 
-    Secure mode seeds the sampler's generator from the OS (torch's generator itself
-    is not a CSPRNG; Opacus uses torchcsprng for that, which has no build for current torch).
+    Never torch's global generator, nor the loader's: those are seeded from public values. torch's
+    generator is not a CSPRNG (Opacus uses torchcsprng for that, which has no build for current torch).
     """
-    generator = None
-    if secure_mode:
-        generator = torch.Generator()
-        generator.manual_seed(secrets.randbits(63))
+    if seed is None:
+        start = secrets.randbits(63)
+    else:  # a different stream from the noise's, derived from the same test seed
+        start = int.from_bytes(hashlib.sha256(f"dpkernels-poisson-{int(seed)}".encode()).digest()[:8], "little") >> 1
+    return torch.Generator().manual_seed(start)
+
+
+def poisson_loader(data_loader: DataLoader, generator: torch.Generator) -> DPDataLoader:
+    """Opacus' uniform-with-replacement (Poisson) sampler over the same dataset, drawing from `generator`."""
     return DPDataLoader.from_data_loader(data_loader, generator=generator)
 
 

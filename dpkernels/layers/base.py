@@ -22,30 +22,55 @@ if TYPE_CHECKING:
 
 @dataclass
 class Record:
-    """What one call of a layer left for the engine: saved inputs, then G."""
+    """What one call of a layer left for the engine: saved inputs (detached), then G."""
 
     saved: dict[str, Any]
     rows: int
     grad_out: torch.Tensor | None = None
     has_grad: bool = False  # the backward pass reached this call
+    spent: bool = False  # its clipped sum was taken: a later backward through this call has nowhere to go
     extra: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, int] = field(default_factory=dict)  # version counters of `saved` at forward
+
+    def check_unmodified(self, layer_name: str) -> None:
+        """Raise as autograd does if a saved input was modified in place after the forward pass."""
+        for key, version in self.versions.items():
+            t = self.saved.get(key)
+            if isinstance(t, torch.Tensor) and t._version != version:
+                raise RuntimeError(
+                    f"one of the variables needed for gradient computation has been modified by an inplace "
+                    f"operation: the input of module '{layer_name}' is at version {t._version}, expected version "
+                    f"{version}. Its per-sample gradient would be wrong: do not modify a layer's input in place "
+                    "before optimizer.step()")
 
 
 class _Tap(torch.autograd.Function):
     @staticmethod
     def forward(ctx, layer: DPLayer, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         out, saved = layer.compute(x, params)
+        keys = [k for k, v in saved.items() if isinstance(v, torch.Tensor)]
+        # through autograd too: freed after backward unless retain_graph, checked for in-place changes
+        ctx.save_for_backward(*(saved[k] for k in keys))
+        ctx.keys, ctx.plain = keys, {k: v for k, v in saved.items() if k not in keys}
+        detached = {k: (v.detach() if k in keys else v) for k, v in saved.items()}
         ctx.layer = layer
-        ctx.record = layer.engine_record(saved, x.shape[0] if x.dim() else 0)
+        ctx.record = layer.engine_record(detached, x.shape[0] if x.dim() else 0)
+        ctx.record.versions = {k: saved[k]._version for k in keys}
         ctx.n_params = len(params)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        rec = ctx.record
-        rec.grad_out, rec.has_grad = grad_out, True
-        grad_x = ctx.layer.input_grad(rec, grad_out) if ctx.needs_input_grad[1] else None
-        ctx.layer.on_grad(rec)
+        saved = dict(zip(ctx.keys, ctx.saved_tensors), **ctx.plain)
+        rec, layer = ctx.record, ctx.layer
+        if rec.spent:
+            raise RuntimeError(
+                f"backward through module '{layer.name}' after optimizer.step() already used this forward pass: "
+                "its gradient would be lost. Run a new forward pass for each step")
+        grad_out = grad_out.detach()
+        grad_x = layer.input_grad(saved, grad_out) if ctx.needs_input_grad[1] else None
+        layer.on_grad(rec, saved, grad_out)
+        rec.has_grad = True
         return (None, grad_x) + (None,) * ctx.n_params
 
 
@@ -88,12 +113,14 @@ class DPLayer:
         """The module's forward; returns the output and what the norms need later."""
         raise NotImplementedError
 
-    def input_grad(self, rec: Record, grad_out: torch.Tensor) -> torch.Tensor:
+    def input_grad(self, saved: dict[str, Any], grad_out: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def on_grad(self, rec: Record) -> None:
-        """Called once G is in (after the input gradient): layers with small per-sample gradients
-        reduce to them here and drop (A, G) early."""
+    def on_grad(self, rec: Record, saved: dict[str, Any], grad_out: torch.Tensor) -> None:
+        """Called with each output gradient (after the input gradient). Two backward passes through one
+        forward add their G: the per-sample gradient is of the sum. Layers with small per-sample gradients
+        override this to reduce to them here and drop (A, G) early."""
+        rec.grad_out = grad_out if rec.grad_out is None else rec.grad_out + grad_out
 
     def sq_norms(self, rec: Record, grouping: Grouping, backend: str) -> dict[str, torch.Tensor]:
         """Squared per-example norm of each trainable parameter's gradient (unscaled), [n] each."""

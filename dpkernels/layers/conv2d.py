@@ -51,12 +51,12 @@ class DPConv2d(DPLayer):
         out = F.conv2d(xp, weight, bias, m.stride, pad, m.dilation, m.groups)
         return out, {"A": xp, "pad": pad}
 
-    def input_grad(self, rec: Record, grad_out: torch.Tensor) -> torch.Tensor:
+    def input_grad(self, saved: dict, grad_out: torch.Tensor) -> torch.Tensor:
         m = self.module
-        xp = rec.saved["A"]
+        xp = saved["A"]
         w = m.weight.to(grad_out.dtype)
         gx = torch.ops.aten.convolution_backward(
-            grad_out, xp, w, None, list(m.stride), list(rec.saved["pad"]), list(m.dilation), False, [0, 0],
+            grad_out, xp, w, None, list(m.stride), list(saved["pad"]), list(m.dilation), False, [0, 0],
             m.groups, [True, False, False],
         )[0]
         return gx if m.padding_mode == "zeros" else _pad_adjoint(gx, m)

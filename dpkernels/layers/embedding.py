@@ -25,7 +25,7 @@ class DPEmbedding(DPLayer):
         m = self.module
         return F.embedding(ids, params[0], m.padding_idx), {"ids": ids}
 
-    def input_grad(self, rec: Record, grad_out: torch.Tensor) -> torch.Tensor:
+    def input_grad(self, saved: dict, grad_out: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("an embedding's input has no gradient")
 
     def tokens(self, rec: Record, grouping) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from dpkernels import ops
 from dpkernels.layers.base import DPLayer, Record
-from dpkernels.layers.rows import rows_clipped_sums, rows_sq_norms
+from dpkernels.layers.rows import add_rows, rows_clipped_sums, rows_sq_norms
 
 
 class DPGroupNorm(DPLayer):
@@ -23,25 +25,25 @@ class DPGroupNorm(DPLayer):
         out, mean, rstd = torch.native_group_norm(x, weight, bias, B, C, hw, m.num_groups, m.eps)
         return out, {"x": x, "mean": mean, "rstd": rstd, "hw": hw}
 
-    def input_grad(self, rec: Record, grad_out: torch.Tensor) -> torch.Tensor:
-        m, s = self.module, rec.saved
+    def input_grad(self, saved: dict[str, Any], grad_out: torch.Tensor) -> torch.Tensor:
+        m, s = self.module, saved
         x = s["x"]
         return torch.ops.aten.native_group_norm_backward(
             grad_out.contiguous(), x, s["mean"], s["rstd"], m.weight, x.shape[0], x.shape[1], s["hw"], m.num_groups,
             [True, False, False],
         )[0]
 
-    def on_grad(self, rec: Record) -> None:
-        rec.extra["rows"] = self.row_grads(rec, self.backend)
-        rec.grad_out = None  # [rows, C] is all the norms and sums need: free G and the saved input now
+    def on_grad(self, rec: Record, saved: dict[str, Any], grad_out: torch.Tensor) -> None:
+        # [rows, C] is all the norms and sums need: G is not kept and the saved input is dropped now.
+        # A second backward (retain_graph) adds its rows: the per-sample gradient is of the summed loss.
+        rec.extra["rows"] = add_rows(rec.extra.get("rows"), self.row_grads(saved, grad_out, self.backend))
         rec.saved.clear()
 
     def grad_samples(self, rec: Record, grouping, backend: str) -> dict[str, torch.Tensor]:
         return {k: grouping.sum_rows(v) for k, v in rec.extra["rows"].items()}
 
-    def row_grads(self, rec: Record, backend: str) -> dict[str, torch.Tensor]:
+    def row_grads(self, s: dict[str, Any], G: torch.Tensor, backend: str) -> dict[str, torch.Tensor]:
         """Per-row gradients [rows, C] of the trainable affine parameters."""
-        s, G = rec.saved, rec.grad_out
         x = s["x"]
         B, C, g = x.shape[0], x.shape[1], self.module.num_groups
         G3 = G.flatten(2)

@@ -46,7 +46,7 @@ class DPLinear(DPLayer):
     def compute(self, x, params):
         return F.linear(x, *params), {"A": x}
 
-    def input_grad(self, rec: Record, grad_out: torch.Tensor) -> torch.Tensor:
+    def input_grad(self, saved: dict, grad_out: torch.Tensor) -> torch.Tensor:
         return grad_out.matmul(self.module.weight.to(grad_out.dtype))
 
     def tokens(self, rec: Record, grouping) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,11 @@ from dpkernels.layers.base import Record
 from dpkernels.noise import NoiseSource
 
 
+def add_rows(old: dict[str, torch.Tensor] | None, new: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-row gradients of two backward passes through one forward add (the gradient is linear in G)."""
+    return new if old is None else {k: old[k] + v for k, v in new.items()}
+
+
 def rows_sq_norms(grad_samples: dict[str, torch.Tensor], rec: Record, backend: str) -> dict[str, torch.Tensor]:
     """Keep the per-example gradients on the record for the clipped sum; return their squared norms."""
     rec.extra["grad_samples"] = grad_samples
