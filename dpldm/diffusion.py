@@ -15,14 +15,26 @@ def train_scheduler(cfg: dict[str, Any]) -> DDPMScheduler:
     return DDPMScheduler(**cfg["scheduler"])
 
 
+def draw_device(device: torch.device, generator: torch.Generator | None) -> torch.device:
+    """Where to draw: a generator only draws on its own device (a CPU generator with a CUDA model is common)."""
+    return generator.device if generator is not None else device
+
+
+def randn(shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(shape, generator=generator, device=draw_device(device, generator)).to(device)
+
+
 def diffusion_loss(model: ConditionalUNet, sched: DDPMScheduler, z0: torch.Tensor, labels: torch.Tensor,
                    label_dropout: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Mean-reduced epsilon-MSE; labels dropped to the null class with prob `label_dropout` (for CFG)."""
-    b = z0.shape[0]
-    t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=generator)
-    noise = torch.randn(z0.shape, generator=generator)
+    """Mean-reduced epsilon-MSE; labels dropped to the null class with prob `label_dropout` (for CFG).
+
+    Timesteps, noise and dropout are drawn for z0's device (the model's), never mixed with the CPU."""
+    b, device = z0.shape[0], z0.device
+    at = draw_device(device, generator)
+    t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=generator, device=at).to(device)
+    noise = randn(tuple(z0.shape), device, generator)
     if label_dropout > 0:
-        drop = torch.rand(b, generator=generator) < label_dropout
+        drop = (torch.rand(b, generator=generator, device=at) < label_dropout).to(labels.device)
         labels = torch.where(drop, torch.full_like(labels, model.class_embedder.null_class), labels)
     zt = sched.add_noise(z0, noise, t)
     return F.mse_loss(model(zt, t, labels), noise)
@@ -50,10 +62,12 @@ def ddim_sample(model: ConditionalUNet, cfg: dict[str, Any], labels: torch.Tenso
     sched = DDIMScheduler(**cfg["scheduler"], clip_sample=False, set_alpha_to_one=False)
     sched.set_timesteps(steps)
     u = cfg["unet"]
-    z = torch.randn((len(labels), u["in_channels"], u["sample_size"], u["sample_size"]), generator=generator)
+    device = next(model.parameters()).device  # the starting latents live where the model runs
+    z = randn((len(labels), u["in_channels"], u["sample_size"], u["sample_size"]), device, generator)
+    labels = labels.to(device)
     null = torch.full_like(labels, model.class_embedder.null_class)
     for t in sched.timesteps:
-        tt = t.expand(len(labels))
+        tt = t.expand(len(labels)).to(device)  # the schedule stays on the CPU; the UNet wants its own device
         if guidance_scale == 1.0:
             eps = model(z, tt, labels)
         else:

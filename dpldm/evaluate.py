@@ -2,6 +2,9 @@
 
 - CNN, MLP and logistic regression trained on the synthetic set; model selection on a held-out slice of the
   SYNTHETIC data; accuracy on the REAL test set (used once, by the selected model).
+- The real test set is the private data's held-out split, never trained on or released. The numbers computed on
+  it (accuracies, distances, its size) are the utility measurement: they describe the test examples and are not
+  covered by the DP guarantee, which is about the training split (as in DP papers reporting test accuracy).
 - Frechet distance between synthetic and real test images in the feature space of a CNN trained on real
   PUBLIC data (never on private data).
 - Inception FID only with --inception-weights: a local TorchScript Inception (e.g. NVIDIA's
@@ -25,7 +28,7 @@ from scipy import linalg
 
 from dpldm import data as data_mod
 from dpldm.classifiers import accuracy, sklearn_models, to_input, train_cnn
-from dpldm.common import add_config_args, config_from, seed_all
+from dpldm.common import add_config_args, config_from, load_private, load_public, private_classes, seed_all
 from dpldm.runlog import RunLog
 
 
@@ -131,11 +134,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     cfg = config_from(args)
     try:
-        synthetic = data_mod.from_npz(args.synthetic)
+        synthetic = data_mod.from_npz(args.synthetic, private_classes(cfg))
         if not (args.data or cfg["data"].get("private")):
             raise data_mod.DataError(f"config {cfg['name']} names no real data set: pass --data PATH")
-        real = data_mod.load(args.data or cfg["data"]["private"], cfg["data"]["channels"])
-        public = data_mod.load(cfg["data"]["public"], cfg["data"]["channels"]) if cfg["data"].get("public") else None
+        real = load_private(args.data or cfg["data"]["private"], cfg)
+        public = load_public(cfg) if cfg["data"].get("public") else None
     except data_mod.DataError as e:
         raise SystemExit(f"error: {e}") from None
     run(cfg, synthetic, real, public, args.out or args.synthetic.parent, args.cnn_epochs, args.inception_weights,

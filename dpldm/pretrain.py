@@ -14,8 +14,16 @@ from typing import Any
 
 import torch
 
-from dpldm import data as data_mod
-from dpldm.common import add_config_args, config_from, cycle_batches, images_tensor, public_dir, seed_all, warmup_cosine
+from dpldm.common import (
+    add_config_args,
+    config_from,
+    cycle_batches,
+    images_tensor,
+    load_public,
+    public_dir,
+    seed_all,
+    warmup_cosine,
+)
 from dpldm.diffusion import diffusion_loss, encode, train_scheduler
 from dpldm.models import build_unet, load_autoencoder, save_ldm
 from dpldm.runlog import RunLog, progress
@@ -39,12 +47,9 @@ def run(cfg: dict[str, Any], ae_dir: Path, out: Path, seed: int = 0, device: str
     gen = seed_all(seed)
     log = RunLog(out.parent / "logs" / "ldm", "pretrain")
     vae = load_autoencoder(ae_dir, cfg).to(device)
-    public = data_mod.load(cfg["data"]["public"], cfg["data"]["channels"])
+    public = load_public(cfg)
     z = (encode(vae, images_tensor(public.train, cfg).to(device)) * vae.config.scaling_factor).cpu()
     y = torch.from_numpy(public.train.labels)
-    if int(y.max()) >= cfg["data"]["num_classes"]:
-        raise ValueError(f"public data {public.source} has label {int(y.max())} >= num_classes "
-                         f"{cfg['data']['num_classes']} of the config")
     model = build_unet(cfg).to(device)
     sched = train_scheduler(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=hp["lr"])

@@ -12,8 +12,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dpldm import data as data_mod
-from dpldm.common import add_config_args, config_from, cycle_batches, images_tensor, public_dir, seed_all, warmup_cosine
+from dpldm.common import (
+    add_config_args,
+    config_from,
+    cycle_batches,
+    images_tensor,
+    load_public,
+    public_dir,
+    seed_all,
+    warmup_cosine,
+)
 from dpldm.diffusion import encode
 from dpldm.models import build_autoencoder, save_autoencoder
 from dpldm.runlog import RunLog, progress
@@ -35,7 +43,7 @@ def run(cfg: dict[str, Any], out: Path, seed: int = 0, device: str = "cpu", step
     steps, batch_size = steps or hp["steps"], batch_size or hp["batch_size"]
     gen = seed_all(seed)
     log = RunLog(out.parent / "logs" / "autoencoder", "pretrain_autoencoder")
-    public = data_mod.load(cfg["data"]["public"], cfg["data"]["channels"])
+    public = load_public(cfg)
     x = images_tensor(public.train, cfg)
     vae = build_autoencoder(cfg).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=hp["lr"])

@@ -8,6 +8,10 @@ Every private step goes through dpkernels.PrivacyEngine (Poisson sampling, per-e
 noise, PRV accountant). With --noise-multiplicity k each image is used with k diffusion noises; its k rows
 share one example id, so the k losses are averaged BEFORE clipping: the sensitivity stays C.
 
+The DP noise and the Poisson sampling are seeded from the OS by default: their seeds are never logged or written
+anywhere but the private checkpoint (deleted when training finishes). --seed controls everything else: model
+init, diffusion timesteps/noise, sampling, evaluation. --deterministic-noise seeds them from --seed (tests only).
+
     python -m dpldm.train                                   # embedded default
     python -m dpldm.train --preset fmnist --target-epsilon 1
     python -m dpldm.train --data my_images/ --trainable lora --lora-rank 8
@@ -22,6 +26,7 @@ import math
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +39,8 @@ from dpldm import evaluate as evaluate_stage
 from dpldm import pretrain as pretrain_stage
 from dpldm import pretrain_autoencoder as ae_stage
 from dpldm import sample as sample_stage
-from dpldm.checkpoint import load_train_state, read_meta, save_train_state
-from dpldm.common import add_config_args, config_from, images_tensor, public_dir, seed_all
+from dpldm.checkpoint import discard_train_state, load_train_state, read_meta, save_train_state
+from dpldm.common import add_config_args, config_from, images_tensor, load_private, load_public, public_dir, seed_all
 from dpldm.diffusion import diffusion_loss, encode, train_scheduler
 from dpldm.export import plain_copy
 from dpldm.models import CheckpointError, ClassEmbedder, load_autoencoder, load_ldm, save_ldm, trained_on
@@ -44,7 +49,13 @@ from dpldm.trainable import select_trainable
 
 # Arguments that define the private computation: a resumed run must use the same ones.
 RESUME_KEYS = ("data", "target_epsilon", "delta", "epochs", "batch_size", "max_grad_norm", "noise_multiplicity",
-               "trainable", "ablation", "lora_rank", "accountant", "lr", "config", "set")
+               "trainable", "ablation", "lora_rank", "accountant", "lr", "config", "set", "secure_mode",
+               "deterministic_noise")
+
+DETERMINISTIC_NOISE_WARNING = (
+    "--deterministic-noise: the DP noise and the Poisson sampling are seeded from --seed. Anyone who knows the "
+    "seed can regenerate the noise and subtract it, and reruns with the same seed share it: this run has NO "
+    "privacy guarantee. Use it for tests only.")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -70,7 +81,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--accountant", default="prv", choices=("prv", "rdp", "gdp"))
     p.add_argument("--backend", default="auto", help="dpkernels backend: auto, cpu, cuda, triton, torch")
-    p.add_argument("--secure-mode", action="store_true", help="noise seeds and Poisson sampling seeded from the OS")
+    p.add_argument("--secure-mode", action="store_true",
+                   help="a fresh OS seed for the noise at every step; nothing of it is kept for --resume")
+    p.add_argument("--deterministic-noise", action="store_true",
+                   help="seed the DP noise and the Poisson sampling from --seed (default: from the OS). Reproducible "
+                        "but NOT private: whoever knows the seed can subtract the noise. For tests only")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--fresh", action="store_true", help="discard an unfinished checkpoint in --out and start over")
     p.add_argument("--checkpoint-every", type=int, default=20, help="logical steps between checkpoints")
@@ -97,6 +112,21 @@ def fill_defaults(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
 
 def fail(msg: str) -> None:
     raise SystemExit(f"error: {msg}")
+
+
+def noise_seeding(args: argparse.Namespace) -> str:
+    """How the private streams are seeded, for logs and results (never the seed itself)."""
+    if args.deterministic_noise:
+        return "deterministic (--seed, not private)"
+    return "os, fresh every step (secure mode)" if args.secure_mode else "os"
+
+
+def engine_seed(args: argparse.Namespace) -> int | None:
+    """The seed make_private gets for the noise and the Poisson sampler: None = drawn from the OS by the engine."""
+    if not args.deterministic_noise:
+        return None
+    warnings.warn(DETERMINISTIC_NOISE_WARNING, UserWarning, stacklevel=2)
+    return args.seed
 
 
 def accounted_steps(engine: Any) -> int:
@@ -139,6 +169,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except ValueError as e:
         fail(str(e))
     fill_defaults(args, cfg)
+    if args.secure_mode and args.deterministic_noise:
+        fail("--secure-mode and --deterministic-noise contradict each other: pass one of them")
     out: Path = args.out
     ckpt = out / "checkpoint"
 
@@ -146,10 +178,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not (args.data or cfg["data"].get("private")):
         fail(f"config {cfg['name']} names no private data set: pass --data PATH (.npz or folder of class folders)")
     try:
-        private = data_mod.load(args.data or cfg["data"]["private"], cfg["data"]["channels"])
+        private = load_private(args.data or cfg["data"]["private"], cfg)
     except data_mod.DataError as e:
         fail(str(e))
-    n = len(private.train.labels)
+    n = len(private.train.labels)  # the one thing read off the private data: N (sampling rate, default delta)
     if args.delta is None:
         args.delta = default_delta(n)
     if args.batch_size > n:
@@ -194,13 +226,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model, _ = load_ldm(ldm_dir, cfg)
     except CheckpointError as e:
         fail(str(e))
+    seed_all(args.seed)  # before any initialisation: --seed controls everything but the private streams
     if private.num_classes != model.class_embedder.num_classes:
-        # new label set: a fresh class embedder (trained privately in attention/all modes)
+        # a configured label set other than the public one (data.private_num_classes): a fresh class embedder
+        # (trained privately in attention/all modes)
         model.class_embedder = ClassEmbedder(private.num_classes, cfg["unet"]["cross_attention_dim"])
-        log.print(f"private data has {private.num_classes} classes: new class embedder")
+        log.print(f"the config gives the private data {private.num_classes} classes: new class embedder")
 
     # --- private latents: the frozen public autoencoder is a fixed per-example map --------------------------------
-    seed_all(args.seed)
     z = (encode(vae, images_tensor(private.train, cfg)) * vae.config.scaling_factor).contiguous()
     y = torch.from_numpy(private.train.labels)
     try:
@@ -214,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         model, opt, loader = engine.make_private(
             module=model, optimizer=opt, data_loader=loader, noise_multiplier=sigma, max_grad_norm=args.max_grad_norm,
-            poisson_sampling=True, backend=args.backend, seed=None if args.secure_mode else args.seed)
+            poisson_sampling=True, backend=args.backend, seed=engine_seed(args))
     except ValueError as e:  # unknown backend, non-positive clipping norm, unsupported trainable module
         fail(str(e))
     total_steps = args.epochs * len(loader)
@@ -226,6 +259,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"C {opt.max_grad_norm}, k {args.noise_multiplicity}", sigma=opt.noise_multiplier,
               sample_rate=engine.sample_rate, total_steps=total_steps, delta=args.delta,
               max_grad_norm=opt.max_grad_norm, expected_batch_size=opt.expected_batch_size)
+    log.print(f"DP noise and Poisson sampling seeded: {noise_seeding(args)}", noise_seeding=noise_seeding(args))
+    if args.deterministic_noise:
+        log.print("WARNING " + DETERMINISTIC_NOISE_WARNING)
     step = 0
     if resuming:
         try:
@@ -262,8 +298,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 log.log(step=step, loss=float(np.mean(losses)))
                 bar.set_postfix(loss=f"{np.mean(losses):.4f}")
                 losses = []
-            if step % args.checkpoint_every == 0 or step >= stop_at:
-                save_train_state(ckpt, model, opt, engine, step, {**meta, "finished": step >= total_steps})
+            if step < total_steps and (step % args.checkpoint_every == 0 or step >= stop_at):
+                save_train_state(ckpt, model, opt, engine, step, meta)
             if step >= stop_at:
                 break
     bar.close()
@@ -271,7 +307,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log.print(f"epsilon spent: {epsilon:.4f} (delta {args.delta:g}, {step}/{total_steps} steps, accountant "
               f"{args.accountant})", epsilon=epsilon, steps=step)
     result: dict[str, Any] = {"epsilon": epsilon, "delta": args.delta, "sigma": opt.noise_multiplier, "steps": step,
-                              "total_steps": total_steps, "trainable_params": n_trainable, "run": str(out)}
+                              "total_steps": total_steps, "trainable_params": n_trainable,
+                              "noise_seeding": noise_seeding(args), "run": str(out)}
     if step < total_steps:
         log.print(f"stopped at step {step} of {total_steps} (--max-steps): continue with --resume --out {out}")
         return result
@@ -279,13 +316,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plain = plain_copy(model, cfg)
     save_ldm(plain, out / "ldm", {"stage": "train", "epsilon": epsilon, "delta": args.delta,
                                   "autoencoder": str(ae_dir), "pretrained": str(ldm_dir)})
+    discard_train_state(ckpt)  # only for resuming: a finished run keeps no noise seeds
     log.print(f"fine-tuned LDM saved to {out / 'ldm'}")
     if not args.no_sample:
         npz, grid = sample_stage.run(cfg, plain, vae, out, args.per_class, seed=args.seed, device=args.device)
         result.update(samples=str(npz), grid=str(grid))
         if not args.no_eval:
-            public = data_mod.load(cfg["data"]["public"], cfg["data"]["channels"]) if cfg["data"].get("public") else None
-            ev = evaluate_stage.run(cfg, data_mod.from_npz(npz), private, public, out, seed=args.seed)
+            public = load_public(cfg) if cfg["data"].get("public") else None
+            synthetic = data_mod.from_npz(npz, plain.class_embedder.num_classes)
+            ev = evaluate_stage.run(cfg, synthetic, private, public, out, seed=args.seed)
             result.update(ev)
     result["wall_s"] = time.time() - t_start
     (out / "result.json").write_text(json.dumps(result, indent=1))

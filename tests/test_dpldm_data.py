@@ -32,25 +32,92 @@ def test_to_model_tensor_roundtrip() -> None:
     assert np.array_equal(data.from_model_tensor(x, 28), imgs)
 
 
-def test_npz_layouts(tmp_path: Path) -> None:
+def user_npz(tmp_path: Path, images: np.ndarray, labels: np.ndarray, num_classes: int = 10) -> data.DataSet:
     p = tmp_path / "d.npz"
-    np.savez(p, images=np.random.rand(10, 1, 28, 28).astype(np.float32), labels=np.arange(10) % 3)
-    ds = data.user_data(p, channels=1)
-    assert ds.num_classes == 3 and len(ds.train.labels) + len(ds.test.labels) == 10
+    np.savez(p, images=images, labels=labels)
+    return data.user_data(p, channels=1, num_classes=num_classes, image_size=28)
+
+
+def test_npz_layouts(tmp_path: Path) -> None:
+    ds = user_npz(tmp_path, np.random.rand(10, 1, 28, 28).astype(np.float32), np.arange(10) % 3)
+    assert len(ds.train.labels) + len(ds.test.labels) == 10
     assert ds.train.images.shape[1:] == (28, 28, 1) and ds.train.images.dtype == np.uint8
 
 
-def test_folder_of_class_folders(tmp_path: Path) -> None:
+# --- nothing about the private data is read outside the DP step: label set, pixel scale, image size (issue 8) ---
+
+def test_num_classes_from_config_not_largest_label(tmp_path: Path) -> None:
+    ds = user_npz(tmp_path, np.zeros((10, 28, 28), np.uint8), np.arange(10) % 3, num_classes=5)
+    assert ds.num_classes == 5  # labels only reach 2: the count is the configured one
+
+
+def test_label_outside_configured_classes_refused(tmp_path: Path) -> None:
+    with pytest.raises(data.DataError, match=r"labels must be in \[0, 3\)"):
+        user_npz(tmp_path, np.zeros((10, 28, 28), np.uint8), np.arange(10) % 4, num_classes=3)
+
+
+def test_user_data_needs_config(tmp_path: Path) -> None:
+    p = tmp_path / "d.npz"
+    np.savez(p, images=np.zeros((4, 28, 28), np.uint8), labels=np.zeros(4, int))
+    with pytest.raises(data.DataError, match="needs num_classes and image_size from the config"):
+        data.load(str(p), channels=1)
+    with pytest.raises(data.DataError, match="mnist5k has 10 classes, but the config says 7"):
+        data.load("mnist5k", num_classes=7)
+
+
+def test_pixel_scale_does_not_depend_on_other_records(tmp_path: Path) -> None:
+    """Float images are fractions of 255 whatever the largest value: one record cannot rescale the others."""
+    dim = np.full((10, 28, 28), 0.5, np.float32)
+    ds = user_npz(tmp_path, dim, np.arange(10))
+    assert ds.train.images.max() == 128  # round(0.5 * 255)
+    bright = dim.copy()
+    bright[0] = 2.0  # one record outside [0, 1] used to switch every image to a x1 scale
+    with pytest.raises(data.DataError, match=r"float images must be in \[0.0, 1.0\]"):
+        user_npz(tmp_path, bright, np.arange(10))
+
+
+@pytest.mark.parametrize("values, ok", [((0, 1), True), ((0, 255), True), ((-1, 5), False), ((0, 300), False)])
+def test_integer_pixels_taken_as_values(tmp_path: Path, values: tuple[int, int], ok: bool) -> None:
+    images = np.zeros((10, 28, 28), np.int16)
+    images[0, 0, 0], images[1, 0, 0] = values
+    if not ok:
+        with pytest.raises(data.DataError, match=r"integer images must be in \[0, 255\]"):
+            user_npz(tmp_path, images, np.arange(10))
+        return
+    ds = user_npz(tmp_path, images, np.arange(10))
+    all_images = np.concatenate([ds.train.images, ds.test.images])
+    assert all_images.max() == values[1]  # never stretched to 255
+
+
+def make_class_folders(root: Path, sizes: dict[str, list[tuple[int, int]]]) -> None:
     from PIL import Image
 
-    for c in ("cat", "dog"):
-        (tmp_path / c).mkdir()
-        for i in range(3):
-            Image.fromarray(np.full((20, 20, 3), 40 * i, np.uint8)).save(tmp_path / c / f"{i}.png")
+    for c, shapes in sizes.items():
+        (root / c).mkdir()
+        for i, (w, h) in enumerate(shapes):
+            Image.fromarray(np.full((h, w, 3), 40 * i, np.uint8)).save(root / c / f"{i}.png")
+
+
+def test_folder_of_class_folders(tmp_path: Path) -> None:
+    make_class_folders(tmp_path, {"cat": [(20, 20)] * 3, "dog": [(20, 20)] * 3})
     (tmp_path / "dog" / "notes.txt").write_text("ignored")
-    split, classes = data.from_folder(tmp_path, channels=1)
+    split, classes = data.from_folder(tmp_path, channels=1, num_classes=2, image_size=20)
     assert classes == ["cat", "dog"] and list(split.labels) == [0, 0, 0, 1, 1, 1]
     assert split.images.shape == (6, 20, 20, 1)
+
+
+def test_folder_images_resized_to_config_size(tmp_path: Path) -> None:
+    """The first image's size used to set everyone's: the config's image_size does now."""
+    make_class_folders(tmp_path, {"a": [(20, 20), (36, 30)], "b": [(50, 40)]})
+    split, _ = data.from_folder(tmp_path, channels=3, num_classes=2, image_size=28)
+    assert split.images.shape == (3, 28, 28, 3)
+
+
+def test_folder_class_count_must_match_config(tmp_path: Path) -> None:
+    make_class_folders(tmp_path, {"a": [(8, 8)], "b": [(8, 8)]})
+    with pytest.raises(data.DataError, match="2 class sub-folders, but the config says 3 classes"):
+        data.user_data(tmp_path, channels=1, num_classes=3, image_size=8)
+    assert data.user_data(tmp_path, channels=1, num_classes=2, image_size=8).num_classes == 2
 
 
 @pytest.mark.parametrize(
@@ -68,7 +135,7 @@ def test_bad_npz_refused_naming_file(tmp_path: Path, arrays: dict, message: str)
     p = tmp_path / "bad.npz"
     np.savez(p, **arrays)
     with pytest.raises(data.DataError, match=message) as e:
-        data.user_data(p, channels=1)
+        data.user_data(p, channels=1, num_classes=10, image_size=28)
     assert str(p) in str(e.value)
 
 
@@ -76,16 +143,16 @@ def test_garbage_file_refused(tmp_path: Path) -> None:
     p = tmp_path / "junk.npz"
     p.write_bytes(b"this is not a zip file")
     with pytest.raises(data.DataError, match="not a readable .npz") as e:
-        data.user_data(p, channels=1)
+        data.user_data(p, channels=1, num_classes=10, image_size=28)
     assert str(p) in str(e.value)
 
 
 def test_empty_folder_refused(tmp_path: Path) -> None:
     with pytest.raises(data.DataError, match="one sub-folder per class"):
-        data.user_data(tmp_path, channels=1)
+        data.user_data(tmp_path, channels=1, num_classes=10, image_size=28)
     (tmp_path / "a").mkdir()
     with pytest.raises(data.DataError, match="no images found"):
-        data.user_data(tmp_path, channels=1)
+        data.user_data(tmp_path, channels=1, num_classes=1, image_size=28)
 
 
 def test_fmnist_missing_gives_install_hint(tmp_path: Path) -> None:

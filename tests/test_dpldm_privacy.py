@@ -127,3 +127,32 @@ def test_bad_private_data_refused(tiny_runs: Path, tmp_path: Path, kind: str) ->
         np.savez(p, pictures=np.zeros((4, 28, 28), np.uint8))
     with pytest.raises(SystemExit, match=str(p).replace(".", r"\.")):
         train.main(train_args(tiny_runs, p, tmp_path / "run"))
+
+
+def few_label_npz(tiny_private: Path, tmp_path: Path, labels: int) -> Path:
+    """The tiny private set keeping only labels < `labels`."""
+    with np.load(tiny_private) as z:
+        keep = z["labels"] < labels
+        images, y = z["images"][keep], z["labels"][keep]
+    path = tmp_path / f"private{labels}.npz"
+    np.savez(path, images=images, labels=y)
+    return path
+
+
+def test_label_set_from_config_not_private_labels(tiny_runs: Path, tiny_private: Path, tmp_path: Path) -> None:
+    """Private labels reaching only 2 do not shrink the model's label set (it used to be max label + 1)."""
+    from dpldm.config import load_config
+    from dpldm.models import load_ldm
+
+    data = few_label_npz(tiny_private, tmp_path, 3)
+    out = tmp_path / "run"
+    train.main(train_args(tiny_runs, data, out, "--batch-size", "4"))
+    model, _ = load_ldm(out / "ldm", load_config("tiny"))  # the config's 10 classes, the pre-trained embedder's
+    assert model.class_embedder.num_classes == 10
+    assert "new class embedder" not in (out / "log.jsonl").read_text()
+    # another label set is configuration: data.private_num_classes, and labels outside it are refused
+    cfg3 = load_config("tiny", ["data.num_classes=3"])
+    train.main(train_args(tiny_runs, data, out, "--batch-size", "4", "--set", "data.private_num_classes=3"))
+    assert load_ldm(out / "ldm", cfg3)[0].class_embedder.num_classes == 3
+    with pytest.raises(SystemExit, match=r"labels must be in \[0, 2\)"):
+        train.main(train_args(tiny_runs, data, out, "--batch-size", "4", "--set", "data.private_num_classes=2"))
