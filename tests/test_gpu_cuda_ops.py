@@ -2,7 +2,8 @@
 
 Float64 exactness of the tiling (many Gram tiles, ragged edges), the noise stream at unaligned
 offsets, the grid-stride loop over samples beyond gridDim.y, non-contiguous and mixed-dtype inputs.
-Skipped cleanly without CUDA or without the extension's CUDA kernels.
+Skipped cleanly without CUDA; fails when a GPU is visible but the extension has no CUDA kernels
+(DPK_ALLOW_NO_CUDA_KERNELS=1 skips instead).
     pytest -m gpu tests/test_gpu_cuda_ops.py
 """
 
@@ -11,15 +12,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpkernels import ops, reference
+from dpkernels import reference
+from tests.conftest import require_cuda_kernels
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 @pytest.fixture(autouse=True)
 def needs_cuda_kernels() -> None:
-    if not ops.extension_has("cuda"):
-        pytest.skip("the dpkernels extension was built without CUDA kernels")
+    require_cuda_kernels()
 
 
 def randn(*shape: int, dtype: torch.dtype = torch.float64, seed: int = 0) -> torch.Tensor:
@@ -46,9 +47,11 @@ def test_float64_norms_match_reference_tightly(B: int, T: int, d: int, p: int) -
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_tensor_core_norms_on_half_inputs(dtype: torch.dtype) -> None:
-    # Products of half inputs are exact in fp32; only the fp32 accumulation order differs.
-    A, G = randn(5, 130, 97, dtype=dtype, seed=3), randn(5, 130, 45, dtype=dtype, seed=4)
+@pytest.mark.parametrize("B,T,d,p", [(5, 130, 97, 45), (4, 96, 256, 384)])
+def test_tensor_core_norms_on_half_inputs(dtype: torch.dtype, B: int, T: int, d: int, p: int) -> None:
+    # Products of half inputs are exact in fp32; only the fp32 accumulation order differs. d, p multiples
+    # of 8 take the 16-byte vectorised tile loads, ragged ones the scalar loads.
+    A, G = randn(B, T, d, dtype=dtype, seed=3), randn(B, T, p, dtype=dtype, seed=4)
     ref, _ = reference.ghost_norm(A.double(), G.double(), False)
     for name in ("ghost_norm", "direct_norm"):
         w, _ = getattr(torch.ops.dpkernels, name)(A, G, False)

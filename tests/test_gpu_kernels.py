@@ -1,8 +1,8 @@
 """Every Triton op and every CUDA-extension op vs the reference on a CUDA GPU, realistic ragged shapes.
 
-Skipped cleanly without CUDA. The CUDA-extension cases skip (saying so) when the extension was built
-without CUDA kernels; the GPU check script builds it with them. Ground truth is the float64
-reference on the same GPU.
+Skipped cleanly without CUDA. The CUDA-extension cases fail when a GPU is visible but the extension
+was built without CUDA kernels (DPK_ALLOW_NO_CUDA_KERNELS=1 skips them instead); the GPU check
+script builds it with them. Ground truth is the float64 reference on the same GPU.
     pytest -m gpu tests/test_gpu_kernels.py
 """
 
@@ -12,13 +12,16 @@ import pytest
 import torch
 
 from dpkernels import ops, reference
+from tests.conftest import require_cuda_kernels
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 BACKENDS = ["triton", "cuda"]
 HALF_AND_FP32 = [torch.float32, torch.float16, torch.bfloat16]
-# (B, T, d, p): attention projections, a 1x1 conv over 32x32 tokens, a 2-D linear, a long thin one.
-LINEAR_SHAPES = [(7, 77, 320, 963), (5, 1029, 129, 77), (33, 1, 1023, 1001), (3, 257, 769, 769)]
+# (B, T, d, p): attention projections, a 1x1 conv over 32x32 tokens, a 2-D linear, a long thin one, and
+# p, d multiples of 8 (16-byte rows in half precision: the CUDA kernels' vectorised tensor-core loads).
+LINEAR_SHAPES = [(7, 77, 320, 963), (5, 1029, 129, 77), (33, 1, 1023, 1001), (3, 257, 769, 769), (4, 96, 256, 384)]
+ALIGNED = 4  # the index of the multiples-of-8 shape, run in fp16 too
 # Products of half inputs are exact in fp32; the rest is fp32 accumulation in some order.
 NORM_RTOL = {torch.float32: 1e-4, torch.float16: 1e-4, torch.bfloat16: 1e-4, torch.float64: 1e-10}
 # c_b G may be rounded to the input dtype before the GEMM (toward zero in Triton): relative error per
@@ -33,8 +36,7 @@ def impl(backend: str, name: str):
         import dpkernels.triton as dtriton
 
         return getattr(dtriton, name)
-    if not ops.extension_has("cuda"):
-        pytest.skip("the dpkernels extension was built without CUDA kernels")
+    require_cuda_kernels()
     return getattr(torch.ops.dpkernels, name)
 
 
@@ -47,9 +49,10 @@ def cases():
 
 
 def linear_cases():
-    """bf16 (the GPU training dtype) at every shape, the other dtypes at two: every compile costs time."""
+    """bf16 (the GPU training dtype) at every shape, the other dtypes at two, fp16 also at the aligned one:
+    every compile costs time."""
     return [(b, dt, shape) for b in BACKENDS for dt in dtypes_for(b) for i, shape in enumerate(LINEAR_SHAPES)
-            if dt == torch.bfloat16 or i in (0, 2)]
+            if dt == torch.bfloat16 or i in (0, 2) or (dt == torch.float16 and i == ALIGNED)]
 
 
 def randn(*shape: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -82,6 +85,26 @@ def test_linear_norms(name: str, backend: str, dtype: torch.dtype, shape) -> Non
         w2, b2 = impl(backend, name)(A[:, 0], G[:, 0], False)
         assert_rel(w2, ref_w, NORM_RTOL[dtype])
         assert b2.numel() == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_direct_norm_of_a_layer_with_more_tiles_than_grid_axis_y(backend: str) -> None:
+    # 16448 x 16448: 257^2 = 66049 tiles of 64 x 64, past the 65535 limit of grid axes y and z
+    A, G = randn(3, 2, 16448, dtype=torch.float32, seed=14), randn(3, 2, 16448, dtype=torch.float32, seed=15)
+    w, b = impl(backend, "direct_norm")(A, G, True)
+    ref_w, ref_b = reference.ghost_norm(A.double(), G.double(), True)  # Gram form: no 16448^2 tensor
+    assert_rel(w, ref_w, 1e-4)
+    assert_rel(b, ref_b, 1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["ghost_norm", "direct_norm"])
+def test_linear_norms_of_more_samples_than_grid_axis_y(name: str, backend: str) -> None:
+    A, G = randn(70_000, 3, 5, dtype=torch.float32, seed=16), randn(70_000, 3, 4, dtype=torch.float32, seed=17)
+    w, b = impl(backend, name)(A, G, True)
+    ref_w, ref_b = reference.ghost_norm(A.double(), G.double(), True)
+    assert_rel(w, ref_w, 1e-4)
+    assert_rel(b, ref_b, 1e-4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

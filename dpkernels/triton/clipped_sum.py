@@ -19,16 +19,15 @@ from dpkernels.triton.linear_norms import linear_inputs
 from dpkernels.triton.philox import normal_at
 from dpkernels.triton.rows import rows_sum_noise
 
-
-def _gemm_configs() -> list[triton.Config]:
-    full = [
-        triton.Config({"BLOCK_P": bp, "BLOCK_D": bd, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bp, bd, bk, w, s in [(64, 64, 32, 4, 4), (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (128, 128, 64, 8, 3)]
-    ]
-    return configs(full, triton.Config({"BLOCK_P": 16, "BLOCK_D": 16, "BLOCK_K": 16}))
+# Every GPU config (the first is the safe default); tests run each of them against the reference.
+GEMM_CONFIGS = [
+    triton.Config({"BLOCK_P": bp, "BLOCK_D": bd, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bp, bd, bk, w, s in [(64, 64, 32, 4, 4), (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (128, 128, 64, 8, 3)]
+]
 
 
-@triton.autotune(configs=_gemm_configs(), key=["T", "d", "p"])
+@triton.autotune(configs=configs(GEMM_CONFIGS, triton.Config({"BLOCK_P": 16, "BLOCK_D": 16, "BLOCK_K": 16})),
+                 key=["T", "d", "p"])
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "offset", "bias_offset"])
 def _clipped_sum_kernel(
     a_ptr, g_ptr, c_ptr, cb_ptr, w_out_ptr, b_out_ptr,
@@ -66,19 +65,21 @@ def _clipped_sum_kernel(
         acc = tl.dot(tl.trans(gc), a, acc, input_precision="ieee")
     out_idx = pcols[:, None].to(tl.int64) * d + dcols[None, :]
     out_ok = (pcols[:, None] < p) & (dcols[None, :] < d)
-    bias_ok = (pcols < p) & (dt == 0)  # the first d tile owns the bias
+    # The first d tile owns the bias. A branch, not `mask & (dt == 0)`: Triton >= 3.9's interpreter
+    # turns a vector & scalar-bool into an int32 mask and its store refuses it.
+    owns_bias = dt == 0
     if PARTIAL:  # split-K: fp32 partials, the reduce pass adds the noise
         tl.store(w_out_ptr + split.to(tl.int64) * p * d + out_idx, acc, mask=out_ok)
-        if HAS_BIAS:
-            tl.store(b_out_ptr + split * p + pcols, b_acc, mask=bias_ok)
+        if HAS_BIAS and owns_bias:
+            tl.store(b_out_ptr + split * p + pcols, b_acc, mask=pcols < p)
     else:
         if HAS_NOISE:
             acc += std * normal_at(offset.to(tl.int64) + out_idx, seed_lo, seed_hi)
         tl.store(w_out_ptr + out_idx, acc, mask=out_ok)
-        if HAS_BIAS:
+        if HAS_BIAS and owns_bias:
             if HAS_NOISE:
                 b_acc += std * normal_at(bias_offset.to(tl.int64) + pcols, seed_lo, seed_hi)
-            tl.store(b_out_ptr + pcols, b_acc, mask=bias_ok)
+            tl.store(b_out_ptr + pcols, b_acc, mask=pcols < p)
 
 
 def default_splits(K: int, p: int, d: int, device: torch.device) -> int:

@@ -31,9 +31,10 @@ def _jobs(dt: str):
     norm_sig = {"a_ptr": f"*{dt}", "g_ptr": f"*{dt}", "w_part_ptr": "*fp32", "b_part_ptr": "*fp32",
                 "T": "i32", "d": "i32", "p": "i32", "part_stride": "i32",
                 "WITH_BIAS": "constexpr", "UPCAST": "constexpr"}
-    for kernel in (linear_norms._ghost_norm_kernel, linear_norms._direct_norm_kernel):
+    direct_sig = {**norm_sig, "B": "i32"}
+    for kernel, sig in ((linear_norms._ghost_norm_kernel, norm_sig), (linear_norms._direct_norm_kernel, direct_sig)):
         for bias in (True, False):
-            yield kernel, norm_sig, {"WITH_BIAS": bias, "UPCAST": False}
+            yield kernel, sig, {"WITH_BIAS": bias, "UPCAST": False}
     sum_sig = {"a_ptr": f"*{dt}", "g_ptr": f"*{dt}", "c_ptr": "*fp32", "cb_ptr": "*fp32", "w_out_ptr": "*fp32",
                "b_out_ptr": "*fp32", "K": "i32", "T": "i32", "d": "i32", "p": "i32", "k_per_split": "i32",
                "std": "fp32", "seed_lo": "i64", "seed_hi": "i32", "offset": "i64", "bias_offset": "i64",

@@ -19,15 +19,13 @@ from dpkernels.triton.rows import rows_sum_noise
 MIN_BLOCK_T = 16 if INTERPRET else 32
 
 
-def _norm_configs() -> list[triton.Config]:
-    full = [
-        triton.Config({"BLOCK_T": bt, "BLOCK_K": bk}, num_warps=w, num_stages=3)
-        for bt, bk, w in [(32, 64, 4), (64, 64, 4), (128, 64, 8)]
-    ]
-    return configs(full, triton.Config({"BLOCK_T": 16, "BLOCK_K": 16}))
+NORM_CONFIGS = [  # every GPU config; BLOCK_T >= MIN_BLOCK_T
+    triton.Config({"BLOCK_T": bt, "BLOCK_K": bk}, num_warps=w, num_stages=3)
+    for bt, bk, w in [(32, 64, 4), (64, 64, 4), (128, 64, 8)]
+]
 
 
-@triton.autotune(configs=_norm_configs(), key=["T", "D"])
+@triton.autotune(configs=configs(NORM_CONFIGS, triton.Config({"BLOCK_T": 16, "BLOCK_K": 16})), key=["T", "D"])
 @triton.jit
 def _embedding_norm_kernel(ids_ptr, g_ptr, part_ptr, T, D, part_stride, UPCAST: tl.constexpr,
                            BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):

@@ -5,8 +5,9 @@ ghost:  ||G_b^T A_b||^2 = sum_{t,t'} (A_b A_b^T)_{tt'} (G_b G_b^T)_{tt'}, flash-
         one program per (sample, row tile i) walks the column tiles j >= i (the Grams are
         symmetric: off-diagonal tiles count twice), forms both Gram tiles with tl.dot over d and
         p chunks and reduces their product on the fly; no T x T tensor is ever in memory.
-direct: one program per (sample, (p, d) tile) accumulates G_b^T A_b over T chunks in registers
-        and keeps only the sum of its squares.
+direct: one program per (p, d) tile (grid axis x, up to 2^31 - 1 tiles) and sample (axis y, at
+        most 65535: programs loop over the samples beyond) accumulates G_b^T A_b over T chunks in
+        registers and keeps only the sum of its squares.
 Per-program partial sums land in a small [B, tiles] buffer that torch sums (deterministic, no
 atomics). The grids do not depend on the autotuned block sizes (programs past the end write 0),
 so every entry is written on every launch and autotuning never sees stale partials.
@@ -21,6 +22,7 @@ import triton.language as tl
 from dpkernels.triton._common import INTERPRET, check_dtype, configs
 
 MIN_BLOCK = 16 if INTERPRET else 64  # the smallest block size of any config below
+MAX_GRID_Y = 65535  # CUDA's limit on grid axes y and z (axis x allows 2^31 - 1)
 
 
 @triton.jit
@@ -39,15 +41,14 @@ def gram_tile(base, rows_i, rows_j, T, n, UPCAST: tl.constexpr, BLOCK_T: tl.cons
     return acc
 
 
-def _ghost_configs() -> list[triton.Config]:
-    full = [
-        triton.Config({"BLOCK_T": bt, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bt, bk, w, s in [(64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3)]
-    ]
-    return configs(full, triton.Config({"BLOCK_T": 16, "BLOCK_K": 16}))
+# Every GPU config (the first is the safe default); tests run each of them against the reference.
+GHOST_CONFIGS = [
+    triton.Config({"BLOCK_T": bt, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bt, bk, w, s in [(64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3)]
+]
 
 
-@triton.autotune(configs=_ghost_configs(), key=["T", "d", "p"])
+@triton.autotune(configs=configs(GHOST_CONFIGS, triton.Config({"BLOCK_T": 16, "BLOCK_K": 16})), key=["T", "d", "p"])
 @triton.jit
 def _ghost_norm_kernel(
     a_ptr, g_ptr, w_part_ptr, b_part_ptr, T, d, p, part_stride,
@@ -82,47 +83,49 @@ def _ghost_norm_kernel(
         tl.store(b_part_ptr + b * part_stride + i, tl.sum(bias))
 
 
-def _direct_configs() -> list[triton.Config]:
-    full = [
-        triton.Config({"BLOCK_P": bp, "BLOCK_D": bd, "BLOCK_T": bt}, num_warps=w, num_stages=s)
-        for bp, bd, bt, w, s in [(64, 64, 32, 4, 3), (128, 128, 32, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3)]
-    ]
-    return configs(full, triton.Config({"BLOCK_P": 16, "BLOCK_D": 16, "BLOCK_T": 16}))
+DIRECT_CONFIGS = [
+    triton.Config({"BLOCK_P": bp, "BLOCK_D": bd, "BLOCK_T": bt}, num_warps=w, num_stages=s)
+    for bp, bd, bt, w, s in [(64, 64, 32, 4, 3), (128, 128, 32, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3)]
+]
 
 
-@triton.autotune(configs=_direct_configs(), key=["T", "d", "p"])
-@triton.jit
+@triton.autotune(configs=configs(DIRECT_CONFIGS, triton.Config({"BLOCK_P": 16, "BLOCK_D": 16, "BLOCK_T": 16})),
+                 key=["T", "d", "p"])
+@triton.jit(do_not_specialize=["B"])  # B changes with every Poisson batch: never a compile key
 def _direct_norm_kernel(
-    a_ptr, g_ptr, w_part_ptr, b_part_ptr, T, d, p, part_stride,
+    a_ptr, g_ptr, w_part_ptr, b_part_ptr, B, T, d, p, part_stride,
     WITH_BIAS: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    tile = tl.program_id(1)
+    tile = tl.program_id(0)  # axis x: a huge layer has more than 65535 tiles
     n_d = tl.cdiv(d, BLOCK_D)
     active = tile < tl.cdiv(p, BLOCK_P) * n_d  # programs past the last tile write 0
     pt = tile // n_d
     dt = tile % n_d
-    a_base = a_ptr + b * T * d
-    g_base = g_ptr + b * T * p
     pcols = pt * BLOCK_P + tl.arange(0, BLOCK_P)
     dcols = dt * BLOCK_D + tl.arange(0, BLOCK_D)
-    acc = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
-    g_sum = tl.zeros([BLOCK_P], dtype=tl.float32)
-    for t0 in range(0, tl.where(active, T, 0), BLOCK_T):
-        rows = t0 + tl.arange(0, BLOCK_T)
-        row_ok = rows[:, None] < T
-        g = tl.load(g_base + rows[:, None] * p + pcols[None, :], mask=row_ok & (pcols[None, :] < p), other=0.0)
-        a = tl.load(a_base + rows[:, None] * d + dcols[None, :], mask=row_ok & (dcols[None, :] < d), other=0.0)
-        if WITH_BIAS:
-            g_sum += tl.sum(g.to(tl.float32), axis=0)
-        if UPCAST:
-            g = g.to(tl.float32)
-            a = a.to(tl.float32)
-        acc = tl.dot(tl.trans(g), a, acc, input_precision="ieee")
-    tl.store(w_part_ptr + b * part_stride + tile, tl.sum(acc * acc))
-    if WITH_BIAS:  # one d tile per p tile owns the bias
-        tl.store(b_part_ptr + b * part_stride + tile, tl.where(dt == 0, tl.sum(g_sum * g_sum), 0.0))
+    first = tl.program_id(1).to(tl.int64)
+    n_y = tl.num_programs(1)
+    for s in range(tl.cdiv(B - first, n_y)):  # samples first, first + n_y, ... (B may exceed axis y)
+        b = first + s * n_y
+        a_base = a_ptr + b * T * d
+        g_base = g_ptr + b * T * p
+        acc = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+        g_sum = tl.zeros([BLOCK_P], dtype=tl.float32)
+        for t0 in range(0, tl.where(active, T, 0), BLOCK_T):
+            rows = t0 + tl.arange(0, BLOCK_T)
+            row_ok = rows[:, None] < T
+            g = tl.load(g_base + rows[:, None] * p + pcols[None, :], mask=row_ok & (pcols[None, :] < p), other=0.0)
+            a = tl.load(a_base + rows[:, None] * d + dcols[None, :], mask=row_ok & (dcols[None, :] < d), other=0.0)
+            if WITH_BIAS:
+                g_sum += tl.sum(g.to(tl.float32), axis=0)
+            if UPCAST:
+                g = g.to(tl.float32)
+                a = a.to(tl.float32)
+            acc = tl.dot(tl.trans(g), a, acc, input_precision="ieee")
+        tl.store(w_part_ptr + b * part_stride + tile, tl.sum(acc * acc))
+        if WITH_BIAS:  # one d tile per p tile owns the bias
+            tl.store(b_part_ptr + b * part_stride + tile, tl.where(dt == 0, tl.sum(g_sum * g_sum), 0.0))
 
 
 def as_3d(x: torch.Tensor) -> torch.Tensor:
@@ -141,26 +144,36 @@ def linear_inputs(A: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch
     return A3.to(dt).contiguous(), G3.to(dt).contiguous()
 
 
-def _norms(kernel, A: torch.Tensor, G: torch.Tensor, with_bias: bool, n_programs: int):
+def direct_grid(B: int, n_tiles: int) -> tuple[int, int]:
+    """(p, d) tiles on axis x (limit 2^31 - 1), samples on axis y, capped at its limit of 65535."""
+    return n_tiles, min(B, MAX_GRID_Y)
+
+
+def _norms(A: torch.Tensor, G: torch.Tensor, with_bias: bool, direct: bool):
     A3, G3 = linear_inputs(A, G)
-    B = A3.shape[0]
+    B, T, d = A3.shape
+    p = G3.shape[2]
+    # partial-sum slots per sample: enough for the smallest blocks, so the grid is config-independent
+    n_programs = triton.cdiv(p, MIN_BLOCK) * triton.cdiv(d, MIN_BLOCK) if direct else triton.cdiv(T, MIN_BLOCK)
     w_part = torch.zeros(B, max(n_programs, 1), dtype=torch.float32, device=A3.device)
     b_part = torch.zeros_like(w_part) if with_bias else w_part.new_empty(0)
     if B and n_programs:
-        T, d, p = A3.shape[1], A3.shape[2], G3.shape[2]
         upcast = INTERPRET and A3.dtype != torch.float32
-        kernel[(B, n_programs)](A3, G3, w_part, b_part if with_bias else w_part, T, d, p, n_programs,
-                                WITH_BIAS=with_bias, UPCAST=upcast)
+        b_arg = b_part if with_bias else w_part
+        if direct:
+            _direct_norm_kernel[direct_grid(B, n_programs)](A3, G3, w_part, b_arg, B, T, d, p, n_programs,
+                                                            WITH_BIAS=with_bias, UPCAST=upcast)
+        else:  # row tiles on axis y: T would need over 4M tokens to pass its limit
+            _ghost_norm_kernel[(B, n_programs)](A3, G3, w_part, b_arg, T, d, p, n_programs,
+                                                WITH_BIAS=with_bias, UPCAST=upcast)
     return w_part.sum(1), (b_part.sum(1) if with_bias else w_part.new_empty(0))
 
 
 def ghost_norm(A: torch.Tensor, G: torch.Tensor, with_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared per-sample weight (and bias) gradient norms by the tiled Gram identity, fp32 [B]."""
-    T = as_3d(A).shape[1]
-    return _norms(_ghost_norm_kernel, A, G, with_bias, triton.cdiv(T, MIN_BLOCK))
+    return _norms(A, G, with_bias, direct=False)
 
 
 def direct_norm(A: torch.Tensor, G: torch.Tensor, with_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared per-sample weight (and bias) gradient norms from register tiles of G_b^T A_b, fp32 [B]."""
-    d, p = A.shape[-1], G.shape[-1]
-    return _norms(_direct_norm_kernel, A, G, with_bias, triton.cdiv(p, MIN_BLOCK) * triton.cdiv(d, MIN_BLOCK))
+    return _norms(A, G, with_bias, direct=True)

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dpkernels.triton._common import INTERPRET, check_dtype, check_offset, seed_words
+from dpkernels.triton._common import INTERPRET, check_dtype, check_offset, configs, seed_words
 from dpkernels.triton.philox import normal_at
 
 BLOCK_N = 256 if INTERPRET else 1024  # elements per program of the memory-bound kernels
@@ -104,11 +104,10 @@ def add_noise_(x: torch.Tensor, std: float, seed: int, offset: int) -> torch.Ten
     return x
 
 
-@triton.autotune(
-    configs=[triton.Config({"BLOCK_R": 1, "BLOCK_S": 1024}, num_warps=4)] if not INTERPRET else
-    [triton.Config({"BLOCK_R": 4, "BLOCK_S": 32})],
-    key=["S"],
-)
+AFFINE_CONFIGS = [triton.Config({"BLOCK_R": 1, "BLOCK_S": 1024}, num_warps=4)]
+
+
+@triton.autotune(configs=configs(AFFINE_CONFIGS, triton.Config({"BLOCK_R": 4, "BLOCK_S": 32})), key=["S"])
 @triton.jit
 def _affine_kernel(x_ptr, g_ptr, out_ptr, R, S, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
     """out[r] = sum_s x[r, s] * g[r, s] for rows r = (b, c) of [B*C, S]."""
