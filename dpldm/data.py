@@ -116,8 +116,9 @@ def digits28() -> DataSet:
     return DataSet(train, test, 10, "digits")
 
 
-def fontdigits(n: int = 10_000) -> DataSet:
-    """Digits rendered from fonts with hand-drawn-like distortions (dpldm/font_digits.py): 9k train / 1k test."""
+def fontdigits(n: int = 20_000) -> DataSet:
+    """Digits rendered from (mostly handwriting) fonts with hand-drawn-like distortions (dpldm/font_digits.py):
+    18k train / 2k test."""
     from dpldm.font_digits import render
 
     images, labels = render(n, seed=SPLIT_SEED)

@@ -187,10 +187,21 @@ def test_font_digits_deterministic_centred_and_labelled() -> None:
     xa, ya = render(1000, seed=0)
     xb, yb = render(300, seed=1)
     clf = LogisticRegression(C=0.1, max_iter=300).fit(xa.reshape(1000, -1) / 255.0, ya)
-    assert clf.score(xb.reshape(300, -1) / 255.0, yb) > 0.7  # chance: 0.1
+    assert clf.score(xb.reshape(300, -1) / 255.0, yb) > 0.4  # chance: 0.1; measured 0.55 (varied handwriting fonts)
 
 
 def test_fontdigits_public_set() -> None:
     ds = data.load("fontdigits")
-    assert (len(ds.train.labels), len(ds.test.labels)) == (9000, 1000) and ds.source == "fontdigits"
-    assert ds.train.images.shape[1:] == (28, 28, 1) and np.bincount(ds.train.labels).min() > 850
+    assert (len(ds.train.labels), len(ds.test.labels)) == (18000, 2000) and ds.source == "fontdigits"
+    assert ds.train.images.shape[1:] == (28, 28, 1) and np.bincount(ds.train.labels).min() > 1700
+
+
+def test_ci_installs_the_font_packages() -> None:
+    """.ci/run installs every Debian package the public renderer names, so CI renders the same set."""
+    from pathlib import Path
+
+    from dpldm.font_digits import PACKAGES
+
+    text = (Path(__file__).parents[1] / ".ci" / "run").read_text()
+    listed = text.split('FONTS="', 1)[1].split('"', 1)[0].split()
+    assert sorted(listed) == sorted(PACKAGES)
