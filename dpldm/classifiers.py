@@ -40,6 +40,20 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return float((pred == y).float().mean()) if len(y) else float("nan")
 
 
+def split_holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, held-out) with a fixed public seed; at least one held-out example."""
+    perm = np.random.default_rng(seed).permutation(n)
+    k = max(1, round(fraction * n))
+    return perm[k:], perm[:k]
+
+
+def selected_cnn(x: torch.Tensor, y: torch.Tensor, num_classes: int, epochs: int, holdout_fraction: float,
+                 seed: int = 0) -> tuple[SmallCNN, float]:
+    """train_cnn on (x, y) less a held-out slice of (x, y) itself, which picks the epoch."""
+    tr, val = split_holdout(len(y), holdout_fraction, seed)
+    return train_cnn(x[tr], y[tr], x[val], y[val], num_classes, epochs, seed)
+
+
 def train_cnn(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor, num_classes: int,
               epochs: int, seed: int = 0, batch_size: int = 128, lr: float = 2e-3) -> tuple[SmallCNN, float]:
     """Adam, random-shift augmentation; returns the epoch with the best accuracy on (x_val, y_val)."""

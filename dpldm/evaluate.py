@@ -7,16 +7,22 @@
   covered by the DP guarantee, which is about the training split (as in DP papers reporting test accuracy).
 - Frechet distance between synthetic and real test images in the feature space of a CNN trained on real
   PUBLIC data (never on private data).
+- Baselines (dpldm/baselines.py), the same CNN: (a) trained on the public data alone, (b) DP-SGD on the private
+  train split at the run's (epsilon, delta), (b2) the same from (a), (c) non-private on the private train split
+  (the ceiling). (b) and (b2) are separate DP computations, for comparison only, never released. The target
+  epsilon and delta come from --target-epsilon/--delta, else from the run's log.jsonl or result.json next to
+  --synthetic; --no-baselines skips them.
 - Inception FID only with --inception-weights: a local TorchScript Inception (e.g. NVIDIA's
   inception-2015-12-05.pt, called as model(uint8 images [N,3,299,299], return_features=True) -> [N, 2048]).
 
-    python -m dpldm.evaluate --synthetic runs/mnist/dp-attention-eps10/samples.npz [--data PATH]
+    python -m dpldm.evaluate --synthetic runs/mnist/dp-attention-eps10/samples.npz [--data PATH] [--no-baselines]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,8 +32,10 @@ import torch
 import torch.nn.functional as F
 from scipy import linalg
 
+from dpldm import baselines
 from dpldm import data as data_mod
-from dpldm.classifiers import accuracy, sklearn_models, to_input, train_cnn
+from dpldm.baselines import DPTarget, Tensors
+from dpldm.classifiers import accuracy, sklearn_models, split_holdout, to_input, train_cnn
 from dpldm.common import add_config_args, config_from, load_private, load_public, private_classes, seed_all
 from dpldm.runlog import RunLog
 
@@ -37,12 +45,53 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
     p.add_argument("--synthetic", type=Path, required=True, help=".npz with images and labels (from dpldm.sample)")
-    p.add_argument("--data", help="real private data set whose TEST split is used (default: the config's)")
+    p.add_argument("--data", help="real private data set (default: the config's): its TEST split tests every "
+                                  "classifier, its TRAIN split trains the baselines (b), (b2) and (c)")
     p.add_argument("--out", type=Path, help="folder for eval.json (default: next to --synthetic)")
     p.add_argument("--cnn-epochs", type=int)
     p.add_argument("--inception-weights", type=Path, help="local TorchScript Inception for FID (optional)")
     p.add_argument("--no-sklearn", action="store_true", help="skip the MLP and logistic regression")
+    p.add_argument("--no-baselines", action="store_true", help="skip the baselines (public-only, DP-SGD, non-private)")
+    p.add_argument("--target-epsilon", type=float, help="epsilon of the DP-SGD baselines (default: the run's, read "
+                                                        "from log.jsonl or result.json next to --synthetic)")
+    p.add_argument("--delta", type=float, help="delta of the DP-SGD baselines (default: the run's)")
+    p.add_argument("--accountant", choices=("prv", "rdp", "gdp"), help="default: the run's, else prv")
     return p
+
+
+def run_target(folder: Path) -> DPTarget | None:
+    """The DP fine-tuning's (target epsilon, delta, accountant) from its run folder: the train stage's log.jsonl
+    records, else result.json (the epsilon it spent). None when neither says."""
+    found: dict[str, Any] = {}
+    log = folder / "log.jsonl"
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("stage") == "train":
+                found.update({k: rec[k] for k in ("target_epsilon", "delta", "accountant") if k in rec})
+    result = folder / "result.json"
+    if "target_epsilon" not in found and result.is_file():
+        res = json.loads(result.read_text())
+        found.setdefault("delta", res.get("delta"))
+        found["target_epsilon"] = res.get("epsilon")
+    if found.get("target_epsilon") is None or found.get("delta") is None:
+        return None
+    return DPTarget(float(found["target_epsilon"]), float(found["delta"]), found.get("accountant", "prv"))
+
+
+def cli_target(args: argparse.Namespace) -> DPTarget | None:
+    """--target-epsilon/--delta, each defaulting to the run's; an error when the baselines need them and none is
+    found."""
+    if args.no_baselines:
+        return None
+    run = run_target(args.synthetic.parent)
+    eps = args.target_epsilon if args.target_epsilon is not None else (run.epsilon if run else None)
+    delta = args.delta if args.delta is not None else (run.delta if run else None)
+    if eps is None or delta is None:
+        raise SystemExit(f"error: the DP-SGD baselines need the run's epsilon and delta, and {args.synthetic.parent} "
+                         "holds no log.jsonl or result.json of a DP run: pass --target-epsilon and --delta, or "
+                         "--no-baselines")
+    return DPTarget(eps, delta, args.accountant or (run.accountant if run else "prv"))
 
 
 def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
@@ -84,15 +133,17 @@ def conform(split: data_mod.Split, cfg: dict[str, Any]) -> data_mod.Split:
     return data_mod.Split(data_mod.from_model_tensor(x, d["image_size"]), split.labels)
 
 
-def split_holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    perm = np.random.default_rng(seed).permutation(n)
-    k = max(1, round(fraction * n))
-    return perm[k:], perm[:k]
+def tensors(split: data_mod.Split, cfg: dict[str, Any]) -> Tensors:
+    split = conform(split, cfg)
+    return Tensors(to_input(split.images), torch.from_numpy(split.labels))
 
 
 def run(cfg: dict[str, Any], synthetic: data_mod.Split, real: data_mod.DataSet, public: data_mod.DataSet | None,
         out: Path, cnn_epochs: int | None = None, inception_weights: Path | None = None, use_sklearn: bool = True,
-        seed: int = 0) -> dict[str, Any]:
+        seed: int = 0, baselines_on: bool = True, target: DPTarget | None = None, noise_seed: int | None = None,
+        backend: str = "auto") -> dict[str, Any]:
+    """Classifiers on `synthetic`, tested on real.test; with baselines_on, the baselines (trained on `public` and
+    real.train) beside them. target: the DP run's (epsilon, delta) for the DP-SGD baselines (None: skipped)."""
     hp = cfg["evaluate"]
     cnn_epochs = cnn_epochs or hp["cnn_epochs"]
     seed_all(seed)
@@ -114,25 +165,31 @@ def run(cfg: dict[str, Any], synthetic: data_mod.Split, real: data_mod.DataSet, 
         for name, (m, acc) in models.items():
             result[f"{name}_val_acc_synthetic"] = acc
             result[f"{name}_test_acc"] = float(m.score(flat_t, test.labels))
+    pub_cnn, pub_s = None, 0.0
     if public is not None:  # Frechet distance in the feature space of a classifier trained on real PUBLIC data
-        xp, yp = to_input(conform(public.train, cfg).images), torch.from_numpy(public.train.labels)
-        ptr, pval = split_holdout(len(yp), 0.1, seed)
-        pub_cnn, _ = train_cnn(xp[ptr], yp[ptr], xp[pval], yp[pval], public.num_classes,
-                               hp.get("public_cnn_epochs", 5), seed)
+        t0 = time.time()
+        pub_cnn, _ = baselines.public_only(tensors(public.train, cfg), public.num_classes,
+                                           hp.get("public_cnn_epochs", 5), seed)
+        pub_s = time.time() - t0  # it is baseline (a) too: trained once
         result["frechet_distance_public_cnn"] = frechet_distance(features(pub_cnn, xs), features(pub_cnn, xt))
     if inception_weights is not None:
         result["fid_inception"] = frechet_distance(inception_features(inception_weights, synthetic.images),
                                                    inception_features(inception_weights, test.images))
+    if baselines_on:
+        result.update(baselines.run(cfg, tensors(real.train, cfg), Tensors(xt, yt), real.num_classes, target,
+                                    pub_cnn, public.num_classes if public else None, pub_s, seed, noise_seed, backend))
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=1))
-    log.print("evaluation: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                         for k, v in result.items()), **result)
+    shown = {k: v for k, v in result.items() if not k.startswith("baseline") or k.endswith("_test_acc")}
+    log.print("evaluation: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                         for k, v in shown.items()), **result)  # all of them in log.jsonl
     return result
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     cfg = config_from(args)
+    target = cli_target(args)  # before any data is read: a missing epsilon is an error at once
     try:
         synthetic = data_mod.from_npz(args.synthetic, private_classes(cfg))
         if not (args.data or cfg["data"].get("private")):
@@ -141,8 +198,11 @@ def main(argv: list[str] | None = None) -> None:
         public = load_public(cfg) if cfg["data"].get("public") else None
     except data_mod.DataError as e:
         raise SystemExit(f"error: {e}") from None
-    run(cfg, synthetic, real, public, args.out or args.synthetic.parent, args.cnn_epochs, args.inception_weights,
-        not args.no_sklearn, args.seed)
+    out = args.out or args.synthetic.parent
+    result = run(cfg, synthetic, real, public, out, args.cnn_epochs, args.inception_weights, not args.no_sklearn,
+                 args.seed, not args.no_baselines, target)
+    if target is not None:
+        RunLog(out, "evaluate").print(baselines.table(result, target.epsilon))
 
 
 if __name__ == "__main__":

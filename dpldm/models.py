@@ -124,7 +124,7 @@ def load_autoencoder(folder: Path, cfg: dict[str, Any]) -> AutoencoderKL:
     if found is None or not (found / "config.json").is_file():
         raise CheckpointError(f"no autoencoder checkpoint at {folder} (expected config.json + safetensors)")
     _check_config("autoencoder", found, json.loads((found / "config.json").read_text()), cfg["autoencoder"])
-    return AutoencoderKL.from_pretrained(found)
+    return AutoencoderKL.from_pretrained(found, torch_dtype=torch.float32)  # a shipped base stores fp16
 
 
 def save_ldm(model: ConditionalUNet, folder: Path, extra: dict[str, Any] | None = None) -> None:
@@ -151,7 +151,7 @@ def load_ldm(folder: Path, cfg: dict[str, Any]) -> tuple[ConditionalUNet, dict[s
     meta = json.loads((found / "class_embedder" / "config.json").read_text())
     want = {"num_classes": cfg["data"]["num_classes"], "ctx_dim": cfg["unet"]["cross_attention_dim"]}
     _check_config("class embedder", found / "class_embedder", meta, want)
-    unet = UNet2DConditionModel.from_pretrained(found / "unet")
+    unet = UNet2DConditionModel.from_pretrained(found / "unet", torch_dtype=torch.float32)  # fp16 in a shipped base
     emb = ClassEmbedder(meta["num_classes"], meta["ctx_dim"])
     emb.embedding.weight.data.copy_(load_file(found / "class_embedder" / "model.safetensors")["weight"])
     return ConditionalUNet(unet, emb), json.loads((found / "ldm.json").read_text())

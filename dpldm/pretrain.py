@@ -9,11 +9,14 @@ label dropout (null class) so classifier-free guidance works at sampling time.
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dpldm.base import autoencoder_hashes, command_line, run_record
 from dpldm.common import (
     add_config_args,
     config_from,
@@ -25,7 +28,7 @@ from dpldm.common import (
     warmup_cosine,
 )
 from dpldm.diffusion import diffusion_loss, encode, train_scheduler
-from dpldm.models import build_unet, load_autoencoder, save_ldm
+from dpldm.models import build_unet, existing_dir, load_autoencoder, save_ldm
 from dpldm.runlog import RunLog, progress
 
 
@@ -41,12 +44,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run(cfg: dict[str, Any], ae_dir: Path, out: Path, seed: int = 0, device: str = "cpu", steps: int | None = None,
-        batch_size: int | None = None) -> Path:
+        batch_size: int | None = None, command: str | None = None) -> Path:
+    """`command`: the command line, recorded in ldm.json with steps, wall time, machine and the sha256 of the
+    autoencoder's files (python -m dpldm.ship checks it is shipped with that autoencoder)."""
+    t_start = time.time()
     hp = cfg["pretrain"]
     steps, batch_size = steps or hp["steps"], batch_size or hp["batch_size"]
     gen = seed_all(seed)
     log = RunLog(out.parent / "logs" / "ldm", "pretrain")
     vae = load_autoencoder(ae_dir, cfg).to(device)
+    ae_hashes = autoencoder_hashes(existing_dir(ae_dir))  # the latents below are this autoencoder's
     public = load_public(cfg)
     z = (encode(vae, images_tensor(public.train, cfg).to(device)) * vae.config.scaling_factor).cpu()
     y = torch.from_numpy(public.train.labels)
@@ -72,17 +79,21 @@ def run(cfg: dict[str, Any], ae_dir: Path, out: Path, seed: int = 0, device: str
             bar.set_postfix(loss=f"{loss.item():.4f}")
             log.log(step=step, loss=loss.item())
     bar.close()
-    save_ldm(model.cpu(), out, {"stage": "pretrain", "public": public.source, "autoencoder": str(ae_dir)})
+    record = run_record(cfg, steps=steps, batch_size=batch_size, seed=seed, device=device, t_start=t_start,
+                        public_images=len(z), command=command)
+    save_ldm(model.cpu(), out, {"stage": "pretrain", "public": public.source, "autoencoder": str(ae_dir),
+                                "autoencoder_sha256": ae_hashes, **record})
     log.print(f"LDM saved to {out}", out=str(out))
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     cfg = config_from(args)
     pub = public_dir(args, cfg)
     run(cfg, args.autoencoder or pub / "autoencoder", args.out or pub / "ldm", args.seed, args.device, args.steps,
-        args.batch_size)
+        args.batch_size, command=command_line("dpldm.pretrain", argv))
 
 
 if __name__ == "__main__":

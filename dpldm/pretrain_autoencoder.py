@@ -6,12 +6,15 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from dpldm.base import command_line, run_record
 from dpldm.common import (
     add_config_args,
     config_from,
@@ -38,7 +41,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run(cfg: dict[str, Any], out: Path, seed: int = 0, device: str = "cpu", steps: int | None = None,
-        batch_size: int | None = None) -> Path:
+        batch_size: int | None = None, command: str | None = None) -> Path:
+    """`command`: the command line, recorded in dpldm.json with steps, wall time and machine (for a model card)."""
+    t_start = time.time()
     hp = cfg["pretrain_autoencoder"]
     steps, batch_size = steps or hp["steps"], batch_size or hp["batch_size"]
     gen = seed_all(seed)
@@ -71,15 +76,19 @@ def run(cfg: dict[str, Any], out: Path, seed: int = 0, device: str = "cpu", step
     # scale latents to unit variance, as LDM does; stored in the diffusers config (scaling_factor)
     z = encode(vae, x.to(device))
     vae.register_to_config(scaling_factor=float(1.0 / z.std()))
-    save_autoencoder(vae.cpu(), out, {"stage": "pretrain_autoencoder", "public": public.source})
+    record = run_record(cfg, steps=steps, batch_size=batch_size, seed=seed, device=device, t_start=t_start,
+                        public_images=len(x), command=command)
+    save_autoencoder(vae.cpu(), out, {"stage": "pretrain_autoencoder", "public": public.source, **record})
     log.print(f"autoencoder saved to {out} (scaling_factor {vae.config.scaling_factor:.4f})", out=str(out))
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     cfg = config_from(args)
-    run(cfg, args.out or public_dir(args, cfg) / "autoencoder", args.seed, args.device, args.steps, args.batch_size)
+    run(cfg, args.out or public_dir(args, cfg) / "autoencoder", args.seed, args.device, args.steps, args.batch_size,
+        command=command_line("dpldm.pretrain_autoencoder", argv))
 
 
 if __name__ == "__main__":

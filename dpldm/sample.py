@@ -34,8 +34,10 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def save_grid(images: np.ndarray, labels: np.ndarray, path: Path, per_row: int = 10) -> None:
-    """One row per class, first `per_row` images of each."""
+def save_grid(images: np.ndarray, labels: np.ndarray, path: Path, per_row: int = 10, scale: int = 4,
+              names: list[str] | None = None) -> None:
+    """One labelled row per class: a label column (class name or index), then the first `per_row` images of the
+    class, black where it has fewer; every pixel upscaled `scale` x `scale` (nearest, no blur)."""
     from PIL import Image
 
     rows = []
@@ -45,7 +47,28 @@ def save_grid(images: np.ndarray, labels: np.ndarray, path: Path, per_row: int =
             imgs = np.concatenate([imgs, np.zeros((per_row - len(imgs), *imgs.shape[1:]), np.uint8)])
         rows.append(np.concatenate(list(imgs), axis=1))
     grid = np.concatenate(rows, axis=0)
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+    grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+    cell = images.shape[1] * scale
+    texts = [names[c] if names else str(c) for c in np.unique(labels)]
+    column = label_column(texts, cell, grid.shape[-1])
+    Image.fromarray(np.concatenate([column, grid], axis=1).squeeze(-1) if grid.shape[-1] == 1
+                    else np.concatenate([column, grid], axis=1)).save(path)
+
+
+def label_column(texts: list[str], cell: int, channels: int) -> np.ndarray:
+    """uint8 [len(texts) * cell, width, channels]: white text on black, one label per row of height `cell`,
+    vertically centred; wide enough for the longest label."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=max(10, cell // 2))
+    pad = max(4, cell // 8)
+    width = 2 * pad + max(int(font.getlength(t)) for t in texts)
+    img = Image.new("L", (width, cell * len(texts)))
+    draw = ImageDraw.Draw(img)
+    for i, t in enumerate(texts):  # anchor "rm": right end, vertical middle, next to the row's first image
+        draw.text((width - pad, i * cell + cell // 2), t, fill=255, font=font, anchor="rm")
+    column = np.asarray(img)[..., None]
+    return column.repeat(channels, axis=-1)
 
 
 def run(cfg: dict[str, Any], model: ConditionalUNet, vae: Any, out: Path, per_class: int | None = None,
@@ -75,7 +98,7 @@ def run(cfg: dict[str, Any], model: ConditionalUNet, vae: Any, out: Path, per_cl
     tmp = out / ".samples.tmp.npz"
     np.savez_compressed(tmp, images=imgs, labels=labs)
     tmp.replace(npz)
-    save_grid(imgs, labs, grid)
+    save_grid(imgs, labs, grid, hp.get("grid_per_row", 10), hp.get("grid_scale", 4))
     log.print(f"{len(labs)} samples ({per_class} per class, {ddim_steps} DDIM steps, guidance {guidance_scale}) "
               f"-> {npz}, grid {grid}", samples=str(npz), grid=str(grid))
     return npz, grid

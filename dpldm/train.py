@@ -3,6 +3,8 @@
 With no arguments this runs the embedded default end to end, offline: if no pre-trained model is cached in
 ./runs, pre-train a tiny autoencoder + LDM on PUBLIC data (sklearn digits), DP fine-tune the attention blocks
 at epsilon=10 on PRIVATE MNIST-5k (4k train / 1k test), sample, evaluate, print epsilon, accuracy and the grid.
+A config that names a shipped base (`base: NAME`, dpldm/bases/NAME/) starts from that base instead, after
+checking its files against its SHA256SUMS; it never pre-trains then (--no-base does, as above).
 
 Every private step goes through dpkernels.PrivacyEngine (Poisson sampling, per-example clipping, Gaussian
 noise, PRV accountant). With --noise-multiplicity k each image is used with k diffusion noises; its k rows
@@ -39,6 +41,9 @@ from dpldm import evaluate as evaluate_stage
 from dpldm import pretrain as pretrain_stage
 from dpldm import pretrain_autoencoder as ae_stage
 from dpldm import sample as sample_stage
+from dpldm.base import BaseNotFound, base_record, check_layout, verified_base
+from dpldm.baselines import DPTarget
+from dpldm.baselines import table as baselines_table
 from dpldm.checkpoint import discard_train_state, load_train_state, read_meta, save_train_state
 from dpldm.common import add_config_args, config_from, images_tensor, load_private, load_public, public_dir, seed_all
 from dpldm.diffusion import diffusion_loss, encode, train_scheduler
@@ -64,9 +69,15 @@ def parser() -> argparse.ArgumentParser:
     add_config_args(p)
     p.add_argument("--data", help="private data: an .npz (images, labels) or a folder with one sub-folder per class "
                                   "(default: the preset's, MNIST-5k for mnist, Fashion-MNIST for fmnist)")
-    p.add_argument("--pretrained", type=Path, help="pre-trained LDM folder (default <runs>/<config>/public/ldm, "
-                                                   "built from public data if missing)")
-    p.add_argument("--autoencoder", type=Path, help="default <runs>/<config>/public/autoencoder")
+    p.add_argument("--pretrained", type=Path, help="pre-trained LDM folder (default: the shipped base the config "
+                                                   "names, else <runs>/<config>/public/ldm, built from public data "
+                                                   "if missing)")
+    p.add_argument("--autoencoder", type=Path, help="autoencoder folder (default: the base's, else "
+                                                    "<runs>/<config>/public/autoencoder)")
+    p.add_argument("--base", help="shipped base model, a name or a folder (default: the config's `base`, if any); "
+                                  "its files are checked against its SHA256SUMS")
+    p.add_argument("--no-base", action="store_true", help="ignore the config's base: use, or pre-train into, "
+                                                          "<runs>/<config>/public")
     p.add_argument("--out", type=Path, help="run folder (default <runs>/<config>/dp-<trainable>-eps<epsilon>)")
     p.add_argument("--target-epsilon", type=float)
     p.add_argument("--delta", type=float, help="default: 1/N rounded down to a power of ten, at most 1e-5")
@@ -93,6 +104,8 @@ def parser() -> argparse.ArgumentParser:
                                                  "done in total; for tests and time-boxed jobs")
     p.add_argument("--no-sample", action="store_true", help="stop after training (no sampling, no evaluation)")
     p.add_argument("--no-eval", action="store_true", help="sample but do not evaluate")
+    p.add_argument("--no-baselines", action="store_true", help="evaluate without the baselines (public-only, "
+                                                               "DP-SGD and non-private CNNs)")
     p.add_argument("--per-class", type=int, help="synthetic images per class")
     return p
 
@@ -133,7 +146,31 @@ def accounted_steps(engine: Any) -> int:
     return int(sum(h[2] for h in engine.accountant.history))
 
 
+def base_parts(args: argparse.Namespace, cfg: dict[str, Any], name: str, log: RunLog) -> tuple[Path, Path]:
+    """The shipped base's autoencoder and LDM folders, verified against its SHA256SUMS; --autoencoder or
+    --pretrained, when given, replaces its part. Never pre-trains: a base that is not installed is an error."""
+    try:
+        folder = verified_base(name)
+    except BaseNotFound as e:
+        named_by = "--base" if args.base else f"config {cfg['name']}"
+        fail(f"{named_by}: {e} Or pass --no-base to use (or pre-train into) {public_dir(args, cfg)}, or "
+             "--autoencoder/--pretrained folders.")
+    if args.pretrained is None:
+        check_layout(folder, cfg)  # its architecture is checked when loaded
+    ae_dir, ldm_dir = args.autoencoder or folder / "autoencoder", args.pretrained or folder / "ldm"
+    for flag, given in (("--autoencoder", args.autoencoder), ("--pretrained", args.pretrained)):
+        if given is not None and not given.exists():
+            fail(f"{flag} {given}: no such folder")
+    public = base_record(folder).get("public", {})
+    log.print(f"base model {name} ({folder}, files verified against its SHA256SUMS; pre-trained on public data "
+              f"{public.get('ldm')!r})", base=str(folder))
+    return ae_dir, ldm_dir
+
+
 def ensure_pretrained(args: argparse.Namespace, cfg: dict[str, Any], log: RunLog) -> tuple[Path, Path]:
+    base = None if args.no_base else (args.base or cfg.get("base"))
+    if base and not (args.autoencoder and args.pretrained):
+        return base_parts(args, cfg, str(base), log)
     pub = public_dir(args, cfg)
     ae_dir = args.autoencoder or pub / "autoencoder"
     ldm_dir = args.pretrained or pub / "ldm"
@@ -171,6 +208,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     fill_defaults(args, cfg)
     if args.secure_mode and args.deterministic_noise:
         fail("--secure-mode and --deterministic-noise contradict each other: pass one of them")
+    if args.base and args.no_base:
+        fail("--base and --no-base contradict each other: pass one of them")
     out: Path = args.out
     ckpt = out / "checkpoint"
 
@@ -324,7 +363,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not args.no_eval:
             public = load_public(cfg) if cfg["data"].get("public") else None
             synthetic = data_mod.from_npz(npz, plain.class_embedder.num_classes)
-            ev = evaluate_stage.run(cfg, synthetic, private, public, out, seed=args.seed)
+            # the DP-SGD baselines spend the same (epsilon, delta) again, separately: comparison only, never released
+            target = DPTarget(args.target_epsilon, args.delta, args.accountant)
+            ev = evaluate_stage.run(cfg, synthetic, private, public, out, seed=args.seed,
+                                    baselines_on=not args.no_baselines, target=target, backend=args.backend,
+                                    noise_seed=args.seed if args.deterministic_noise else None)
             result.update(ev)
     result["wall_s"] = time.time() - t_start
     (out / "result.json").write_text(json.dumps(result, indent=1))
@@ -334,6 +377,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "grid" in result:
         summary += f", grid: {result['grid']}"
     log.print(summary, **{k: v for k, v in result.items() if not isinstance(v, str)})
+    if any(k.startswith("baseline_") for k in result):
+        log.print(baselines_table(result))
     return result
 
 

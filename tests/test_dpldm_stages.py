@@ -93,9 +93,12 @@ def test_sample_and_evaluate_stages(tiny_runs: Path, tmp_path: Path) -> None:
         assert np.bincount(z["labels"]).tolist() == [3] * 10
     from PIL import Image
 
-    assert Image.open(tmp_path / "grid.png").size == (280, 280)
+    from dpldm.sample import label_column
+
+    width = label_column([str(c) for c in range(10)], 4 * 28, 1).shape[1]  # 10 labelled rows of 10 samples, 4x
+    assert Image.open(tmp_path / "grid.png").size == (width + 10 * 4 * 28, 10 * 4 * 28)
     evaluate.main(["--config", "tiny", "--synthetic", str(tmp_path / "samples.npz"), "--cnn-epochs", "1",
-                   "--no-sklearn"])
+                   "--no-sklearn", "--no-baselines"])
     res = json.loads((tmp_path / "eval.json").read_text())
     assert res["n_test"] == 1000 and 0.0 <= res["cnn_test_acc"] <= 1.0
     assert np.isfinite(res["frechet_distance_public_cnn"]) and res["frechet_distance_public_cnn"] > 0
