@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dpldm.base import config_base
 from dpldm.common import add_config_args, config_from, public_dir, seed_all
 from dpldm.data import from_model_tensor
 from dpldm.diffusion import ddim_sample, decode
@@ -25,7 +26,8 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
     p.add_argument("--ldm", type=Path, required=True, help="LDM folder (unet/, class_embedder/)")
-    p.add_argument("--autoencoder", type=Path, help="default <runs>/<config>/public/autoencoder")
+    p.add_argument("--autoencoder", type=Path, help="default: the one the LDM was trained with (its ldm.json), "
+                                                      "else the config's base, else <runs>/<config>/public/autoencoder")
     p.add_argument("--out", type=Path, required=True, help="folder for samples.npz and grid.png")
     p.add_argument("--per-class", type=int, help="images per class (default from config)")
     p.add_argument("--ddim-steps", type=int)
@@ -104,11 +106,20 @@ def run(cfg: dict[str, Any], model: ConditionalUNet, vae: Any, out: Path, per_cl
     return npz, grid
 
 
+def default_autoencoder(args: argparse.Namespace, cfg: dict[str, Any], ldm_meta: dict[str, Any]) -> Path:
+    """The autoencoder the LDM was trained with (its ldm.json records it), else the config's shipped base's,
+    else the public cache <runs>/<config>/public/autoencoder."""
+    if ldm_meta.get("autoencoder") and Path(ldm_meta["autoencoder"]).is_dir():
+        return Path(ldm_meta["autoencoder"])
+    base = config_base(cfg)
+    return base / "autoencoder" if base is not None else public_dir(args, cfg) / "autoencoder"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     cfg = config_from(args)
-    vae = load_autoencoder(args.autoencoder or public_dir(args, cfg) / "autoencoder", cfg)
-    model, _ = load_ldm(args.ldm, cfg)
+    model, meta = load_ldm(args.ldm, cfg)
+    vae = load_autoencoder(args.autoencoder or default_autoencoder(args, cfg, meta), cfg)
     run(cfg, model, vae, args.out, args.per_class, args.ddim_steps, args.guidance_scale, args.batch_size,
         args.seed, args.device)
 
