@@ -18,6 +18,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
+from dpkernels import distributed as distributed_mod
 from dpkernels import ops
 from dpkernels.bookkeeping import Clipper, Recorder
 from dpkernels.layers import RULES, DPLayer, rule_for
@@ -57,6 +58,7 @@ class PrivacyEngine:
         backend: str = "auto",
         loss_reduction: str = "mean",
         seed: int | None = None,
+        distributed: bool | None = None,
     ) -> tuple[nn.Module, DPOptimizer, DataLoader]:
         """Make `module` private in place; return it, the DP optimizer and the Poisson loader.
 
@@ -73,6 +75,10 @@ class PrivacyEngine:
             loss_reduction: "mean" (the update is divided by the expected batch size q N) or "sum".
             seed: None (the default) draws the noise seed and the Poisson sampler's seed from the OS; an int
                 makes both reproducible, for tests only: whoever knows it can subtract the noise.
+            distributed: data-parallel over the initialised torch.distributed process group
+                (dpkernels.distributed: every rank passes a loader over the whole data set; the noise is added
+                once, on rank 0; one all-reduce per step). None: when a group of more than one process exists.
+                `module` may be wrapped in DistributedDataParallel.
         """
         if self.optimizer is not None:
             raise RuntimeError("this PrivacyEngine already made a model private; use a new engine per model")
@@ -82,17 +88,32 @@ class PrivacyEngine:
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         if getattr(module, "_dpkernels_engine", None) is not None:
             raise RuntimeError("this module was already made private by another PrivacyEngine")
+        outer, module = module, distributed_mod.unwrap(module)
+        rank, world_size = distributed_mod.world()
+        if distributed is None:
+            distributed = world_size > 1
+        elif distributed and world_size == 1:
+            raise ValueError("distributed=True needs an initialised torch.distributed process group of more than "
+                             "one process")
+        if not distributed:
+            rank, world_size = 0, 1
         params = trainable_parameters(module)
         check_optimizer(optimizer, params)
         norm_guards = batch_statistics_modules(module)
 
         sample_rate = sample_rate_of(data_loader)
         expected_batch_size = int(len(data_loader.dataset) * sample_rate)
+        if distributed:
+            distributed_mod.check_same_everywhere("the data set size", len(data_loader.dataset))
+            distributed_mod.check_same_everywhere("the sampling rate", sample_rate)
         self.noise = NoiseSource(seed, self.secure_mode)
         self.sampler_generator = None
         if poisson_sampling:
-            self.sampler_generator = sampler_generator(seed)
-            data_loader = poisson_loader(data_loader, self.sampler_generator)
+            self.sampler_generator = sampler_generator(seed, rank)
+            data_loader = (distributed_mod.rank_poisson_loader(data_loader, self.sampler_generator, rank, world_size)
+                           if distributed else poisson_loader(data_loader, self.sampler_generator))
+        elif distributed:
+            raise ValueError("distributed training needs poisson_sampling=True (each rank samples its share)")
         else:
             log.warning("dpkernels: poisson_sampling=False: the accountant's guarantee assumes Poisson sampling")
 
@@ -101,18 +122,19 @@ class PrivacyEngine:
         clipper = Clipper(layers, max_grad_norm, clipping, backend, loss_reduction)
         names = {id(p): n for n, p in module.named_parameters()}
         self.optimizer = DPOptimizer(optimizer, params, recorder, clipper, self.noise, noise_multiplier,
-                                     expected_batch_size, backend, names)
+                                     expected_batch_size, backend, names, rank, world_size)
         self.optimizer.step_hooks.append(
             lambda opt: self.accountant.step(noise_multiplier=opt.noise_multiplier, sample_rate=sample_rate))
         self.sample_rate = sample_rate
         for layer in layers:  # patch last: nothing is changed if a check above failed
             layer.module.forward = layer.forward
-        module.zero_grad = _discarding_zero_grad(module, self.optimizer)
+        for m in {id(module): module, id(outer): outer}.values():
+            m.zero_grad = _discarding_zero_grad(m, self.optimizer)
+            m._dpkernels_engine = self
         for name, m in norm_guards:  # model.train() later must not bring batch statistics back
             m.register_forward_pre_hook(_refuse_batch_statistics(name))
-        module._dpkernels_engine = self
         self.layers = layers
-        return module, self.optimizer, data_loader
+        return outer, self.optimizer, data_loader
 
     def make_private_with_epsilon(
         self,

@@ -23,7 +23,7 @@ from dpkernels.noise import NoiseSource
 class DPOptimizer(Optimizer):
     def __init__(self, optimizer: Optimizer, params: list[nn.Parameter], recorder: Recorder, clipper: Clipper,
                  noise: NoiseSource, noise_multiplier: float, expected_batch_size: int, backend: str = "auto",
-                 names: dict[int, str] | None = None):
+                 names: dict[int, str] | None = None, rank: int = 0, world_size: int = 1):
         # Deliberately no super().__init__: param_groups/state/defaults are the wrapped optimizer's.
         if expected_batch_size <= 0:
             raise ValueError(f"expected batch size must be positive, got {expected_batch_size}")
@@ -38,6 +38,8 @@ class DPOptimizer(Optimizer):
         self.expected_batch_size = int(expected_batch_size)
         self.backend = backend
         self.names = names or {}  # id(parameter) -> its name in the module, for error messages
+        self.rank, self.world_size = rank, world_size  # data parallel: noise on rank 0, then one all-reduce
+        self.bytes_all_reduced = 0  # this rank's all-reduce payload so far (distributed runs)
         # the private gradient is divided by E for a mean-reduced loss, as Opacus does (not for a sum)
         self.normaliser = self.expected_batch_size if clipper.loss_reduction == "mean" else 1
         self.step_hooks: list[Callable[[DPOptimizer], None]] = []
@@ -165,12 +167,15 @@ class DPOptimizer(Optimizer):
 
     @torch.no_grad()  # the private gradient carries no graph, and keeps no activation alive
     def write_private_grads(self) -> None:
-        """p.grad = (sum_b c_b g_b + N(0, sigma^2 C^2)) / E for every private parameter (no / E for a sum loss)."""
+        """p.grad = (sum_b c_b g_b + N(0, sigma^2 C^2)) / E for every private parameter (no / E for a sum loss).
+
+        Distributed: each rank's sum over its examples; rank 0 alone adds the noise; the all-reduce sums them."""
         self.noise.new_step()
-        std = self.noise_multiplier * self.clipper.total_norm / self.normaliser
+        std = self.noise_multiplier * self.clipper.total_norm / self.normaliser if self.rank == 0 else 0.0
+        noise = self.noise if self.rank == 0 else None
         records, rows, ids = self.recorder.take()
         try:
-            sums = self.clipper.sums(records, rows, ids, 1.0 / self.normaliser, std, self.noise)
+            sums = self.clipper.sums(records, rows, ids, 1.0 / self.normaliser, std, noise)
         except Exception:
             self._acc.clear()
             raise
@@ -181,10 +186,15 @@ class DPOptimizer(Optimizer):
             else:  # its layer did not run in the last physical batch: noise on what was accumulated
                 g = self._acc.get(p)
                 g = torch.zeros(p.shape, dtype=_acc_dtype(p), device=p.device) if g is None else g.clone()
-                seed, offset = self.noise.take(p.numel())
-                ops.add_noise_(g, std, seed, offset, backend=self.backend)
+                if noise is not None:
+                    seed, offset = self.noise.take(p.numel())
+                    ops.add_noise_(g, std, seed, offset, backend=self.backend)
             grads[p] = g
         self._acc.clear()
+        if self.world_size > 1:
+            from dpkernels.distributed import all_reduce_sum
+
+            self.bytes_all_reduced += all_reduce_sum([grads[p] for p in self.params])
         for p, g in grads.items():
             p.grad = g.reshape(p.shape).to(p.dtype)
 

@@ -25,22 +25,31 @@ def sample_rate_of(data_loader: DataLoader) -> float:
     return 1.0 / n
 
 
-def sampler_generator(seed: int | None) -> torch.Generator:
+def sampler_generator(seed: int | None, rank: int = 0) -> torch.Generator:
     """The Poisson sampler's own generator: seeded from the OS unless a (test) seed is given.
 
     Never torch's global generator, nor the loader's: those are seeded from public values. torch's
     generator is not a CSPRNG (Opacus uses torchcsprng for that, which has no build for current torch).
+    Each rank of a distributed run has its own stream (independent inclusions across ranks).
     """
     if seed is None:
         start = secrets.randbits(63)
     else:  # a different stream from the noise's, derived from the same test seed
-        start = int.from_bytes(hashlib.sha256(f"dpkernels-poisson-{int(seed)}".encode()).digest()[:8], "little") >> 1
+        tag = f"dpkernels-poisson-{int(seed)}" + (f"-rank{rank}" if rank else "")
+        start = int.from_bytes(hashlib.sha256(tag.encode()).digest()[:8], "little") >> 1
     return torch.Generator().manual_seed(start)
 
 
 def poisson_loader(data_loader: DataLoader, generator: torch.Generator) -> DPDataLoader:
-    """Opacus' uniform-with-replacement (Poisson) sampler over the same dataset, drawing from `generator`."""
-    return DPDataLoader.from_data_loader(data_loader, generator=generator)
+    """Opacus' uniform-with-replacement (Poisson) sampler over the same dataset, drawing from `generator`.
+
+    Opacus also hands `generator` to the DataLoader, which draws a worker base seed from it whenever an iterator
+    starts: the batches would then depend on where epochs begin, and a resumed run (which starts an iterator
+    mid-epoch) would sample other batches than an uninterrupted one. The base seeds come from a generator of
+    their own instead (public, fixed: they only seed worker processes), so only the masks draw from `generator`."""
+    loader = DPDataLoader.from_data_loader(data_loader, generator=generator)
+    loader.generator = torch.Generator().manual_seed(0)
+    return loader
 
 
 def split_batch(batch: Any, size: int) -> list[Any]:

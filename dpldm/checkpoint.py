@@ -5,13 +5,18 @@ stream and of the Poisson sampler (so a resumed run continues the same private s
 regenerate the noise of every step of the run and subtract it. It is the only place those seeds are written; each
 checkpoint carries a PRIVATE.txt saying so, and train.py deletes the checkpoint once training is finished.
 
-Written atomically (dpldm.models.atomic_dir): a run killed while writing keeps its previous checkpoint.
+Written whole or not at all: a new checkpoint is filled in a temporary folder, then the current one becomes
+`<name>.prev` and the new one takes its name, so a run killed, or a disk full, while writing keeps its previous
+checkpoint as the latest. meta.json records the sha256 of model.safetensors and state.pt: a corrupt or truncated
+checkpoint is refused with the reason, and resuming falls back to `<name>.prev`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dpldm.models import atomic_dir, existing_dir
+from dpldm.base import sha256_file
 
 PRIVATE_NOTE = """PRIVATE: do not share this folder.
 state.pt holds the DP engine's state: the secret seeds and stream positions of the Gaussian noise and of the
@@ -27,6 +32,9 @@ Poisson sampling of this run (kept so that --resume continues the same private s
 regenerate the noise added to each update and subtract it, which voids the differential-privacy guarantee.
 dpldm.train deletes this folder when training finishes; share ldm/, samples.npz, grid.png and result.json instead.
 """
+
+
+FILES = ("model.safetensors", "state.pt")
 
 
 def save_train_state(folder: Path, model: nn.Module, optimizer: Any, engine: Any, step: int, meta: dict[str, Any]
@@ -39,30 +47,79 @@ def save_train_state(folder: Path, model: nn.Module, optimizer: Any, engine: Any
             rng["cuda_rng"] = torch.cuda.get_rng_state_all()
         torch.save({"optimizer": optimizer.state_dict(), "engine": engine.state_dict(), "step": step, **rng},
                    tmp / "state.pt")
-        (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=1))
+        sums = {name: sha256_file(tmp / name) for name in FILES}
+        (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "sha256": sums}, indent=1))
         (tmp / "PRIVATE.txt").write_text(PRIVATE_NOTE)
+        for f in tmp.iterdir():  # on disk before the rename makes it the latest
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
 
-    atomic_dir(folder, write)
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        write(tmp)
+        prev = previous(folder)
+        if folder.is_dir():
+            if prev.exists():
+                shutil.rmtree(prev)
+            os.replace(folder, prev)  # a crash here leaves only .prev, which latest_checkpoint finds
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def previous(folder: Path) -> Path:
+    return Path(folder).parent / f"{Path(folder).name}.prev"
+
+
+def problem(folder: Path) -> str | None:
+    """Why the checkpoint in `folder` cannot be used (None: it is intact)."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return f"meta.json unreadable ({type(e).__name__})"
+    sums = meta.get("sha256")
+    if not isinstance(sums, dict):
+        return "no checksums in meta.json (written by an older version, or edited)"
+    for name in FILES:
+        if not (folder / name).is_file():
+            return f"{name} missing"
+        if sha256_file(folder / name) != sums.get(name):
+            return f"{name} corrupt or truncated (sha256 mismatch)"
+    return None
+
+
+def latest_checkpoint(folder: Path) -> tuple[Path | None, dict[str, Any] | None, list[str]]:
+    """The newest intact checkpoint: `folder`, else `folder.prev` (and the `.old` twin a crash inside an older
+    writer may have left). Returns (its path, its meta, why each newer one was refused)."""
+    folder = Path(folder)
+    refused = []
+    for path in (folder, previous(folder), folder.parent / f".{folder.name}.old"):
+        if not path.is_dir():
+            continue
+        why = problem(path)
+        if why is None:
+            return path, json.loads((path / "meta.json").read_text()), refused
+        refused.append(f"{path}: {why}")
+    return None, None, refused
 
 
 def discard_train_state(folder: Path) -> None:
-    """Delete a checkpoint (and the `.old` twin a crash may leave): a finished run keeps no noise state."""
+    """Delete a checkpoint, its `.prev` and any `.old` twin: a finished run keeps no noise state."""
     folder = Path(folder)
-    for path in (folder, folder.parent / f".{folder.name}.old"):
+    for path in (folder, previous(folder), folder.parent / f".{folder.name}.old"):
         if path.is_dir():
             shutil.rmtree(path)
 
 
-def read_meta(folder: Path) -> dict[str, Any] | None:
-    found = existing_dir(folder)
-    return json.loads((found / "meta.json").read_text()) if found is not None else None
-
-
-def load_train_state(folder: Path, model: nn.Module, optimizer: Any, engine: Any) -> int:
-    """Restores everything in place; returns the number of logical steps already taken."""
-    found = existing_dir(folder)
-    if found is None:
-        raise FileNotFoundError(f"no checkpoint at {folder}")
+def load_train_state(found: Path, model: nn.Module, optimizer: Any, engine: Any) -> int:
+    """Restores everything in place from an intact checkpoint (latest_checkpoint's); returns the number of logical
+    steps already taken."""
+    why = problem(found)
+    if why is not None:
+        raise ValueError(f"checkpoint {found}: {why}")
     weights = load_file(found / "model.safetensors")
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:

@@ -38,6 +38,7 @@ class DataError(ValueError):
 class Split:
     images: np.ndarray  # uint8 [N, H, W, C]
     labels: np.ndarray  # int64 [N]
+    rows: np.ndarray | None = None  # each example's row in its source (.npz order, or the folder listing's)
 
 
 @dataclass
@@ -46,6 +47,7 @@ class DataSet:
     test: Split
     num_classes: int
     source: str
+    files: list[str] | None = None  # a folder source: the image of each source row, relative to the folder
 
 
 def _check(images: np.ndarray, labels: np.ndarray, where: str, num_classes: int) -> Split:
@@ -89,7 +91,8 @@ def _to_uint8(images: np.ndarray, where: str) -> np.ndarray:
 def _fixed_split(split: Split, n_test: int, seed: int = SPLIT_SEED) -> tuple[Split, Split]:
     perm = np.random.default_rng(seed).permutation(len(split.labels))
     te, tr = perm[:n_test], perm[n_test:]
-    return Split(split.images[tr], split.labels[tr]), Split(split.images[te], split.labels[te])
+    rows = split.rows if split.rows is not None else np.arange(len(split.labels))
+    return (Split(split.images[tr], split.labels[tr], rows[tr]), Split(split.images[te], split.labels[te], rows[te]))
 
 
 def mnist5k() -> DataSet:
@@ -171,31 +174,57 @@ def from_npz(path: Path, num_classes: int) -> Split:
     return _check(images, labels, str(path), num_classes)
 
 
-def from_folder(path: Path, channels: int, num_classes: int, image_size: int) -> tuple[Split, list[str]]:
-    """One sub-folder per class (sorted names give the label order), exactly `num_classes` of them (the config's);
-    every image resized to image_size x image_size (the config's), whatever the sizes found."""
-    from PIL import Image
-
-    classes = sorted(p.name for p in path.iterdir() if p.is_dir())
+def folder_listing(path: Path, num_classes: int, classes: list[str] | None = None
+                   ) -> tuple[list[str], list[tuple[str, int]]]:
+    """Class names (sorted sub-folders, exactly `num_classes`) and (image path relative to `path`, label), in the
+    order from_folder reads them: its source rows. `classes` given: the label order, of which the sub-folders
+    may be any subset (a shard of a larger set)."""
+    found = sorted(p.name for p in path.iterdir() if p.is_dir())
+    if classes is not None:
+        unknown = [c for c in found if c not in classes]
+        if unknown:
+            raise DataError(f"{path}: class sub-folders {unknown} are not among the classes {classes}")
+        return classes, [(f"{name}/{f.name}", classes.index(name)) for name in found
+                         for f in sorted((path / name).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    classes = found
     if not classes:
         raise DataError(f"{path}: expected one sub-folder per class, found none")
     if len(classes) != num_classes:
         raise DataError(f"{path}: {len(classes)} class sub-folders, but the config says {num_classes} classes "
                         "(data.num_classes or data.private_num_classes): the label set comes from the config")
+    files = [(f"{name}/{f.name}", label) for label, name in enumerate(classes)
+             for f in sorted((path / name).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    return classes, files
+
+
+def from_folder(path: Path, channels: int, num_classes: int, image_size: int, classes: list[str] | None = None
+                ) -> tuple[Split, list[str]]:
+    """One sub-folder per class (sorted names give the label order), exactly `num_classes` of them (the config's);
+    every image resized to image_size x image_size (the config's), whatever the sizes found. `classes`: see
+    folder_listing."""
+    from PIL import Image
+
+    classes, files = folder_listing(path, num_classes, classes)
     images, labels = [], []
-    for label, name in enumerate(classes):
-        for f in sorted((path / name).iterdir()):
-            if f.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                img = Image.open(f).convert("L" if channels == 1 else "RGB")
-            except Exception as e:
-                raise DataError(f"{f}: not a readable image ({e})") from e
-            images.append(np.asarray(img.resize((image_size, image_size))))
-            labels.append(label)
+    for rel, label in files:
+        try:
+            img = Image.open(path / rel).convert("L" if channels == 1 else "RGB")
+        except Exception as e:
+            raise DataError(f"{path / rel}: not a readable image ({e})") from e
+        images.append(np.asarray(img.resize((image_size, image_size))))
+        labels.append(label)
     if not images:
         raise DataError(f"{path}: no images found in its class sub-folders")
     return _check(np.stack(images), np.asarray(labels), str(path), num_classes), classes
+
+
+def held_out(full: Split, source: str, num_classes: int, files: list[str] | None = None,
+             test_fraction: float = 0.2) -> DataSet:
+    """The fixed train / test split of user data (the same rows every run)."""
+    if len(full.labels) < 2:
+        raise DataError(f"{source}: need at least 2 examples, found {len(full.labels)}")
+    train, test = _fixed_split(full, max(1, round(test_fraction * len(full.labels))))
+    return DataSet(train, test, num_classes, source, files)
 
 
 def user_data(path: str | Path, channels: int, num_classes: int, image_size: int, test_fraction: float = 0.2
@@ -207,11 +236,8 @@ def user_data(path: str | Path, channels: int, num_classes: int, image_size: int
     if not p.exists():
         raise DataError(f"{p}: no such file or folder")
     full = from_npz(p, num_classes) if p.is_file() else from_folder(p, channels, num_classes, image_size)[0]
-    if len(full.labels) < 2:
-        raise DataError(f"{p}: need at least 2 examples, found {len(full.labels)}")
-    n_test = max(1, round(test_fraction * len(full.labels)))
-    train, test = _fixed_split(full, n_test)
-    return DataSet(train, test, num_classes, str(p))
+    files = None if p.is_file() else [rel for rel, _ in folder_listing(p, num_classes)[1]]
+    return held_out(full, str(p), num_classes, files, test_fraction)
 
 
 BUILT_IN = {"mnist5k": mnist5k, "digits": digits28, "fontdigits": fontdigits, "fmnist": fashion_mnist}

@@ -34,7 +34,7 @@ class RunLog:
         self.log(msg=msg, **fields)
 
 
-def progress(total: int, desc: str, initial: int = 0) -> tqdm:
-    # mininterval keeps the bar cheap; disable when not a terminal and DPLDM_NO_BAR is set (tests)
+def progress(total: int, desc: str, initial: int = 0, disable: bool = False) -> tqdm:
+    # mininterval keeps the bar cheap; disabled when DPLDM_NO_BAR is set (tests), or asked (ranks other than 0)
     return tqdm(total=total, initial=initial, desc=desc, mininterval=1.0, dynamic_ncols=True,
-                disable=bool(os.environ.get("DPLDM_NO_BAR")))
+                disable=disable or bool(os.environ.get("DPLDM_NO_BAR")))

@@ -1,10 +1,10 @@
 """DP fine-tuning of a latent diffusion model on PRIVATE data (DP-LDM / DP-LoRA), then sampling and evaluation.
 
-With no arguments this runs the embedded default end to end, offline: if no pre-trained model is cached in
-./runs, pre-train a tiny autoencoder + LDM on PUBLIC data (sklearn digits), DP fine-tune the attention blocks
-at epsilon=10 on PRIVATE MNIST-5k (4k train / 1k test), sample, evaluate, print epsilon, accuracy and the grid.
-A config that names a shipped base (`base: NAME`, dpldm/bases/NAME/) starts from that base instead, after
-checking its files against its SHA256SUMS; it never pre-trains then (--no-base does, as above).
+With no arguments this runs the embedded default end to end, offline: start from the shipped base the mnist
+config names (dpldm/bases/mnist-fontdigits/, pre-trained on PUBLIC font-rendered digits; its files checked
+against its SHA256SUMS), DP fine-tune the attention blocks at epsilon=10 on PRIVATE MNIST-5k (4k train / 1k
+test), sample, evaluate beside the baselines, print epsilon, the table and the grid. A config without a base
+(or --no-base) uses <runs>/<config>/public/, pre-training it on the config's public data if empty.
 
 Every private step goes through dpkernels.PrivacyEngine (Poisson sampling, per-example clipping, Gaussian
 noise, PRV accountant). With --noise-multiplicity k each image is used with k diffusion noises; its k rows
@@ -38,19 +38,30 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dpldm import data as data_mod
 from dpldm import evaluate as evaluate_stage
+from dpldm import parallel
 from dpldm import pretrain as pretrain_stage
 from dpldm import pretrain_autoencoder as ae_stage
 from dpldm import sample as sample_stage
 from dpldm.base import BaseNotFound, base_record, check_layout, verified_base
 from dpldm.baselines import DPTarget
 from dpldm.baselines import table as baselines_table
-from dpldm.checkpoint import discard_train_state, load_train_state, read_meta, save_train_state
+from dpldm.checkpoint import discard_train_state, latest_checkpoint, load_train_state, save_train_state
 from dpldm.common import add_config_args, config_from, images_tensor, load_private, load_public, public_dir, seed_all
 from dpldm.diffusion import diffusion_loss, encode, train_scheduler
 from dpldm.export import plain_copy
-from dpldm.models import CheckpointError, ClassEmbedder, load_autoencoder, load_ldm, save_ldm, trained_on
+from dpldm.models import (
+    CheckpointError,
+    ClassEmbedder,
+    ConditionalUNet,
+    load_autoencoder,
+    load_ldm,
+    save_ldm,
+    trained_on,
+)
 from dpldm.runlog import RunLog, progress
 from dpldm.trainable import select_trainable
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Arguments that define the private computation: a resumed run must use the same ones.
 RESUME_KEYS = ("data", "target_epsilon", "delta", "epochs", "batch_size", "max_grad_norm", "noise_multiplicity",
@@ -92,6 +103,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--accountant", default="prv", choices=("prv", "rdp", "gdp"))
     p.add_argument("--backend", default="auto", help="dpkernels backend: auto, cpu, cuda, triton, torch")
+    p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
+                   help="autocast dtype of the forward pass (bf16, fp16) or none (fp32); the engine accumulates "
+                        "per-sample norms and clipped sums in fp32 and writes fp32 gradients either way")
     p.add_argument("--secure-mode", action="store_true",
                    help="a fresh OS seed for the noise at every step; nothing of it is kept for --resume")
     p.add_argument("--deterministic-noise", action="store_true",
@@ -199,25 +213,42 @@ def ensure_pretrained(args: argparse.Namespace, cfg: dict[str, Any], log: RunLog
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    t_start = time.time()
     args = parser().parse_args(argv)
     try:
         cfg = config_from(args)
     except ValueError as e:
         fail(str(e))
     fill_defaults(args, cfg)
+    return run(cfg, args)[0]
+
+
+def run(cfg: dict[str, Any], args: argparse.Namespace, private: data_mod.DataSet | None = None
+        ) -> tuple[dict[str, Any], ConditionalUNet]:
+    """DP fine-tune, then (unless args say not to) sample and evaluate; returns result.json's content and the
+    fine-tuned model as trained (LoRA adapters still separate).
+
+    Args:
+        cfg: the config (dpldm.config.load_config).
+        args: parser() arguments with fill_defaults applied.
+        private: the private data set, already loaded (dpldm.compartments passes one shard); default: args.data,
+            else the config's private data.
+    """
+    t_start = time.time()
+    rank, world = parallel.setup(args)
+    lead = rank == 0
     if args.secure_mode and args.deterministic_noise:
         fail("--secure-mode and --deterministic-noise contradict each other: pass one of them")
     if args.base and args.no_base:
         fail("--base and --no-base contradict each other: pass one of them")
     out: Path = args.out
-    ckpt = out / "checkpoint"
+    ckpt = parallel.checkpoint_dir(out, rank)  # every rank keeps its own sampler and RNG state
 
     # --- refuse early: bad data, unreachable epsilon, inconsistent resume ---------------------------------------
-    if not (args.data or cfg["data"].get("private")):
+    if private is None and not (args.data or cfg["data"].get("private")):
         fail(f"config {cfg['name']} names no private data set: pass --data PATH (.npz or folder of class folders)")
     try:
-        private = load_private(args.data or cfg["data"]["private"], cfg)
+        if private is None:
+            private = load_private(args.data or cfg["data"]["private"], cfg)
     except data_mod.DataError as e:
         fail(str(e))
     n = len(private.train.labels)  # the one thing read off the private data: N (sampling rate, default delta)
@@ -238,7 +269,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         fail(f"target epsilon {args.target_epsilon} is unreachable with delta {args.delta:g}, {args.epochs} epochs "
              f"and sampling rate {sample_rate:.4g} ({e}). Raise --target-epsilon, or lower --epochs or --batch-size.")
     run_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k in RESUME_KEYS}
-    meta = read_meta(ckpt)
+    found, meta, refused = latest_checkpoint(ckpt)
+    if refused and found is None and args.resume:
+        fail(f"--resume: no intact checkpoint in {out}: " + "; ".join(refused))
     if meta is not None and not meta.get("finished"):
         if not (args.resume or args.fresh):
             fail(f"{out} holds an unfinished run (step {meta['step']}); pass --resume to continue it or --fresh "
@@ -251,16 +284,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     elif args.resume:
         fail(f"--resume: no unfinished checkpoint in {out}")
     resuming = args.resume and meta is not None and not meta.get("finished")
+    if resuming and not parallel.same_on_all_ranks(meta["step"], world):
+        fail(f"--resume: the ranks' checkpoints are at different steps (this one {meta['step']}): pass --fresh")
     if not resuming and out.exists():
-        for stale in ("checkpoint", "ldm", "log.jsonl"):
+        discard_train_state(ckpt)
+        for stale in ("ldm", "log.jsonl") if lead else ():
             p = out / stale
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    parallel.barrier(world)
 
-    log = RunLog(out, "train")
+    log = RunLog(out, "train") if lead else parallel.SilentLog(out, "train")
     log.print(f"private data: {private.source}, {n} train / {len(private.test.labels)} test examples; "
               f"run folder {out}", **{k: v for k, v in run_args.items()})
     try:
+        if not lead:  # rank 0 pre-trains a missing cache first; the others then find it
+            parallel.barrier(world)
         ae_dir, ldm_dir = ensure_pretrained(args, cfg, log)
+        if lead:
+            parallel.barrier(world)
         vae = load_autoencoder(ae_dir, cfg)
         model, _ = load_ldm(ldm_dir, cfg)
     except CheckpointError as e:
@@ -303,28 +344,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log.print("WARNING " + DETERMINISTIC_NOISE_WARNING)
     step = 0
     if resuming:
+        for why in refused:
+            log.print(f"WARNING checkpoint refused, {why}: falling back to {found}")
         try:
-            step = load_train_state(ckpt, model, opt, engine)
+            step = load_train_state(found, model, opt, engine)
         except ValueError as e:
             fail(str(e))
         if accounted_steps(engine) != step:
-            fail(f"{ckpt}: accountant history has {accounted_steps(engine)} steps but the checkpoint says {step}")
-        log.print(f"resumed from {ckpt} at step {step}, epsilon so far {engine.get_epsilon(args.delta):.4f}",
+            fail(f"{found}: accountant history has {accounted_steps(engine)} steps but the checkpoint says {step}")
+        log.print(f"resumed from {found} at step {step}, epsilon so far {engine.get_epsilon(args.delta):.4f}",
                   resumed_step=step)
     meta = {"args": run_args, "sigma": opt.noise_multiplier, "total_steps": total_steps, "finished": False}
+    if world > 1 and not resuming:  # each rank its own diffusion timesteps and noise (the model init was shared)
+        torch.manual_seed(args.seed * 1_000_003 + rank)
 
     # --- DP training loop -------------------------------------------------------------------------------------
     sched = train_scheduler(cfg)
     k = args.noise_multiplicity
     stop_at = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
-    bar = progress(total_steps, "DP fine-tune", initial=step)
+    bar = progress(total_steps, "DP fine-tune", initial=step, disable=not lead)
     losses: list[float] = []
     while step < stop_at:
         for zb, yb in engine.virtual_batches(loader, args.max_physical_batch_size):
             opt.zero_grad(set_to_none=True)
             if len(zb):
                 rows_z, rows_y = zb.repeat_interleave(k, 0).to(args.device), yb.repeat_interleave(k, 0).to(args.device)
-                loss = diffusion_loss(model, sched, rows_z, rows_y, cfg["train"].get("label_dropout", 0.0))
+                with torch.autocast(torch.device(args.device).type, dtype=PRECISIONS[args.precision] or torch.bfloat16,
+                                    enabled=args.precision != "fp32"):
+                    loss = diffusion_loss(model, sched, rows_z, rows_y, cfg["train"].get("label_dropout", 0.0))
                 opt.set_example_ids(torch.arange(len(zb), device=args.device).repeat_interleave(k))
                 loss.backward()
                 losses.append(loss.item())
@@ -347,10 +394,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{args.accountant})", epsilon=epsilon, steps=step)
     result: dict[str, Any] = {"epsilon": epsilon, "delta": args.delta, "sigma": opt.noise_multiplier, "steps": step,
                               "total_steps": total_steps, "trainable_params": n_trainable,
-                              "noise_seeding": noise_seeding(args), "run": str(out)}
+                              "noise_seeding": noise_seeding(args), "run": str(out),
+                              # (sigma, sample rate, steps): what composes this run with others on the same data
+                              "accountant_history": [list(h) for h in engine.accountant.history]}
     if step < total_steps:
         log.print(f"stopped at step {step} of {total_steps} (--max-steps): continue with --resume --out {out}")
-        return result
+        return result, model
+    if not lead:  # rank 0 saves, samples and evaluates
+        discard_train_state(ckpt)
+        return result, model
 
     plain = plain_copy(model, cfg)
     save_ldm(plain, out / "ldm", {"stage": "train", "epsilon": epsilon, "delta": args.delta,
@@ -379,7 +431,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log.print(summary, **{k: v for k, v in result.items() if not isinstance(v, str)})
     if any(k.startswith("baseline_") for k in result):
         log.print(baselines_table(result))
-    return result
+    return result, model
 
 
 if __name__ == "__main__":

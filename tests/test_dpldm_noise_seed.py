@@ -110,7 +110,7 @@ def test_noise_state_only_in_private_checkpoint(tiny_runs: Path, tiny_private: P
     res = train.main(args + ["--resume", "--per-class", "1", "--no-eval"])  # evaluation never sees the engine
     assert res["steps"] == res["total_steps"]
     assert secret_ints(restored[0]) == secrets
-    assert not ckpt.exists()  # finished: the only copy of the seeds is gone
+    assert not ckpt.exists() and not (out / "checkpoint.prev").exists()  # finished: the seeds are gone
 
     printed = capsys.readouterr()
     outputs = {"stdout": printed.out.encode(), "stderr": printed.err.encode(), "logging": caplog.text.encode()}

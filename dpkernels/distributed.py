@@ -1,0 +1,106 @@
+"""Data-parallel DP-SGD on torch.distributed (NCCL on GPUs, gloo on CPUs).
+
+Every rank builds its loader over the WHOLE data set (same batch size, so the same q = 1 / len(loader)) and
+calls make_private; the engine then
+- samples each rank's share of the data, examples [rank::world], each independently with probability q at every
+  step (the union is one Poisson batch of rate q over all N examples). Unlike Opacus' distributed sampler, an
+  empty local batch is still yielded: every rank takes every logical step, so none waits for one that skipped;
+- clips each example on the rank that holds it and sums locally, without noise;
+- adds the Gaussian noise N(0, sigma^2 C^2) once, on rank 0, into its local sum, and all-reduces (sums) the
+  gradients of all ranks in one flat buffer per dtype: one all-reduce per logical step carrying exactly what
+  non-private DDP's gradient all-reduce carries (every trainable parameter, once);
+- divides by the GLOBAL expected batch size q N, so the update equals one process's on the union of the batches.
+Each rank keeps the same accountant (same sigma, q, steps); dpldm.train checkpoints rank 0's.
+A module wrapped in DistributedDataParallel is accepted: its own gradient synchronisation is switched off (the
+engine's all-reduce replaces it; DDP still broadcasts parameters at construction and buffers at forward).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from opacus.data_loader import dtype_safe, shape_safe, wrap_collate_with_empty
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without an initialised process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper, whose gradient synchronisation is switched off."""
+    if isinstance(module, nn.parallel.DistributedDataParallel):
+        module.require_backward_grad_sync = False  # what no_sync() sets, for good: the engine reduces
+        return module.module
+    return module
+
+
+class RankPoissonSampler(Sampler[list[int]]):
+    """This rank's share of a Poisson batch: examples rank, rank + world, ... each drawn with probability q."""
+
+    def __init__(self, total_size: int, sample_rate: float, rank: int, world_size: int,
+                 generator: torch.Generator) -> None:
+        self.indices = torch.arange(rank, total_size, world_size)
+        self.sample_rate = sample_rate
+        self.generator = generator
+        self.steps = int(1 / sample_rate)  # as the single-process sampler
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.steps):
+            mask = torch.rand(len(self.indices), generator=self.generator) < self.sample_rate
+            yield self.indices[mask].tolist()  # possibly empty: the rank still takes the step
+
+
+def rank_poisson_loader(data_loader: DataLoader, generator: torch.Generator, rank: int, world_size: int
+                        ) -> DataLoader:
+    dataset = data_loader.dataset
+    sampler = RankPoissonSampler(len(dataset), 1 / len(data_loader), rank, world_size, generator)
+    first = dataset[0]
+    collate = wrap_collate_with_empty(collate_fn=data_loader.collate_fn,
+                                      sample_empty_shapes=[(0, *shape_safe(x)) for x in first],
+                                      dtypes=[dtype_safe(x) for x in first])
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=data_loader.num_workers,
+                      pin_memory=data_loader.pin_memory, generator=torch.Generator().manual_seed(0))
+
+
+def check_same_everywhere(what: str, value: float) -> None:
+    """Refuse a setting that differs between ranks (each would account for another q or E)."""
+    t = torch.tensor([value, -value], dtype=torch.float64)
+    t = t.to("cuda") if dist.get_backend() == "nccl" else t
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    if t[0].item() != value or -t[1].item() != value:
+        raise ValueError(f"{what} differs between ranks (here {value}, somewhere between {-t[1].item()} and "
+                         f"{t[0].item()}): every rank must build its loader over the whole data set with the "
+                         "same batch size")
+
+
+def all_reduce_sum(tensors: list[torch.Tensor]) -> int:
+    """Sum `tensors` over all ranks in place, one flat all-reduce per (dtype, device). Returns the bytes this rank
+    sends into the all-reduce (its buffer sizes)."""
+    groups: dict[tuple[Any, Any], list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    sent = 0
+    for group in groups.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        try:
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        except (RuntimeError, dist.DistBackendError) as e:
+            raise RuntimeError(f"dpkernels: the gradient all-reduce failed on rank {dist.get_rank()}, most likely "
+                               f"because another rank died or left: no parameter was changed ({e})") from e
+        sent += flat.numel() * flat.element_size()
+        offset = 0
+        for t in group:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+    return sent

@@ -1,0 +1,46 @@
+"""A non-private compartment (`--no-dp`), for a shard of PUBLIC data: the same trainable set as the private
+compartments, trained with plain AdamW on the shard's latents. It carries no privacy claim and adds nothing to the
+accounting of the private shards (it never sees their data)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpldm import data as data_mod
+from dpldm.common import cycle_batches, images_tensor, seed_all
+from dpldm.diffusion import diffusion_loss, encode, train_scheduler
+from dpldm.models import ConditionalUNet, load_autoencoder, load_ldm
+from dpldm.runlog import progress
+from dpldm.trainable import select_trainable
+
+
+def train_public(cfg: dict[str, Any], data: data_mod.DataSet, base: dict[str, Any], hp: dict[str, Any], seed: int,
+                 device: str) -> tuple[ConditionalUNet, int]:
+    """hp: trainable, ablation, lora_rank, epochs, batch_size, lr (dpldm.train's meaning). Returns the model (as
+    trained, adapters separate) and its number of steps."""
+    gen = seed_all(seed)
+    vae = load_autoencoder(Path(base["autoencoder"]), cfg)
+    z = (encode(vae, images_tensor(data.train, cfg)) * vae.config.scaling_factor).contiguous()
+    y = torch.from_numpy(data.train.labels)
+    model, _ = load_ldm(Path(base["ldm"]), cfg)
+    select_trainable(model, hp["trainable"], hp["ablation"], hp["lora_rank"])
+    model.to(device).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=hp["lr"], weight_decay=0.0)
+    batch = min(hp["batch_size"], len(y))
+    steps = hp["epochs"] * math.ceil(len(y) / batch)
+    sched, batches = train_scheduler(cfg), cycle_batches(len(y), batch, gen)
+    bar = progress(steps, "public compartment")
+    for _ in range(steps):
+        idx = next(batches)
+        loss = diffusion_loss(model, sched, z[idx].to(device), y[idx].to(device), cfg["train"].get("label_dropout", 0.0))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    bar.close()
+    return model, steps

@@ -1,0 +1,65 @@
+"""`torchrun --nproc_per_node N -m dpldm.train ...`: one process per rank, on PyTorch's own distributed stack.
+
+torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; `setup` joins the process group (NCCL on
+GPUs, each rank on cuda:LOCAL_RANK; gloo on CPUs). The engine then clips on each rank, adds the noise once on rank
+0 and all-reduces once per step (dpkernels.distributed). Rank 0 alone writes the run folder (log, model, samples,
+evaluation); every rank checkpoints its own Poisson sampler and RNG state, so that a resume continues all streams.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dpldm.runlog import RunLog
+
+
+def setup(args: argparse.Namespace) -> tuple[int, int]:
+    """Join the process group torchrun describes (once); returns (rank, world size), (0, 1) alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        cuda = str(args.device).startswith("cuda")
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if str(args.device).startswith("cuda"):
+        args.device = f"cuda:{torch.cuda.current_device()}"
+    return dist.get_rank(), dist.get_world_size()
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def same_on_all_ranks(value: int, world: int) -> bool:
+    if world <= 1:
+        return True
+    t = torch.tensor([value, -value], dtype=torch.int64)
+    t = t.cuda() if dist.get_backend() == "nccl" else t
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t[0]) == value and -int(t[1]) == value
+
+
+def checkpoint_dir(out: Path, rank: int) -> Path:
+    return out / "checkpoint" if rank == 0 else out / f"checkpoint-rank{rank}"
+
+
+class SilentLog(RunLog):
+    """The log of a rank other than 0: nothing printed or written (rank 0 logs the run)."""
+
+    def __init__(self, run_dir: Path, stage: str) -> None:  # no folder, no file
+        self.dir, self.stage = Path(run_dir), stage
+
+    def log(self, **fields: Any) -> None:
+        pass
+
+    def print(self, msg: str, **fields: Any) -> None:
+        pass

@@ -1,0 +1,210 @@
+"""Data-parallel DP-SGD (dpkernels.distributed) with 2 CPU processes on gloo: the same update as one process on the
+same logical batch (noise off), the noise added exactly once (noise on), the same epsilon, every rank taking every
+step even with an empty local batch, and a DistributedDataParallel-wrapped module."""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from opacus.accountants import PRVAccountant
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from dpkernels import PrivacyEngine
+from tests.dpldm_helpers import tiny_private, tiny_runs  # noqa: F401
+
+WORLD = 2
+N, BATCH = 64, 16  # q = 1/4, expected batch E = 16
+BATCH_ROWS = torch.arange(0, 40, 2)  # one fixed logical batch of 20 examples
+
+
+def data() -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(N, 8, generator=g), torch.randint(0, 3, (N,), generator=g))
+
+
+def model() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def make(module: nn.Module, sigma: float, ds: TensorDataset, batch: int = BATCH, seed: int = 5):
+    engine = PrivacyEngine()
+    opt = torch.optim.SGD(module.parameters(), lr=1.0)
+    return engine, *engine.make_private(module=module, optimizer=opt, data_loader=DataLoader(ds, batch_size=batch),
+                                        noise_multiplier=sigma, max_grad_norm=0.5, seed=seed)
+
+
+def one_step(module: nn.Module, opt, x: torch.Tensor, y: torch.Tensor) -> None:
+    opt.zero_grad()
+    if len(x):
+        F.cross_entropy(module(x), y).backward()
+    opt.step()
+
+
+# --- what each rank runs -----------------------------------------------------------------------------------------
+
+def case_same_update(rank: int, out: Path, wrap: bool) -> None:
+    ds = data()
+    m = model()
+    if wrap:
+        m = nn.parallel.DistributedDataParallel(m)
+    _, module, opt, _ = make(m, 0.0, ds)
+    rows = BATCH_ROWS[rank::WORLD]
+    one_step(module, opt, ds.tensors[0][rows], ds.tensors[1][rows])
+    inner = module.module if wrap else module
+    torch.save({"params": [p.detach().clone() for p in inner.parameters()], "bytes": opt.bytes_all_reduced},
+               out / f"rank{rank}.pt")
+
+
+def case_noise(rank: int, out: Path) -> None:
+    big = nn.Linear(200, 500)
+    _, module, opt, _ = make(big, 1.0, TensorDataset(torch.randn(N, 200), torch.zeros(N)), seed=11)
+    opt.zero_grad()
+    opt.step()  # an empty batch on every rank: the update is the noise alone
+    torch.save({"grad": module.weight.grad.clone()}, out / f"rank{rank}.pt")
+
+
+def case_epoch(rank: int, out: Path) -> None:
+    ds = TensorDataset(torch.randn(6, 8), torch.randint(0, 3, (6,)))  # 3 examples a rank: empty local batches
+    engine, module, opt, loader = make(model(), 1.0, ds, batch=2, seed=rank + 20)  # q = 1/3
+    sizes = []
+    for _ in range(3):
+        for x, y in loader:
+            sizes.append(len(x))
+            one_step(module, opt, x, y)
+    torch.save({"sizes": sizes, "epsilon": float(engine.get_epsilon(1e-5)), "sigma": opt.noise_multiplier,
+                "q": engine.sample_rate, "params": [p.detach().clone() for p in module.parameters()]},
+               out / f"rank{rank}.pt")
+
+
+def case_rank_dies(rank: int, out: Path) -> None:
+    ds = data()
+    _, module, opt, _ = make(model(), 1.0, ds)
+    if rank == 1:
+        os._exit(3)  # dies without a word, as a killed process would
+    x, y = ds.tensors[0][:4], ds.tensors[1][:4]
+    before = [p.detach().clone() for p in module.parameters()]
+    try:
+        one_step(module, opt, x, y)
+    except RuntimeError as e:
+        unchanged = all(torch.equal(a, p) for a, p in zip(before, module.parameters(), strict=True))
+        (out / "rank0.txt").write_text(f"{unchanged}\n{e}")
+        os._exit(0)  # the process group cannot be torn down cleanly with a dead peer
+
+
+def case_dpldm_train(rank: int, out: Path, argv: list[str]) -> None:
+    from dpldm import train
+
+    os.environ["WORLD_SIZE"] = str(WORLD)  # what torchrun sets; the process group is already up
+    res = train.main(argv)
+    torch.save({k: float(v) for k, v in res.items() if k in ("epsilon", "steps", "sigma")}, out / f"rank{rank}.pt")
+
+
+CASES = {"same_update": case_same_update, "noise": case_noise, "epoch": case_epoch, "rank_dies": case_rank_dies,
+         "dpldm_train": case_dpldm_train}
+
+
+def worker(rank: int, out: Path, case: str, args: tuple) -> None:
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank, world_size=WORLD,
+                                timeout=datetime.timedelta(seconds=60))
+        CASES[case](rank, out, *args)
+        dist.destroy_process_group()
+    except BaseException:
+        (out / f"error{rank}.txt").write_text(traceback.format_exc())
+        raise
+
+
+def start(case: str, tmp_path: Path, *args: object) -> list[mp.Process]:
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=worker, args=(r, tmp_path, case, args)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    return procs
+
+
+def run(case: str, tmp_path: Path, *args: object) -> list[dict]:
+    procs = start(case, tmp_path, *args)
+    for p in procs:
+        p.join(timeout=180)
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+    errors = [f.read_text() for f in sorted(tmp_path.glob("error*.txt"))]
+    assert not hung, f"a rank hung: {errors}"
+    assert not errors and all(p.exitcode == 0 for p in procs), errors
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+
+# --- the checks ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["module", "ddp"])
+def test_two_ranks_give_one_process_update_on_the_same_batch(tmp_path: Path, wrap: bool) -> None:
+    results = run("same_update", tmp_path, wrap)
+    ds = data()
+    _, single, opt, _ = make(model(), 0.0, ds)
+    one_step(single, opt, ds.tensors[0][BATCH_ROWS], ds.tensors[1][BATCH_ROWS])
+    for r in results:
+        for got, want in zip(r["params"], single.parameters(), strict=True):
+            torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
+    n_params = sum(p.numel() for p in single.parameters())
+    assert results[0]["bytes"] == 4 * n_params  # one fp32 all-reduce of every trainable parameter: DDP's payload
+
+
+def test_noise_is_added_exactly_once(tmp_path: Path) -> None:
+    g0, g1 = (r["grad"] for r in run("noise", tmp_path))
+    assert torch.equal(g0, g1)  # every rank applies the same update
+    std = float(g0.std()) * BATCH / (1.0 * 0.5)  # in units of sigma * C / E
+    assert abs(std - 1.0) < 0.02, std  # twice the noise would give 1.41, none 0
+
+
+def test_every_rank_takes_every_step_and_reports_one_epsilon(tmp_path: Path) -> None:
+    r0, r1 = run("epoch", tmp_path)
+    assert len(r0["sizes"]) == len(r1["sizes"]) == 9  # 3 epochs of 1/q = 3 steps, empty local batches included
+    assert 0 in r0["sizes"] + r1["sizes"]
+    for got, want in zip(r0["params"], r1["params"], strict=True):
+        assert torch.equal(got, want)
+    acc = PRVAccountant()
+    acc.history = [(r0["sigma"], r0["q"], 9)]
+    assert r0["epsilon"] == r1["epsilon"] == pytest.approx(acc.get_epsilon(1e-5))
+    assert r0["q"] == pytest.approx(1 / 3)
+
+
+def test_a_dead_rank_stops_the_others_with_a_clear_error(tmp_path: Path) -> None:
+    t0 = time.time()
+    procs = start("rank_dies", tmp_path)
+    for p in procs:
+        p.join(timeout=120)
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+    assert not hung, "rank 0 hung after rank 1 died"
+    unchanged, message = (tmp_path / "rank0.txt").read_text().split("\n", 1)
+    assert "the gradient all-reduce failed on rank 0" in message and unchanged == "True"
+    assert time.time() - t0 < 100
+
+
+def test_dpldm_train_on_two_ranks(tmp_path: Path, tiny_runs: Path, tiny_private: Path) -> None:  # noqa: F811
+    from dpldm import train
+    from tests.dpldm_helpers import train_args
+
+    argv = train_args(tiny_runs, tiny_private, tmp_path / "run", "--epochs", "2", "--deterministic-noise",
+                      "--checkpoint-every", "1")
+    r0, r1 = run("dpldm_train", tmp_path, argv)
+    with pytest.warns(UserWarning, match="NO privacy"):
+        alone = train.main(train_args(tiny_runs, tiny_private, tmp_path / "alone", "--epochs", "2",
+                                      "--deterministic-noise"))
+    assert r0 == r1 and r0["steps"] == alone["steps"] and r0["epsilon"] == pytest.approx(alone["epsilon"])
+    run_dir = tmp_path / "run"
+    assert (run_dir / "ldm").is_dir() and (run_dir / "log.jsonl").is_file()
+    assert not [p for p in run_dir.iterdir() if p.name.startswith("checkpoint")]  # every rank's seeds deleted
