@@ -73,15 +73,20 @@ def rank_poisson_loader(data_loader: DataLoader, generator: torch.Generator, ran
                       pin_memory=data_loader.pin_memory, generator=torch.Generator().manual_seed(0))
 
 
-def check_same_everywhere(what: str, value: float) -> None:
-    """Refuse a setting that differs between ranks (each would account for another q or E)."""
+def min_max(value: float) -> tuple[float, float]:
+    """The smallest and the largest of `value` over all ranks (one all-reduce)."""
     t = torch.tensor([value, -value], dtype=torch.float64)
     t = t.to("cuda") if dist.get_backend() == "nccl" else t
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    if t[0].item() != value or -t[1].item() != value:
-        raise ValueError(f"{what} differs between ranks (here {value}, somewhere between {-t[1].item()} and "
-                         f"{t[0].item()}): every rank must build its loader over the whole data set with the "
-                         "same batch size")
+    return -t[1].item(), t[0].item()
+
+
+def check_same_everywhere(what: str, value: float) -> None:
+    """Refuse a setting that differs between ranks (each would account for another q or E)."""
+    lo, hi = min_max(value)
+    if (lo, hi) != (value, value):
+        raise ValueError(f"{what} differs between ranks (here {value}, somewhere between {lo} and {hi}): every "
+                         "rank must build its loader over the whole data set with the same batch size")
 
 
 def all_reduce_sum(tensors: list[torch.Tensor]) -> int:

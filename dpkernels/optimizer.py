@@ -17,6 +17,7 @@ from torch.optim import Optimizer
 
 from dpkernels import ops
 from dpkernels.bookkeeping import Clipper, Recorder
+from dpkernels.distributed import all_reduce_sum
 from dpkernels.noise import NoiseSource
 
 
@@ -192,8 +193,6 @@ class DPOptimizer(Optimizer):
             grads[p] = g
         self._acc.clear()
         if self.world_size > 1:
-            from dpkernels.distributed import all_reduce_sum
-
             self.bytes_all_reduced += all_reduce_sum([grads[p] for p in self.params])
         for p, g in grads.items():
             p.grad = g.reshape(p.shape).to(p.dtype)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dpkernels.distributed import min_max
 from dpldm.runlog import RunLog
 
 
@@ -40,12 +41,7 @@ def barrier(world: int) -> None:
 
 
 def same_on_all_ranks(value: int, world: int) -> bool:
-    if world <= 1:
-        return True
-    t = torch.tensor([value, -value], dtype=torch.int64)
-    t = t.cuda() if dist.get_backend() == "nccl" else t
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t[0]) == value and -int(t[1]) == value
+    return world <= 1 or min_max(value) == (value, value)
 
 
 def checkpoint_dir(out: Path, rank: int) -> Path:

@@ -42,9 +42,7 @@ def summary(weights: np.ndarray, labels: np.ndarray, names: list[str]) -> dict[s
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     registry.load(args.run)
-    folder = Path(args.run) / "samples" / args.samples
-    if not (folder / "samples.npz").is_file():
-        raise registry.RunError(f"no samples named {args.samples!r} in {args.run} (samples/*/samples.npz)")
+    folder = registry.samples_dir(args.run, args.samples)
     with np.load(folder / "samples.npz") as z:
         weights, labels, names = z["weights"].astype(np.float32), z["labels"], [str(n) for n in z["shards"]]
     result = summary(weights, labels, names)
@@ -57,10 +55,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    try:
-        return run(parser().parse_args(argv))
-    except registry.RunError as e:
-        raise SystemExit(f"error: {e}") from e
+    return registry.cli(parser(), run, argv)
 
 
 if __name__ == "__main__":

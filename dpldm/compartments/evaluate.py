@@ -14,9 +14,9 @@ from typing import Any
 from dpldm import data as data_mod
 from dpldm import evaluate as evaluate_stage
 from dpldm.baselines import DPTarget
-from dpldm.common import config_from, load_public
+from dpldm.common import load_public
 from dpldm.compartments import registry
-from dpldm.compartments.shards import load_sharded
+from dpldm.compartments.shards import run_data
 from dpldm.compartments.train import report_of
 
 
@@ -33,13 +33,9 @@ def parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     reg, _ = registry.load(args.run)
-    folder = Path(args.run) / "samples" / args.samples
-    if not (folder / "samples.npz").is_file():
-        raise registry.RunError(f"no samples named {args.samples!r} in {args.run} (samples/*/samples.npz)")
-    args.config, args.set = reg["config"], reg["set"]
-    cfg = config_from(args)
-    private = load_sharded(reg["key"], reg["data"], cfg, reg["num_shards"], reg["shard_seed"],
-                           Path(reg["manifest"]) if reg.get("manifest") else None)[0]
+    folder = registry.samples_dir(args.run, args.samples)
+    cfg = registry.config_of(reg)
+    private = run_data(reg, cfg)[0]
     public = load_public(cfg) if cfg["data"].get("public") else None
     synthetic = data_mod.from_npz(folder / "samples.npz", cfg["data"]["num_classes"])
     report = report_of(args.run)
@@ -49,10 +45,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    try:
-        return run(parser().parse_args(argv))
-    except registry.RunError as e:
-        raise SystemExit(f"error: {e}") from e
+    return registry.cli(parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dpldm.common import config_from
 from dpldm.compartments import registry
 from dpldm.compartments.train import fit_router, shard_data
 from dpldm.runlog import RunLog
@@ -50,8 +49,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rebuilt_s = 0.0
     if reg.get("router") and reg["shards"]:  # the router saw the shard: trained again without it
         t1 = time.time()
-        args.config, args.set = reg["config"], reg["set"]
-        cfg = config_from(args)
+        cfg = registry.config_of(reg)
         log = RunLog(run_dir / "logs" / f"forget-{args.shard}", "compartments-forget")
         registry.record(lineage, f"logs/forget-{args.shard}", list(reg["shards"]), "forget")
         fit_router(cfg, run_dir, reg, lineage, shard_data(reg, cfg), log)
@@ -70,10 +68,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    try:
-        return run(parser().parse_args(argv))
-    except registry.RunError as e:
-        raise SystemExit(f"error: {e}") from e
+    return registry.cli(parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,16 @@ are trained on nothing). Forgetting shard j removes every artifact whose `traine
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from dpldm.common import set_threads
+from dpldm.config import load_config
 
 REGISTRY = "compartments.json"
 LINEAGE = "lineage.json"
@@ -75,6 +80,27 @@ def unaccounted_files(run: Path, lineage: dict[str, Any]) -> list[str]:
     run = Path(run)
     files = [p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()]
     return [f for f in files if f not in METADATA and not f.startswith(".") and owner(lineage, f) is None]
+
+
+def config_of(registry: dict[str, Any]) -> dict[str, Any]:
+    """The config the run was created with (its name or path and --set overrides)."""
+    set_threads()
+    return load_config(registry["config"], registry["set"])
+
+
+def samples_dir(run: Path, name: str) -> Path:
+    folder = Path(run) / "samples" / name
+    if not (folder / "samples.npz").is_file():
+        raise RunError(f"no samples named {name!r} in {run} (samples/*/samples.npz)")
+    return folder
+
+
+def cli(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], Any], argv: list[str] | None) -> Any:
+    """A stage's main: parse, run, and turn a RunError into the one-line error the other stages print."""
+    try:
+        return run(parser.parse_args(argv))
+    except RunError as e:
+        raise SystemExit(f"error: {e}") from e
 
 
 def check_shards(registry: dict[str, Any], names: list[str]) -> list[str]:

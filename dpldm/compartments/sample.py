@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dpldm.common import config_from, seed_all
+from dpldm.common import seed_all
 from dpldm.compartments import registry
 from dpldm.compartments.compose import RULES, compose_sample
 from dpldm.compartments.router import RouterWeights, load_router
@@ -132,8 +132,7 @@ def load_run_router(run: Path, names: list[str], device: str) -> tuple[RouterWei
 def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.time()
     reg, lineage = registry.load(args.run)
-    args.config, args.set = reg["config"], reg["set"]
-    cfg = config_from(args)
+    cfg = registry.config_of(reg)
     names = allowed_shards(args, reg)
     hp = cfg["sample"]
     per_class = args.per_class or hp["per_class"]
@@ -197,10 +196,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    try:
-        return run(parser().parse_args(argv))
-    except registry.RunError as e:
-        raise SystemExit(f"error: {e}") from e
+    return registry.cli(parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -157,6 +157,12 @@ def sharded_folder(root: Path, cfg: dict[str, Any]) -> tuple[DataSet, dict[str, 
     return data_mod.held_out(full, str(root), nc, files), spec
 
 
+def run_data(reg: dict[str, Any], cfg: dict[str, Any]) -> tuple[DataSet, list[Shard], dict[str, int]]:
+    """load_sharded with what a compartments run recorded (compartments.json)."""
+    return load_sharded(reg["key"], reg["data"], cfg, reg["num_shards"], reg["shard_seed"],
+                        Path(reg["manifest"]) if reg.get("manifest") else None)
+
+
 def load_sharded(key: str, data: str | None, cfg: dict[str, Any], n: int | None = None, seed: int = 0,
                  manifest: Path | None = None) -> tuple[DataSet, list[Shard], dict[str, int]]:
     """The private data set, its shards under `key` (see the module docstring), and per shard the number of its

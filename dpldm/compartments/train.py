@@ -31,7 +31,7 @@ from dpldm.compartments import registry
 from dpldm.compartments.accounting import composed_epsilon, privacy_report
 from dpldm.compartments.public import train_public
 from dpldm.compartments.router import router_hp, router_sigma, save_router, train_router
-from dpldm.compartments.shards import KEYS, Shard, ShardError, check_name, load_sharded
+from dpldm.compartments.shards import KEYS, Shard, ShardError, check_name, load_sharded, run_data
 from dpldm.compartments.store import ldm_id, read_meta, save_compartment
 from dpldm.diffusion import encode, train_scheduler
 from dpldm.models import load_autoencoder
@@ -290,8 +290,7 @@ def report_of(run: Path) -> dict[str, Any]:
 def shard_data(reg: dict[str, Any], cfg: dict[str, Any]) -> dict[str, data_mod.DataSet]:
     """The training data of the run's current shards, rebuilt from the key (same data, key, seed, manifest) and,
     for shards added later, from their own data."""
-    private, keyed, _ = load_sharded(reg["key"], reg["data"], cfg, reg["num_shards"], reg["shard_seed"],
-                                     Path(reg["manifest"]) if reg.get("manifest") else None)
+    private, keyed, _ = run_data(reg, cfg)
     out = {s.name: s.data(private) for s in keyed if s.name in reg["shards"]}
     for name, info in reg["shards"].items():
         if info.get("data"):
