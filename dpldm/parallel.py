@@ -9,6 +9,7 @@ evaluation); every rank checkpoints its own Poisson sampler and RNG state, so th
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,9 @@ import torch.distributed as dist
 
 from dpkernels.distributed import min_max
 from dpldm.runlog import RunLog
+
+_owned = False  # whether setup() started the process group, so that teardown() ends it
+
 
 
 def setup(args: argparse.Namespace) -> tuple[int, int]:
@@ -30,9 +34,21 @@ def setup(args: argparse.Namespace) -> tuple[int, int]:
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo")
+        global _owned
+        _owned = True
     if str(args.device).startswith("cuda"):
         args.device = f"cuda:{torch.cuda.current_device()}"
     return dist.get_rank(), dist.get_world_size()
+
+
+def teardown() -> None:
+    """End the process group setup() started; DDP wrappers and engine hooks that still hold it go first, as a
+    group destroyed under them can abort the process at exit."""
+    global _owned
+    if _owned and dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
+    _owned = False
 
 
 def barrier(world: int) -> None:

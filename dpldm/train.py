@@ -219,7 +219,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except ValueError as e:
         fail(str(e))
     fill_defaults(args, cfg)
-    return run(cfg, args)[0]
+    try:
+        return run(cfg, args)[0]
+    finally:
+        parallel.teardown()
 
 
 def run(cfg: dict[str, Any], args: argparse.Namespace, private: data_mod.DataSet | None = None

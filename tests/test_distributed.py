@@ -5,6 +5,7 @@ step even with an empty local batch, and a DistributedDataParallel-wrapped modul
 from __future__ import annotations
 
 import datetime
+import gc
 import multiprocessing as mp
 import os
 import time
@@ -119,6 +120,7 @@ def worker(rank: int, out: Path, case: str, args: tuple) -> None:
         dist.init_process_group("gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank, world_size=WORLD,
                                 timeout=datetime.timedelta(seconds=60))
         CASES[case](rank, out, *args)
+        gc.collect()  # DDP and engine hooks sit in reference cycles: free them before their process group
         dist.destroy_process_group()
     except BaseException:
         (out / f"error{rank}.txt").write_text(traceback.format_exc())
