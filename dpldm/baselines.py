@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from dpldm.classifiers import SmallCNN, accuracy, selected_cnn
+from dpldm.classifiers import SmallCNN, accuracy, epochs_for, selected_cnn
 
 # Held-out fraction of the public data that picks the public CNN's epoch (also the Frechet feature space's).
 PUBLIC_HOLDOUT = 0.1
@@ -152,7 +152,7 @@ def run(cfg: dict[str, Any], train: Tensors, test: Tensors, num_classes: int, ta
         dp_hp = {**DP_DEFAULTS, **hp.get("dp_baseline", {})}
         res.update(_dp_baselines(train, test, num_classes, target, dp_hp, public_cnn, seed, noise_seed, backend, notes))
     t0 = time.time()
-    ceiling, val = nonprivate(train, num_classes, hp.get("nonprivate_cnn_epochs", hp["cnn_epochs"]),
+    ceiling, val = nonprivate(train, num_classes, epochs_for(hp, "nonprivate_cnn_epochs", len(train.y)),
                               hp["holdout_fraction"], seed)
     res.update(baseline_nonprivate_cnn_test_acc=accuracy(ceiling, test.x, test.y),
                baseline_nonprivate_cnn_val_acc=val, baseline_nonprivate_cnn_s=time.time() - t0)

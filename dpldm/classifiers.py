@@ -7,6 +7,7 @@ once, by the selected model.
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import torch
@@ -38,6 +39,15 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     with torch.no_grad():
         pred = torch.cat([model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
     return float((pred == y).float().mean()) if len(y) else float("nan")
+
+
+def epochs_for(hp: dict, key: str, n_train: int, batch_size: int = 128) -> int:
+    """Epochs of the CNN recipe `key` (e.g. 'public_cnn_epochs'): with `cnn_steps` in the config, every CNN
+    (synthetic, (a), (c)) trains for the same number of Adam steps whatever its data size, so that a smaller
+    synthetic set is not also given a shorter training than the baselines; else hp[key] epochs."""
+    if hp.get("cnn_steps"):
+        return max(1, math.ceil(hp["cnn_steps"] / math.ceil(max(1, n_train) / batch_size)))  # batches per epoch
+    return int(hp.get(key) or hp["cnn_epochs"])
 
 
 def split_holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

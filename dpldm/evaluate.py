@@ -35,7 +35,7 @@ from scipy import linalg
 from dpldm import baselines
 from dpldm import data as data_mod
 from dpldm.baselines import DPTarget, Tensors
-from dpldm.classifiers import accuracy, sklearn_models, split_holdout, to_input, train_cnn
+from dpldm.classifiers import accuracy, epochs_for, sklearn_models, split_holdout, to_input, train_cnn
 from dpldm.common import add_config_args, config_from, load_private, load_public, private_classes, seed_all
 from dpldm.runlog import RunLog
 
@@ -145,7 +145,7 @@ def run(cfg: dict[str, Any], synthetic: data_mod.Split, real: data_mod.DataSet, 
     """Classifiers on `synthetic`, tested on real.test; with baselines_on, the baselines (trained on `public` and
     real.train) beside them. target: the DP run's (epsilon, delta) for the DP-SGD baselines (None: skipped)."""
     hp = cfg["evaluate"]
-    cnn_epochs = cnn_epochs or hp["cnn_epochs"]
+    cnn_epochs = cnn_epochs or epochs_for(hp, "cnn_epochs", len(synthetic.labels))
     seed_all(seed)
     log = RunLog(out, "evaluate")
     tr, val = split_holdout(len(synthetic.labels), hp["holdout_fraction"], seed)
@@ -154,7 +154,8 @@ def run(cfg: dict[str, Any], synthetic: data_mod.Split, real: data_mod.DataSet, 
     xt, yt = to_input(test.images), torch.from_numpy(test.labels)
     n_cls = max(real.num_classes, int(ys.max()) + 1)
     cnn, val_acc = train_cnn(xs[tr], ys[tr], xs[val], ys[val], n_cls, cnn_epochs, seed)
-    result: dict[str, Any] = {"n_synthetic": len(ys), "n_test": len(yt), "cnn_val_acc_synthetic": val_acc,
+    result: dict[str, Any] = {"n_synthetic": len(ys), "n_test": len(yt), "cnn_epochs": cnn_epochs,
+                              "cnn_val_acc_synthetic": val_acc,
                               "cnn_test_acc": accuracy(cnn, xt, yt)}
     if use_sklearn:
         flat = synthetic.images.reshape(len(ys), -1) / 255.0
@@ -169,7 +170,7 @@ def run(cfg: dict[str, Any], synthetic: data_mod.Split, real: data_mod.DataSet, 
     if public is not None:  # Frechet distance in the feature space of a classifier trained on real PUBLIC data
         t0 = time.time()
         pub_cnn, _ = baselines.public_only(tensors(public.train, cfg), public.num_classes,
-                                           hp.get("public_cnn_epochs", 5), seed)
+                                           epochs_for(hp, "public_cnn_epochs", len(public.train.labels)), seed)
         pub_s = time.time() - t0  # it is baseline (a) too: trained once
         result["frechet_distance_public_cnn"] = frechet_distance(features(pub_cnn, xs), features(pub_cnn, xt))
     if inception_weights is not None:

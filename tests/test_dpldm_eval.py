@@ -244,3 +244,16 @@ def test_grid_one_labelled_row_per_class(tmp_path: Path) -> None:
         assert grid[row * 112 : (row + 1) * 112, :width].max() == 255, c  # a label is drawn in every row
     bands = [grid[r * 112 : (r + 1) * 112, :width] for r in range(9)]
     assert all(not np.array_equal(bands[i], bands[j]) for i in range(9) for j in range(i))  # distinct labels
+
+
+def test_one_step_budget_for_every_cnn() -> None:
+    """With evaluate.cnn_steps, the synthetic CNN, (a) and (c) train for the same number of steps whatever their
+    data size (a small synthetic set must not also get a shorter training than the baselines)."""
+    hp = load_config("mnist")["evaluate"]
+    assert hp["cnn_steps"] == 2000
+    for n in (1_800, 3_600, 16_200):
+        epochs = classifiers.epochs_for(hp, "public_cnn_epochs", n)
+        steps = epochs * math.ceil(n / 128)
+        assert 2000 <= steps < 2000 + math.ceil(n / 128), (n, epochs, steps)
+    assert classifiers.epochs_for({"cnn_epochs": 8}, "nonprivate_cnn_epochs", 4000) == 8  # no step budget
+    assert classifiers.epochs_for({"cnn_epochs": 8, "nonprivate_cnn_epochs": 3}, "nonprivate_cnn_epochs", 10) == 3
