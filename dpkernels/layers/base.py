@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from dpkernels.layers import compiled
+
 if TYPE_CHECKING:
     from dpkernels.grouping import Grouping
     from dpkernels.noise import NoiseSource
@@ -88,6 +90,7 @@ class DPLayer:
                           and getattr(module, n).requires_grad]
         self.record: Record | None = None
         self.backend = "auto"  # set by the engine's Clipper
+        self.layer_id = compiled.register(self)  # what a compiled graph names this layer by
         self.check_module()
 
     # --- hooked forward ----------------------------------------------------------------
@@ -97,6 +100,8 @@ class DPLayer:
         params = tuple(getattr(self.module, n) for n in self.param_names if getattr(self.module, n, None) is not None)
         if not torch.is_grad_enabled() or not any(p.requires_grad for p in params):
             return self.compute(x, params)[0]
+        if torch.compiler.is_compiling():  # dynamo cannot trace _Tap (Python side effects): opaque ops instead
+            return compiled.tap(self, x, params)
         return _Tap.apply(self, x, *params)
 
     def engine_record(self, saved: dict[str, Any], rows: int) -> Record:

@@ -28,9 +28,13 @@ class DPGroupNorm(DPLayer):
     def input_grad(self, saved: dict[str, Any], grad_out: torch.Tensor) -> torch.Tensor:
         m, s = self.module, saved
         x = s["x"]
+        # the CPU kernel reads dY in X's memory format: a channels_last X (inductor's layout optimisation, or a
+        # channels_last model) with a contiguous dY gives a wrong input gradient. Give both the same format.
+        fmt = (torch.channels_last if x.dim() == 4 and not x.is_contiguous()
+               and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
         return torch.ops.aten.native_group_norm_backward(
-            grad_out.contiguous(), x, s["mean"], s["rstd"], m.weight, x.shape[0], x.shape[1], s["hw"], m.num_groups,
-            [True, False, False],
+            grad_out.contiguous(memory_format=fmt), x.contiguous(memory_format=fmt), s["mean"], s["rstd"], m.weight,
+            x.shape[0], x.shape[1], s["hw"], m.num_groups, [True, False, False],
         )[0]
 
     def on_grad(self, rec: Record, saved: dict[str, Any], grad_out: torch.Tensor) -> None:
