@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import shutil
 
-import opacus
 import pytest
 import torch
 import torch.nn.functional as F
@@ -178,39 +177,6 @@ def test_compiled_virtual_batches_match_one_physical_batch() -> None:
 
 
 # --- what the eager path refuses or accumulates, compiled ----------------------------------------------
-
-def test_compiled_two_backward_passes_accumulate_per_example() -> None:
-    """retain_graph=True through the compiled graph: the per-sample gradient is of the summed loss, as eager
-    and as Opacus (float64, every layer type)."""
-    torch.manual_seed(4)
-    base = models.AllLayers().double()
-    batch = tuple(b.double() if b.is_floating_point() else b for b in models.all_layers_batch(5))
-
-    def run(engine, compiled: bool, twice: bool):
-        model = copy.deepcopy(base)
-        before = [p.detach().clone() for p in model.parameters()]
-        model, opt, _ = engine.make_private(
-            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
-            data_loader=DataLoader(TensorDataset(*batch), batch_size=5), noise_multiplier=0.0, max_grad_norm=0.05,
-            poisson_sampling=False)
-        f = torch.compile(model, backend="aot_eager") if compiled else model
-        x, y, t = batch
-        out = f(x, y)
-        first, second = ((out - t) ** 2).mean(), (out.sin() * t).mean()
-        if twice:
-            first.backward(retain_graph=True)
-            second.backward()
-        else:
-            (first + second).backward()
-        opt.step()
-        return [p.detach() - b for p, b in zip(model.parameters(), before)]
-
-    ours = run(PrivacyEngine(), True, True)
-    for a, b in zip(ours, run(PrivacyEngine(), False, False), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
-    for a, b in zip(ours, run(opacus.PrivacyEngine(), False, False), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-10)
-
 
 def test_compiled_backward_after_step_is_refused() -> None:
     model, opt, _ = make(stack(2), stack_batch())

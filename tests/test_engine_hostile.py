@@ -209,11 +209,14 @@ def test_sum_reduction_noise_is_not_divided():
 
 # --- 5. two backward passes through one forward -----------------------------------------------------------
 
-def test_two_backward_passes_accumulate_per_example():
-    """Two losses, retain_graph=True: the per-sample gradient is the sum, so is its norm (every layer type)."""
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_two_backward_passes_accumulate_per_example(compiled: bool):
+    """Two losses, retain_graph=True: the per-sample gradient is the sum, so is its norm (every layer type); the
+    same through a torch.compile'd model (aot_eager; dpkernels/layers/compiled.py)."""
     torch.manual_seed(4)
     base = models.AllLayers().double()
     batch = tuple(b.double() if b.is_floating_point() else b for b in models.all_layers_batch(5))
+    torch._dynamo.reset()
 
     def run(engine, twice: bool):
         model = copy.deepcopy(base)
@@ -223,7 +226,8 @@ def test_two_backward_passes_accumulate_per_example():
                                             data_loader=loader, noise_multiplier=0.0, max_grad_norm=0.05,
                                             poisson_sampling=False)
         x, y, t = batch
-        out = model(x, y)
+        f = torch.compile(model, backend="aot_eager") if compiled and twice else model
+        out = f(x, y)
         first, second = ((out - t) ** 2).mean(), (out.sin() * t).mean()
         if twice:
             first.backward(retain_graph=True)
