@@ -91,19 +91,33 @@ def problem(folder: Path) -> str | None:
     return None
 
 
-def latest_checkpoint(folder: Path) -> tuple[Path | None, dict[str, Any] | None, list[str]]:
-    """The newest intact checkpoint: `folder`, else `folder.prev` (and the `.old` twin a crash inside an older
-    writer may have left). Returns (its path, its meta, why each newer one was refused)."""
+def intact_checkpoints(folder: Path) -> tuple[list[tuple[Path, dict[str, Any]]], list[str]]:
+    """Every intact checkpoint, newest first: `folder`, `folder.prev` (and the `.old` twin a crash inside an older
+    writer may have left), each with its meta; and why each refused one was refused."""
     folder = Path(folder)
-    refused = []
+    found, refused = [], []
     for path in (folder, previous(folder), folder.parent / f".{folder.name}.old"):
         if not path.is_dir():
             continue
         why = problem(path)
         if why is None:
-            return path, json.loads((path / "meta.json").read_text()), refused
-        refused.append(f"{path}: {why}")
-    return None, None, refused
+            found.append((path, json.loads((path / "meta.json").read_text())))
+        elif not found:
+            refused.append(f"{path}: {why}")
+    return found, refused
+
+
+def latest_checkpoint(folder: Path) -> tuple[Path | None, dict[str, Any] | None, list[str]]:
+    """The newest intact checkpoint (see intact_checkpoints): (its path, its meta, why each newer one was
+    refused); (None, None, reasons) if there is none."""
+    found, refused = intact_checkpoints(folder)
+    return (*found[0], refused) if found else (None, None, refused)
+
+
+def at_step(folder: Path, step: int) -> tuple[Path | None, dict[str, Any] | None]:
+    """The intact checkpoint of `step` in `folder` (the latest or the previous one), if any."""
+    return next(((path, meta) for path, meta in intact_checkpoints(folder)[0] if meta.get("step") == step),
+                (None, None))
 
 
 def discard_train_state(folder: Path) -> None:

@@ -138,7 +138,7 @@ def _read_idx(path: Path) -> np.ndarray:
     if dtype_code != 0x08:
         raise DataError(f"{path}: expected unsigned byte idx data, got type code {dtype_code:#x}")
     dims = struct.unpack(">" + "I" * ndim, raw[4 : 4 + 4 * ndim])
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    data = np.frombuffer(bytearray(raw), dtype=np.uint8, offset=4 + 4 * ndim)  # writable: torch warns otherwise
     if data.size != int(np.prod(dims)):
         raise DataError(f"{path}: expected {int(np.prod(dims))} values, found {data.size}")
     return data.reshape(dims)

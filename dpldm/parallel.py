@@ -23,7 +23,6 @@ from dpldm.runlog import RunLog
 _owned = False  # whether setup() started the process group, so that teardown() ends it
 
 
-
 def setup(args: argparse.Namespace) -> tuple[int, int]:
     """Join the process group torchrun describes (once); returns (rank, world size), (0, 1) alone."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -58,6 +57,16 @@ def barrier(world: int) -> None:
 
 def same_on_all_ranks(value: int, world: int) -> bool:
     return world <= 1 or min_max(value) == (value, value)
+
+
+def oldest(step: int, world: int) -> int:
+    """The smallest of `step` over all ranks."""
+    return step if world <= 1 else int(min_max(step)[0])
+
+
+def on_all_ranks(flag: bool, world: int) -> bool:
+    """Whether `flag` holds on every rank (each rank gets the same answer)."""
+    return flag if world <= 1 else min_max(float(flag))[0] == 1.0
 
 
 def checkpoint_dir(out: Path, rank: int) -> Path:

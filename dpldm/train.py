@@ -45,7 +45,14 @@ from dpldm import sample as sample_stage
 from dpldm.base import BaseNotFound, base_record, check_layout, verified_base
 from dpldm.baselines import DPTarget
 from dpldm.baselines import table as baselines_table
-from dpldm.checkpoint import discard_train_state, latest_checkpoint, load_train_state, save_train_state
+from dpldm.checkpoint import (
+    at_step,
+    discard_train_state,
+    intact_checkpoints,
+    latest_checkpoint,
+    load_train_state,
+    save_train_state,
+)
 from dpldm.common import add_config_args, config_from, images_tensor, load_private, load_public, public_dir, seed_all
 from dpldm.diffusion import diffusion_loss, encode, train_scheduler
 from dpldm.export import plain_copy
@@ -288,7 +295,13 @@ def run(cfg: dict[str, Any], args: argparse.Namespace, private: data_mod.DataSet
         fail(f"--resume: no unfinished checkpoint in {out}")
     resuming = args.resume and meta is not None and not meta.get("finished")
     if resuming and not parallel.same_on_all_ranks(meta["step"], world):
-        fail(f"--resume: the ranks' checkpoints are at different steps (this one {meta['step']}): pass --fresh")
+        # a job killed while its ranks were checkpointing: resume them all at the newest step every rank holds
+        common = parallel.oldest(meta["step"], world)
+        held = [m["step"] for _, m in intact_checkpoints(ckpt)[0]]
+        found, meta = at_step(ckpt, common)
+        if not parallel.on_all_ranks(found is not None, world):
+            fail(f"--resume: the ranks' checkpoints have no step in common (this rank holds steps {held}, the "
+                 f"furthest behind is at step {common}): pass --fresh")
     if not resuming and out.exists():
         discard_train_state(ckpt)
         for stale in ("ldm", "log.jsonl") if lead else ():

@@ -8,6 +8,7 @@ import datetime
 import gc
 import multiprocessing as mp
 import os
+import shutil
 import time
 import traceback
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from opacus.accountants import PRVAccountant
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -111,8 +113,17 @@ def case_dpldm_train(rank: int, out: Path, argv: list[str]) -> None:
     torch.save({k: float(v) for k, v in res.items() if k in ("epsilon", "steps", "sigma")}, out / f"rank{rank}.pt")
 
 
+def case_dpldm_refused(rank: int, out: Path, argv: list[str]) -> None:
+    from dpldm import train
+
+    os.environ["WORLD_SIZE"] = str(WORLD)
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    (out / f"rank{rank}.txt").write_text(str(e.value))
+
+
 CASES = {"same_update": case_same_update, "noise": case_noise, "epoch": case_epoch, "rank_dies": case_rank_dies,
-         "dpldm_train": case_dpldm_train}
+         "dpldm_train": case_dpldm_train, "dpldm_refused": case_dpldm_refused}
 
 
 def worker(rank: int, out: Path, case: str, args: tuple) -> None:
@@ -145,6 +156,8 @@ def run(case: str, tmp_path: Path, *args: object) -> list[dict]:
     errors = [f.read_text() for f in sorted(tmp_path.glob("error*.txt"))]
     assert not hung, f"a rank hung: {errors}"
     assert not errors and all(p.exitcode == 0 for p in procs), errors
+    if case == "dpldm_refused":  # each rank's error message
+        return [(tmp_path / f"rank{r}.txt").read_text() for r in range(WORLD)]
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
 
@@ -210,3 +223,45 @@ def test_dpldm_train_on_two_ranks(tmp_path: Path, tiny_runs: Path, tiny_private:
     run_dir = tmp_path / "run"
     assert (run_dir / "ldm").is_dir() and (run_dir / "log.jsonl").is_file()
     assert not [p for p in run_dir.iterdir() if p.name.startswith("checkpoint")]  # every rank's seeds deleted
+
+
+def killed_while_checkpointing(run_dir: Path) -> None:
+    """The state a job killed between its ranks' checkpoint writes leaves: rank 1 still at the step before."""
+    behind = run_dir / "checkpoint-rank1"
+    shutil.rmtree(behind)
+    (run_dir / "checkpoint-rank1.prev").rename(behind)
+
+
+def test_two_ranks_resume_at_the_step_they_all_hold(tmp_path: Path, tiny_runs: Path,  # noqa: F811
+                                                    tiny_private: Path) -> None:  # noqa: F811
+    """Ranks whose latest checkpoints differ by a step (killed mid-checkpoint) resume together at the step every
+    rank holds, and finish as an uninterrupted 2-rank run; with no step in common every rank stops, clearly."""
+    from tests.dpldm_helpers import train_args
+
+    def argv(out: Path, *extra: str) -> list[str]:
+        return train_args(tiny_runs, tiny_private, out, "--deterministic-noise",
+                          "--checkpoint-every", "1", *extra)
+
+    calls = iter(range(100))
+
+    def ranks(case: str, args: list[str]) -> list:
+        d = tmp_path / f"call{next(calls)}"  # a fresh rendezvous file per job
+        d.mkdir()
+        return run(case, d, args)
+
+    whole = ranks("dpldm_train", argv(tmp_path / "whole"))
+    out = tmp_path / "killed"
+    ranks("dpldm_train", argv(out, "--max-steps", "3"))
+    killed_while_checkpointing(out)
+    apart = tmp_path / "apart"
+    shutil.copytree(out, apart)
+    shutil.rmtree(apart / "checkpoint.prev")  # rank 0 now holds step 3 only, rank 1 step 2 only
+    messages = ranks("dpldm_refused", argv(apart, "--resume"))
+    assert all("no step in common" in m and "pass --fresh" in m for m in messages), messages
+
+    resumed = ranks("dpldm_train", argv(out, "--resume"))
+    assert resumed == whole
+    a, b = (load_file(d / "ldm" / "unet" / "diffusion_pytorch_model.safetensors") for d in (tmp_path / "whole", out))
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed at the common step, the model differs"
+    assert '"resumed_step": 2' in (out / "log.jsonl").read_text()
+
