@@ -302,6 +302,9 @@ def run(cfg: dict[str, Any], args: argparse.Namespace, private: data_mod.DataSet
         if not parallel.on_all_ranks(found is not None, world):
             fail(f"--resume: the ranks' checkpoints have no step in common (this rank holds steps {held}, the "
                  f"furthest behind is at step {common}): pass --fresh")
+        for path, m in intact_checkpoints(ckpt)[0]:  # the newer ones belong to a timeline no rank continues
+            if m["step"] > common:
+                shutil.rmtree(path)
     if not resuming and out.exists():
         discard_train_state(ckpt)
         for stale in ("ldm", "log.jsonl") if lead else ():
