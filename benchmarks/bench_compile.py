@@ -5,8 +5,9 @@
 
 Variants, each on a fresh copy of the same workload (benchmarks/models.py) and the same fixed batch:
   ours_eager      dpkernels step, model run eagerly
-  ours_compiled   dpkernels step, model + loss under torch.compile (the private layers' tap as opaque ops,
-                  dpkernels/layers/compiled.py); backward and optimizer.step() as usual (the step is eager)
+  ours_compiled   dpkernels step, model + loss under torch.compile with the options dpkernels.compile sets
+                  (the private layers' tap as opaque ops, dpkernels/layers/compiled.py); backward and
+                  optimizer.step() as usual (the step is eager)
   plain_eager / plain_compiled   the non-private step, for scale (--no-plain to skip)
 A step is zero_grad, forward, backward, optimizer.step(). After --warmup steps (compilation happens there),
 the variants' steps are timed round-robin (one step of each in turn, so load from other processes spreads
@@ -27,8 +28,7 @@ from benchmarks.conftest import cpu_model_name
 from benchmarks.models import PerSampleMSE, Workload, build
 
 
-def make_step(w: Workload, private: bool, compiled: bool, backend: str, options: dict | None = None
-              ) -> Callable[[], float]:
+def make_step(w: Workload, private: bool, compiled: bool, backend: str) -> Callable[[], float]:
     optimizer = torch.optim.SGD(w.trainable(), lr=1e-3)
     model = w.model
     if private:
@@ -44,6 +44,11 @@ def make_step(w: Workload, private: bool, compiled: bool, backend: str, options:
         return criterion(model(*inputs), w.target)
 
     if compiled:
+        # the loss is compiled with the model in it, so dpkernels.compile (which takes the module) is not used
+        # here; its inductor options are (a correct private UNet step needs them: dpkernels/compiling.py)
+        from dpkernels.compiling import INDUCTOR_OPTIONS
+
+        options = dict(INDUCTOR_OPTIONS) if private and backend == "inductor" else None
         loss_fn = torch.compile(loss_fn, backend=backend, options=options)
 
     def step() -> float:
@@ -64,9 +69,6 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per variant (compilation included)")
     ap.add_argument("--backend", default="inductor", help="torch.compile backend")
     ap.add_argument("--no-plain", action="store_true", help="skip the non-private variants")
-    ap.add_argument("--no-layout-optimization", action="store_true",
-                    help="inductor option layout_optimization=False (needed for a correct UNet step: see "
-                         "dpkernels/layers/compiled.py)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = ap.parse_args()
     if args.threads:
@@ -79,8 +81,7 @@ def main() -> None:
     for name, private, compiled in variants:
         w = build(args.model, args.size, "cpu")
         shape = w.shape
-        options = {"layout_optimization": False} if args.no_layout_optimization else None
-        steps[name] = make_step(w, private, compiled, args.backend, options)
+        steps[name] = make_step(w, private, compiled, args.backend)
         t0 = time.perf_counter()
         for _ in range(args.warmup):
             steps[name]()
@@ -93,9 +94,8 @@ def main() -> None:
             step()
             times[name].append(time.perf_counter() - t0)
 
-    print(f"\n{args.model} {shape}; torch {torch.__version__}, backend {args.backend}"
-          f"{' (layout_optimization=False)' if args.no_layout_optimization else ''}, {torch.get_num_threads()} "
-          f"threads, {cpu_model_name()}")
+    print(f"\n{args.model} {shape}; torch {torch.__version__}, backend {args.backend}, "
+          f"{torch.get_num_threads()} threads, {cpu_model_name()}")
     med = {name: statistics.median(t) for name, t in times.items()}
     for name, t in times.items():
         print(f"  {name:15s} median {med[name] * 1e3:8.1f} ms  (min {min(t) * 1e3:.1f}, max {max(t) * 1e3:.1f}, "

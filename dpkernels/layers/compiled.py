@@ -18,13 +18,11 @@ consumer in the graph ran. A record keeps A until optimizer.step() and G after t
 saw them, so any saved tensor that is one of the op's inputs is copied (the copy is the record's own; the
 in-place check `Record.versions` then can never fire, and needs not: the copy is what the forward saw).
 
-Known problem (torch 2.13, CPU inductor): on a diffusers UNet (convolutions and a nearest-neighbour Upsample),
-inductor with its default channels_last layout optimisation scheduled a kernel reading the Upsample backward's
-scatter buffer before the scatter ran: the mid block's output gradient was all zeros, so its layers' clipped
-sums were wrong (the backward graph itself is wrong, not the record keeping: aot_eager and
-aot_eager_decomp_partition are exact, and so is inductor with options={"layout_optimization": False} or with no
-fusion). Until that is understood, compile convolutional models with those options (or with aot_eager) and
-compare one step with eager.
+Known problem (torch 2.13, CPU inductor): inductor's peak-memory reordering pass scheduled a kernel reading
+the Upsample backward's scatter buffer before the scatter ran, on a diffusers UNet: the mid block's output
+gradient was all zeros, so its layers' clipped sums were wrong (the backward graph itself is right, and so is
+the record keeping: aot_eager is exact). `dpkernels.compile` turns that pass off; a private model compiled
+with plain torch.compile gets a warning, once.
 """
 
 from __future__ import annotations
@@ -93,23 +91,28 @@ def _(x: torch.Tensor, params: list[torch.Tensor], layer_id: int,
       autocast_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
     # the layer's own forward on fake tensors gives the output's shape, dtype and strides
     layer = _layer(layer_id)
-    _warn_conv(layer)
+    _warn_options(layer)
     with _autocast(x, autocast_dtype):
         out, _ = layer.compute(x, tuple(params))
     return out, torch.empty((), dtype=torch.int64)
 
 
-_warned_conv = False
+_warned = False
+_options_set: weakref.WeakSet[DPLayer] = weakref.WeakSet()  # layers compiled through dpkernels.compile
 
 
-def _warn_conv(layer: DPLayer) -> None:
+def mark_options_set(layers) -> None:
+    _options_set.update(layers)
+
+
+def _warn_options(layer: DPLayer) -> None:
     """Once, for the known problem above (here, in the fake kernel: a warning inside dynamo's trace breaks it)."""
-    global _warned_conv
-    if not _warned_conv and isinstance(layer.module, torch.nn.Conv2d):
-        _warned_conv = True
-        warnings.warn("dpkernels: compiling a private convolutional model. With inductor, pass "
-                      "options={'layout_optimization': False}: its default layout optimisation gave wrong "
-                      "gradients on a diffusers UNet (torch 2.13, CPU); compare one compiled step with eager",
+    global _warned
+    if not _warned and layer not in _options_set:
+        _warned = True
+        warnings.warn("dpkernels: compile a private model with dpkernels.compile(model), or pass inductor "
+                      "options={'reorder_for_peak_memory': False}: with that pass on, inductor mis-ordered a "
+                      "scatter and gave wrong gradients on a diffusers UNet (torch 2.13, CPU)",
                       UserWarning, stacklevel=2)
 
 
