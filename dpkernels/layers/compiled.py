@@ -30,6 +30,7 @@ from __future__ import annotations
 import itertools
 import warnings
 import weakref
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -101,7 +102,7 @@ _warned = False
 _options_set: weakref.WeakSet[DPLayer] = weakref.WeakSet()  # layers compiled through dpkernels.compile
 
 
-def mark_options_set(layers) -> None:
+def mark_options_set(layers: Iterable[DPLayer]) -> None:
     _options_set.update(layers)
 
 
