@@ -237,18 +237,21 @@ def test_compiled_forward_without_grad_records_nothing() -> None:
     assert opt.recorder.records == []
 
 
+def private_unet(n: int, C: float):
+    """The DP-LDM setting: the tests' diffusers UNet with its attention blocks and class embedding private."""
+    torch.manual_seed(0)
+    model = models.ClassConditionedUNet()
+    models.freeze_all_but_attention(model)
+    batch = models.unet_batch(n)
+    model, opt, _ = make(model, batch, C=C)
+    return model, opt, batch
+
+
 def test_diffusers_unet_compiles_to_one_graph() -> None:
     """The DP-LDM setting: a diffusers UNet, its 64 Transformer2DModel layers (GroupNorm, 1x1 Conv2d, Linear,
     LayerNorm) and the class embedding private: one graph, no break, 65 taps."""
     pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    model = models.ClassConditionedUNet()
-    models.freeze_all_but_attention(model)
-    batch = models.unet_batch(2)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    model, opt, _ = PrivacyEngine().make_private(
-        module=model, optimizer=opt, data_loader=DataLoader(TensorDataset(*batch), batch_size=2),
-        noise_multiplier=0.0, max_grad_norm=0.1, poisson_sampling=False)
+    model, opt, batch = private_unet(2, C=0.1)
     explained = torch._dynamo.explain(model)(*batch[:3])
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1 and taps(explained.graphs[0]) == len(opt.clipper.layers) == 65
@@ -292,14 +295,7 @@ def test_compiled_step_under_autocast_matches_eager() -> None:
 
 def unet_private_grads(compile_fn) -> dict[str, torch.Tensor]:
     """One DP step (noise 0, C = 100: nothing clipped) of the tests' private diffusers UNet, batch 4."""
-    torch.manual_seed(0)
-    model = models.ClassConditionedUNet()
-    models.freeze_all_but_attention(model)
-    batch = models.unet_batch(4)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    model, opt, _ = PrivacyEngine().make_private(
-        module=model, optimizer=opt, data_loader=DataLoader(TensorDataset(*batch), batch_size=4),
-        noise_multiplier=0.0, max_grad_norm=100.0, poisson_sampling=False, seed=0)
+    model, opt, batch = private_unet(4, C=100.0)
     models.unet_loss(compile_fn(model), batch).backward()
     opt.step()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
