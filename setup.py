@@ -1,7 +1,8 @@
 """Builds the compiled extension `dpkernels._C` (C++ CPU kernels; CUDA kernels when possible).
 
 Install with `pip install --no-build-isolation -e .` so the installed torch is used.
-Environment: DPKERNELS_NO_CUDA=1 builds the CPU kernels only.
+Environment: DPKERNELS_NO_CUDA=1 builds the CPU kernels only; DPKERNELS_CUDA_ARCHS="90" (";"- or
+","-separated compute capabilities without the dot, default "80;90") picks the GPU architectures compiled for.
 """
 
 from __future__ import annotations
@@ -45,6 +46,15 @@ def cuda_plan(torch_cuda: str | None, cuda_home: str | None, nvcc_exists: bool, 
     return CudaPlan(True, f"torch CUDA {torch_cuda}, nvcc in {cuda_home}")
 
 
+def cuda_archs(env: Mapping[str, str]) -> list[str]:
+    """nvcc -gencode flags for DPKERNELS_CUDA_ARCHS (default sm_80 and sm_90: A100 and H100/H200)."""
+    archs = [a.strip() for a in env.get("DPKERNELS_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a.strip()]
+    if not archs or not all(a.isdigit() for a in archs):
+        raise ValueError(f"DPKERNELS_CUDA_ARCHS={env.get('DPKERNELS_CUDA_ARCHS')!r}: expected compute capabilities "
+                         "like '80;90'")
+    return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+
+
 def _sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
@@ -60,8 +70,7 @@ def extensions() -> list:
     macros = [("DPKERNELS_PYTHON_MODULE", None)]
     kwargs = {"include_dirs": [os.path.join(ROOT, "csrc", "include")], "extra_link_args": ["-fopenmp"]}
     if plan.with_cuda:
-        nvcc_flags = ["-O3", "-DDPKERNELS_WITH_CUDA", "--expt-relaxed-constexpr",
-                      "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+        nvcc_flags = ["-O3", "-DDPKERNELS_WITH_CUDA", "--expt-relaxed-constexpr", *cuda_archs(os.environ)]
         return [cpp_extension.CUDAExtension(
             "dpkernels._C", cpp + cu, define_macros=macros + [("DPKERNELS_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc_flags}, **kwargs)]

@@ -1,7 +1,8 @@
-"""Eager vs torch.compile DP step on CPU (issue 11, item 3).
+"""Eager vs torch.compile DP step on CPU (issue 11, item 3) or a GPU (issue 21, item 4).
 
     nice python -m benchmarks.bench_compile                       # transformer workload, full CPU size
     nice python -m benchmarks.bench_compile --size tiny --steps 5 # quick look
+    python -m benchmarks.bench_compile --device cuda --model ldm  # the fmnist preset's DP-LDM step on a GPU
 
 Variants, each on a fresh copy of the same workload (benchmarks/models.py) and the same fixed batch:
   ours_eager      dpkernels step, model run eagerly
@@ -25,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.conftest import cpu_model_name
-from benchmarks.models import PerSampleMSE, Workload, build
+from benchmarks.models import MODELS, PerSampleMSE, Workload, build
 
 
 def make_step(w: Workload, private: bool, compiled: bool, backend: str) -> Callable[[], float]:
@@ -51,11 +52,14 @@ def make_step(w: Workload, private: bool, compiled: bool, backend: str) -> Calla
         options = dict(INDUCTOR_OPTIONS) if private and backend == "inductor" else None
         loss_fn = torch.compile(loss_fn, backend=backend, options=options)
 
+    sync = torch.cuda.synchronize if w.target.is_cuda else (lambda: None)
+
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(*w.inputs)
         loss.backward()
         optimizer.step()
+        sync()  # the step's device work is done before the clock stops
         return float(loss.detach())
 
     return step
@@ -63,7 +67,8 @@ def make_step(w: Workload, private: bool, compiled: bool, backend: str) -> Calla
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="transformer", choices=("transformer", "unet"))
+    ap.add_argument("--model", default="transformer", choices=MODELS)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--size", default="full", choices=("tiny", "full"))
     ap.add_argument("--steps", type=int, default=15, help="timed steps per variant")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per variant (compilation included)")
@@ -79,7 +84,7 @@ def main() -> None:
         variants += [("plain_eager", False, False), ("plain_compiled", False, True)]
     steps, shape = {}, ""
     for name, private, compiled in variants:
-        w = build(args.model, args.size, "cpu")
+        w = build(args.model, args.size, args.device)
         shape = w.shape
         steps[name] = make_step(w, private, compiled, args.backend)
         t0 = time.perf_counter()
@@ -94,8 +99,9 @@ def main() -> None:
             step()
             times[name].append(time.perf_counter() - t0)
 
+    where = torch.cuda.get_device_name(0) if args.device == "cuda" else cpu_model_name()
     print(f"\n{args.model} {shape}; torch {torch.__version__}, backend {args.backend}, "
-          f"{torch.get_num_threads()} threads, {cpu_model_name()}")
+          f"{torch.get_num_threads()} threads, {where}")
     med = {name: statistics.median(t) for name, t in times.items()}
     for name, t in times.items():
         print(f"  {name:15s} median {med[name] * 1e3:8.1f} ms  (min {min(t) * 1e3:.1f}, max {max(t) * 1e3:.1f}, "

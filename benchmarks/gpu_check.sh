@@ -16,6 +16,9 @@
 # their own DPK_GPU_TEST_S (default 240), so a slow build cannot eat the tests' time; the benchmarks share
 # what is left of DPK_GPU_BUDGET_S (default 530, the whole run, under a 10-minute command limit). Every
 # phase runs under `timeout -s INT`, so an interrupted pytest still writes the JSON of what it finished.
+# Selection: DPK_GPU_TEST_ARGS (extra pytest arguments for the GPU tests, e.g. "-n 8" with pytest-xdist),
+# DPK_GPU_STEP_K (a pytest -k expression choosing the step benchmarks, e.g. "transformer or ldm"),
+# DPK_GPU_KERNEL_BENCH=0 (skip the kernel benchmarks), DPK_SKIP_BUILD=1 (use the dpkernels/_C*.so already there).
 # Python: $PYTHON, else `python`, else `python3` on PATH.
 # Exit status: 0 if the build (with CUDA kernels) and the GPU tests passed, 1 otherwise (benchmarks never
 # fail the check).
@@ -107,7 +110,12 @@ done
 # 2. build: its own budget, both attempts together --------------------------------------------------------
 BUILD_OK=0
 BUILD_START=$SECONDS
-if run_phase build "$BUILD_BUDGET" "$OUT_DIR/build.log" "$PY" setup.py build_ext --inplace; then
+if [[ "${DPK_SKIP_BUILD:-0}" == 1 ]]; then  # a prebuilt extension (carried from an earlier build of the same sources)
+    log "build skipped (DPK_SKIP_BUILD=1): using $(ls dpkernels/_C*.so 2>/dev/null || echo 'NO dpkernels/_C*.so')"
+    echo "dpkernels: CUDA kernels: prebuilt extension, build skipped" >"$OUT_DIR/build.log"
+    STATUS+=("build: skipped (DPK_SKIP_BUILD=1)")
+    BUILD_OK=1
+elif run_phase build "$BUILD_BUDGET" "$OUT_DIR/build.log" "$PY" setup.py build_ext --inplace; then
     BUILD_OK=1
 else
     rc=$?
@@ -143,17 +151,24 @@ fi
 
 # 3. GPU tests: their own budget, whatever the build took ------------------------------------------------------
 TESTS_OK=0
+read -r -a TEST_ARGS <<<"${DPK_GPU_TEST_ARGS:-}"
 run_phase gpu-tests "$TEST_BUDGET" "$OUT_DIR/gpu_tests.log" \
-    "$PY" -m pytest -m gpu tests -q -rs -p no:cacheprovider --junitxml="$OUT_DIR/gpu_tests.xml" && TESTS_OK=1
+    "$PY" -m pytest -m gpu tests -q -rs -p no:cacheprovider --junitxml="$OUT_DIR/gpu_tests.xml" "${TEST_ARGS[@]}" \
+    && TESTS_OK=1
 
 # 4. GPU benchmarks, full size --------------------------------------------------------------------------------
 JSONS=()
-run_phase step-benchmarks "$(phase_time 200 80)" "$OUT_DIR/step_gpu.log" \
+STEP_K=()
+[[ -n "${DPK_GPU_STEP_K:-}" ]] && STEP_K=(-k "$DPK_GPU_STEP_K")
+KERNEL_BENCH="${DPK_GPU_KERNEL_BENCH:-1}"
+run_phase step-benchmarks "$(phase_time 200 $((KERNEL_BENCH == 0 ? 0 : 80)))" "$OUT_DIR/step_gpu.log" \
     "$PY" -m pytest -m gpu benchmarks/test_bench_step_gpu.py -q -rs -p no:cacheprovider \
-    --bench-size full --benchmark-json="$OUT_DIR/step_gpu.json" -W ignore::UserWarning
+    --bench-size full --benchmark-json="$OUT_DIR/step_gpu.json" -W ignore::UserWarning "${STEP_K[@]}"
 [[ -s "$OUT_DIR/step_gpu.json" ]] && JSONS+=("$OUT_DIR/step_gpu.json")
 
-if [[ -f benchmarks/test_bench_kernels_gpu.py ]]; then
+if [[ "$KERNEL_BENCH" == 0 ]]; then
+    STATUS+=("kernel-benchmarks: skipped (DPK_GPU_KERNEL_BENCH=0)")
+elif [[ -f benchmarks/test_bench_kernels_gpu.py ]]; then
     run_phase kernel-benchmarks "$(phase_time 150 15)" "$OUT_DIR/kernels_gpu.log" \
         "$PY" -m pytest -m gpu benchmarks/test_bench_kernels_gpu.py -q -rs -p no:cacheprovider \
         --bench-size full --benchmark-json="$OUT_DIR/kernels_gpu.json" \

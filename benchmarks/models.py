@@ -1,9 +1,12 @@
 """Benchmark workloads: the models, their fixed batches and the loss.
 
-Two workloads, each at a "tiny" size (CI smoke run) and a "full" size (the numbers in RESULTS.md):
+Three workloads, each at a "tiny" size (CI smoke run) and a "full" size (the numbers in RESULTS.md):
   transformer  a stack of pre-LN transformer blocks, every parameter trainable (all nn.Linear / nn.LayerNorm)
   unet         a small diffusers UNet2DConditionModel, random init, cross-attention on a class nn.Embedding;
                only its Transformer2DModel blocks and the embedding are trainable (the DP-LDM setting)
+  ldm          dpldm's own model of a preset (fmnist at full size, tiny at tiny size), random init, trainable
+               set "attention" (DP-LDM: transformer blocks + class embedder), the preset's physical batch
+               (max_physical_batch_size x noise_multiplicity rows on CUDA; each row one example here)
 A workload is a model, a fixed batch (inputs + target) and a per-sample MSE loss, built on one device
 from a fixed seed, so every variant of a benchmark trains the same model on the same batch.
 """
@@ -17,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 SIZES = ("tiny", "full")
-MODELS = ("transformer", "unet")
+MODELS = ("transformer", "unet", "ldm")
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,21 @@ UNET_SIZES: dict[tuple[str, str], UNetSize] = {
                                context_dim=16, num_classes=10, norm_groups=8),
     ("cuda", "full"): UNetSize(batch=256, sample=32, channels=(128, 256, 256), layers_per_block=1, heads=8,
                                context_dim=256, num_classes=10, norm_groups=32),
+}
+
+
+@dataclass(frozen=True)
+class LDMSize:
+    preset: str  # dpldm/configs/<preset>.yaml
+    batch: int  # rows through the UNet per step
+
+
+# CUDA full: the fmnist preset's physical chunk, 1024 examples x 4 diffusion noises (noise_multiplicity)
+LDM_SIZES: dict[tuple[str, str], LDMSize] = {
+    ("cpu", "tiny"): LDMSize("tiny", 4),
+    ("cpu", "full"): LDMSize("fmnist", 256),
+    ("cuda", "tiny"): LDMSize("tiny", 4),
+    ("cuda", "full"): LDMSize("fmnist", 4096),
 }
 
 
@@ -149,8 +167,9 @@ def device_type(device: torch.device | str) -> str:
     return torch.device(device).type
 
 
-def build_transformer(size: str, device: torch.device | str, seed: int = 0) -> Workload:
-    s = TRANSFORMER_SIZES[(device_type(device), size)]
+def build_transformer(size: str | TransformerSize, device: torch.device | str, seed: int = 0) -> Workload:
+    """The transformer workload at a named size (TRANSFORMER_SIZES) or at any TransformerSize."""
+    s = size if isinstance(size, TransformerSize) else TRANSFORMER_SIZES[(device_type(device), size)]
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = TransformerStack(s.dim, s.depth, s.heads).to(device)
@@ -193,7 +212,7 @@ def _freeze_all_but_transformers(model: ClassConditionedUNet) -> None:
 
 
 def build_unet(size: str, device: torch.device | str, seed: int = 0) -> Workload:
-    """Diffusion-style batch: x_t = sqrt(abar) x0 + sqrt(1 - abar) eps, target eps (fixed for timing)."""
+    """A small diffusers UNet on a diffusion-style batch (_diffusion_batch)."""
     s = UNET_SIZES[(device_type(device), size)]
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -201,13 +220,7 @@ def build_unet(size: str, device: torch.device | str, seed: int = 0) -> Workload
     _freeze_all_but_transformers(model)
     model = model.to(device)
 
-    x0 = torch.randn(s.batch, 4, s.sample, s.sample, generator=gen)
-    eps = torch.randn(s.batch, 4, s.sample, s.sample, generator=gen)
-    t = torch.randint(0, 1000, (s.batch,), generator=gen)
-    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
-    abar = torch.cumprod(1 - betas, 0)[t].float().view(-1, 1, 1, 1)
-    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
-    labels = torch.randint(0, s.num_classes, (s.batch,), generator=gen)
+    x_t, t, labels, eps = _diffusion_batch(s.batch, 4, s.sample, s.num_classes, gen)
 
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
@@ -219,10 +232,48 @@ def build_unet(size: str, device: torch.device | str, seed: int = 0) -> Workload
     return Workload("unet", model, inputs, eps.to(device), s.batch, shape)
 
 
+def _diffusion_batch(batch: int, channels: int, sample: int, num_classes: int, gen: torch.Generator
+                     ) -> tuple[torch.Tensor, ...]:
+    """x_t = sqrt(abar) x0 + sqrt(1 - abar) eps, its timesteps, labels and target eps (fixed for timing)."""
+    x0 = torch.randn(batch, channels, sample, sample, generator=gen)
+    eps = torch.randn(batch, channels, sample, sample, generator=gen)
+    t = torch.randint(0, 1000, (batch,), generator=gen)
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    abar = torch.cumprod(1 - betas, 0)[t].float().view(-1, 1, 1, 1)
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+    labels = torch.randint(0, num_classes, (batch,), generator=gen)
+    return x_t, t, labels, eps
+
+
+def build_ldm(size: str, device: torch.device | str, seed: int = 0) -> Workload:
+    """dpldm's ConditionalUNet of a preset with DP-LDM's trainable set (what `dpldm.train` fine-tunes)."""
+    from dpldm.config import load_config
+    from dpldm.models import build_unet as build_ldm_unet
+    from dpldm.trainable import select_trainable
+
+    s = LDM_SIZES[(device_type(device), size)]
+    cfg = load_config(s.preset)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = build_ldm_unet(cfg)
+    n_train = select_trainable(model, "attention", ablation=1)
+    model = model.to(device)
+    u = cfg["unet"]
+    x_t, t, labels, eps = _diffusion_batch(s.batch, u["in_channels"], u["sample_size"], cfg["data"]["num_classes"],
+                                           gen)
+    n_all = sum(p.numel() for p in model.parameters())
+    shape = (f"{s.preset} preset UNet, latents {s.batch}x{u['in_channels']}x{u['sample_size']}x{u['sample_size']}, "
+             f"channels={tuple(u['block_out_channels'])} ({n_train / 1e6:.2f}M of {n_all / 1e6:.2f}M trainable)")
+    inputs = (x_t.to(device), t.to(device), labels.to(device))
+    return Workload("ldm", model, inputs, eps.to(device), s.batch, shape)
+
+
 def build(model: str, size: str, device: torch.device | str, seed: int = 0) -> Workload:
     if model == "transformer":
         return build_transformer(size, device, seed)
     if model == "unet":
         return build_unet(size, device, seed)
+    if model == "ldm":
+        return build_ldm(size, device, seed)
     raise ValueError(f"unknown benchmark model {model!r}; expected one of {MODELS}")
 

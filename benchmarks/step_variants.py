@@ -3,7 +3,8 @@
   nonprivate    plain SGD on the same trainable set (the limit)
   opacus_hooks  opacus.PrivacyEngine, grad_sample_mode="hooks" (per-sample gradients materialised)
   opacus_ghost  opacus.PrivacyEngine, grad_sample_mode="ghost" (ghost norms, two backward passes)
-  ours          dpkernels.PrivacyEngine (one backward pass, fused norms and clipped sums)
+  ours          dpkernels.PrivacyEngine (one backward pass, fused norms and clipped sums), backend "auto"
+  ours_triton, ours_cuda   the same with one kernel backend forced (GPU only: GPU_VARIANTS)
 
 All use the same noise multiplier, clipping norm, learning rate and fixed batch (poisson_sampling=False,
 so every step sees the same B rows: timing stability). A step is forward, backward, optimizer step and
@@ -21,6 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from benchmarks.models import PerSampleMSE, Workload
 
 VARIANTS = ("nonprivate", "opacus_hooks", "opacus_ghost", "ours")
+GPU_VARIANTS = (*VARIANTS, "ours_triton", "ours_cuda")
 NOISE_MULTIPLIER = 1.0
 MAX_GRAD_NORM = 1.0
 LR = 1e-3
@@ -34,8 +36,15 @@ def missing_requirement(variant: str) -> str | None:
     """Why `variant` cannot run here, or None. Only absence counts: a broken install still raises."""
     if variant.startswith("opacus") and importlib.util.find_spec("opacus") is None:
         return "opacus is not installed"
-    if variant == "ours" and importlib.util.find_spec("dpkernels.engine") is None:
+    if variant.startswith("ours") and importlib.util.find_spec("dpkernels.engine") is None:
         return "dpkernels.engine does not exist yet (dpkernels.PrivacyEngine not landed)"
+    if variant == "ours_triton" and importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if variant == "ours_cuda":
+        from dpkernels import ops
+
+        if not ops.extension_has("cuda"):
+            return "the extension was built without its CUDA kernels"
     return None
 
 
@@ -72,16 +81,17 @@ def make_step(variant: str, w: Workload) -> Callable[[], float]:
             model, optimizer, criterion, _ = private
         else:
             model, optimizer, _ = private
-    elif variant == "ours":
+    elif variant in GPU_VARIANTS and variant.startswith("ours"):
         from dpkernels import PrivacyEngine
 
         engine = PrivacyEngine(accountant="rdp")
         model, optimizer, _ = engine.make_private(
             module=model, optimizer=optimizer, data_loader=_loader(w),
             noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=MAX_GRAD_NORM, poisson_sampling=False,
+            backend=variant.partition("_")[2] or "auto",
         )
     else:
-        raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+        raise ValueError(f"unknown variant {variant!r}; expected one of {GPU_VARIANTS}")
 
     inputs, target = w.inputs, w.target
 

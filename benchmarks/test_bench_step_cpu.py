@@ -17,7 +17,7 @@ from benchmarks.step_harness import run_step_benchmark
 from benchmarks.step_variants import VARIANTS
 
 # Full-size rounds: the transformer step is ~0.15-0.5 s here, the UNet step ~1-4 s.
-FULL_ROUNDS = {"transformer": 15, "unet": 5}
+FULL_ROUNDS = {"transformer": 15, "unet": 5, "ldm": 5}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

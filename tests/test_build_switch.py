@@ -72,3 +72,16 @@ def test_extensions_cuda_sources_when_plan_says_so(setup_module, monkeypatch, tm
     assert ("DPKERNELS_WITH_CUDA", None) in ext.define_macros
     nvcc = ext.extra_compile_args["nvcc"]
     assert "-gencode=arch=compute_80,code=sm_80" in nvcc and "-gencode=arch=compute_90,code=sm_90" in nvcc
+
+
+def test_cuda_archs_default_and_override(setup_module):
+    assert setup_module.cuda_archs({}) == ["-gencode=arch=compute_80,code=sm_80",
+                                           "-gencode=arch=compute_90,code=sm_90"]
+    assert setup_module.cuda_archs({"DPKERNELS_CUDA_ARCHS": "90"}) == ["-gencode=arch=compute_90,code=sm_90"]
+    assert len(setup_module.cuda_archs({"DPKERNELS_CUDA_ARCHS": "80, 86,90"})) == 3
+
+
+@pytest.mark.parametrize("bad", ["", "sm_90", "9.0", ";"])
+def test_cuda_archs_refuses_what_nvcc_would_not_take(setup_module, bad):
+    with pytest.raises(ValueError, match="DPKERNELS_CUDA_ARCHS"):
+        setup_module.cuda_archs({"DPKERNELS_CUDA_ARCHS": bad})

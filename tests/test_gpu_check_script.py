@@ -56,11 +56,12 @@ def run_script(tmp_path: Path, python_name: str, ext_cuda: str, build_s: float =
     return proc.returncode, proc.stdout + proc.stderr, calls
 
 
-def test_script_is_valid_bash() -> None:
+@pytest.mark.parametrize("script", [SCRIPT, SCRIPT.with_name("gpu_run.sh")], ids=lambda p: p.name)
+def test_script_is_valid_bash(script: Path) -> None:
     bash = shutil.which("bash")
     if bash is None:
         pytest.skip("no bash")
-    assert subprocess.run([bash, "-n", str(SCRIPT)], check=False).returncode == 0
+    assert subprocess.run([bash, "-n", str(script)], check=False).returncode == 0
 
 
 @needs_tools
