@@ -11,8 +11,10 @@
 #            is up; speed read off log.jsonl by benchmarks/train_speed.py, GPU memory by nvidia-smi
 #   scale    benchmarks/gpu_scale.py: largest batch per variant, transformer width 1024 (item 2c)
 #   compile  benchmarks/bench_compile.py on the GPU, transformer and the fmnist LDM step (item 4)
-#   retest   only pytest -m gpu tests (after a fix: DPK_RETEST_ARGS, e.g. "-k clipped_sum"; with a carried
-#            extension, DPK_SKIP_BUILD=1 and no check phase)
+#   steps    only the step benchmarks of gpu_check.sh (DPK_GPU_STEP_K) and their report, no build, no tests
+#   retest   only pytest -m gpu tests (after a fix: DPK_RETEST_ARGS, e.g. "-k clipped_sum", or DPK_RETEST_IDS, a
+#            file of test ids, one a line: what an interrupted run left); needs a carried extension
+
 # Inputs that a bare GPU machine lacks travel with the working tree (git-ignored, named in the device tool's
 # carry): .whl/ (opacus, diffusers, mlxtend, ... wheels; installed with --no-deps into a private folder) and
 # .gpu_data/fashion-mnist/ (the Debian package's idx.gz files, copied to where dpldm.data looks for them).
@@ -113,7 +115,7 @@ phase_train() {
     nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 500 >"$WORK/train_gpu_mem.csv" 2>/dev/null &
     local smi=$!
     timeout -s INT -k 15 "$secs" "$PY" -m dpldm.train --preset fmnist --runs "$run" --out "$run/dp" \
-        --set pretrain.steps="${DPK_PRETRAIN_STEPS:-200}" --set pretrain_autoencoder.steps="${DPK_PRETRAIN_STEPS:-200}" \
+        --set pretrain.steps="${DPK_PRETRAIN_STEPS:-30}" --set pretrain_autoencoder.steps="${DPK_PRETRAIN_STEPS:-30}" \
         --no-sample --checkpoint-every 100000 >"$WORK/train.log" 2>&1
     log "train: rc=$? (limit ${secs}s; 124 = stopped by the limit, as planned)"
     kill "$smi" 2>/dev/null
@@ -125,8 +127,9 @@ phase_train() {
 phase_scale() {
     local secs
     secs=$(limit "${DPK_SCALE_S:-45}" "${DPK_AFTER_SCALE_S:-0}")
+    read -r -a extra <<<"${DPK_SCALE_ARGS:-}"
     timeout -s INT -k 15 $((secs + 20)) "$PY" -m benchmarks.gpu_scale --budget-s "$secs" --json "$WORK/scale.json" \
-        >"$WORK/scale.log" 2>&1
+        "${extra[@]}" >"$WORK/scale.log" 2>&1
     log "scale: rc=$?"
     sed -n '/^transformer stack/,$p' "$WORK/scale.log" | tee -a "$SUMMARY"
 }
@@ -143,12 +146,25 @@ phase_compile() {
     done
 }
 
+phase_steps() {
+    local secs sel=()
+    secs=$(limit "${DPK_STEPS_S:-200}" "${DPK_AFTER_STEPS_S:-0}")
+    [[ -n "${DPK_GPU_STEP_K:-}" ]] && sel=(-k "$DPK_GPU_STEP_K")
+    timeout -s INT -k 20 "$secs" "$PY" -m pytest -m gpu benchmarks/test_bench_step_gpu.py -q -rs -p no:cacheprovider \
+        --bench-size full --benchmark-json="$WORK/step_gpu.json" -W ignore::UserWarning "${sel[@]}" \
+        >"$WORK/step_gpu.log" 2>&1
+    log "steps: rc=$? (limit ${secs}s)"
+    tail -n 15 "$WORK/step_gpu.log"
+    [[ -s "$WORK/step_gpu.json" ]] && "$PY" -m benchmarks.report "$WORK/step_gpu.json" | tee "$WORK/report.md" >>"$SUMMARY"
+}
+
 phase_retest() {
-    local secs
-    secs=$(limit 400 0)
+    local secs which=(tests)
+    secs=$(limit "${DPK_RETEST_S:-400}" "${DPK_AFTER_RETEST_S:-0}")
     read -r -a args <<<"${DPK_GPU_TEST_ARGS:-} ${DPK_RETEST_ARGS:-}"
-    timeout -s INT -k 20 "$secs" "$PY" -m pytest -m gpu tests -q -rs -p no:cacheprovider \
-        --junitxml="$WORK/retest.xml" "${args[@]}" >"$WORK/retest.log" 2>&1
+    [[ -n "${DPK_RETEST_IDS:-}" ]] && mapfile -t which <"$DPK_RETEST_IDS"
+    timeout -s INT -k 20 "$secs" "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider \
+        --junitxml="$WORK/retest.xml" "${args[@]}" "${which[@]}" >"$WORK/retest.log" 2>&1
     log "retest: rc=$?"
     tail -n 30 "$WORK/retest.log" | tee -a "$SUMMARY"
 }
