@@ -19,6 +19,10 @@
 # carry): .whl/ (opacus, diffusers, mlxtend, ... wheels; installed with --no-deps into a private folder) and
 # .gpu_data/fashion-mnist/ (the Debian package's idx.gz files, copied to where dpldm.data looks for them).
 # A prebuilt extension (dpkernels/_C*.so, carried) is used as it is when DPK_SKIP_BUILD=1.
+# Seen on an H200 (2026-12-04, benchmarks/RESULTS.md): start-up and wheels ~10 s, build 50 s, the 180 GPU tests
+# ~180 s with -n 8..16, the step benchmarks ~20 s per variant (transformer + ldm: ~4 min), the fmnist train phase
+# more than 55 s before its first DP step. A 15-minute device lease holds about two of these runs: split the
+# phases (e.g. `check` without steps, then `steps profile train`), and carry the built extension to the second.
 # Per-phase limits (seconds): DPK_CHECK_S (300; gpu_check's build DPK_GPU_BUILD_S 120 and tests DPK_GPU_TEST_S
 # 110 inside it), DPK_PROFILE_S (25 per model), DPK_TRAIN_S (60), DPK_SCALE_S (45), DPK_COMPILE_S (45 per
 # model); a phase also leaves time for the ones after it (DPK_AFTER_*_S).
@@ -46,9 +50,10 @@ SUMMARY="$WORK/summary.md"
 
 log() { echo "[gpu_run +$((SECONDS - START))s] $*" | tee -a "$SUMMARY"; }
 left() { echo $((BUDGET - (SECONDS - START))); }
-pack() {  # everything so far goes back, even if a later phase is killed
+pack() {  # everything so far goes back, even if a later phase is killed; the train run's models stay (over 16 MiB)
     [[ -n "${OUT:-}" ]] || return 0
-    tar -czf "$OUT/gpu_run.tgz.part" -C "$(dirname "$WORK")" "$(basename "$WORK")" && mv "$OUT/gpu_run.tgz.part" "$OUT/gpu_run.tgz"
+    tar -czf "$OUT/gpu_run.tgz.part" --exclude=train_runs -C "$(dirname "$WORK")" "$(basename "$WORK")" \
+        && mv "$OUT/gpu_run.tgz.part" "$OUT/gpu_run.tgz"
     cp "$SUMMARY" "$OUT/summary.md"
 }
 limit() {  # seconds for a phase: at most $1, leaving $2 for the phases after it
@@ -120,6 +125,7 @@ phase_train() {
     log "train: rc=$? (limit ${secs}s; 124 = stopped by the limit, as planned)"
     kill "$smi" 2>/dev/null
     gpumem=$(sort -n "$WORK/train_gpu_mem.csv" 2>/dev/null | tail -n 1)
+    cp "$run/dp/log.jsonl" "$WORK/train_log.jsonl" 2>/dev/null
     tail -n 5 "$WORK/train.log"
     "$PY" -m benchmarks.train_speed "$run/dp/log.jsonl" ${gpumem:+--gpu-mem-mib "$gpumem"} 2>&1 | tee -a "$SUMMARY"
 }
