@@ -22,6 +22,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--bench-size", choices=SIZES, default=None,
                     help="workload size: tiny (default, CI smoke run) or full (issue sizes); env DPK_BENCH_SIZE")
     group.addoption("--bench-rounds", type=int, default=None, help="timed rounds per benchmark (default by size)")
+    group.addoption("--bench-autocast", choices=("none", "bf16", "fp16"), default="none",
+                    help="run every step benchmark's forward under torch.autocast with this dtype (GPU training)")
     group.addoption("--no-bench-memory", action="store_true",
                     help="skip the peak-memory measurement (CPU: one fresh subprocess per variant)")
 
@@ -49,6 +51,11 @@ def bench_rounds(pytestconfig: pytest.Config, bench_size: str):
         return 3 if bench_size == "tiny" else default_full
 
     return rounds
+
+
+@pytest.fixture(scope="session")
+def bench_autocast(pytestconfig: pytest.Config) -> torch.dtype | None:
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[pytestconfig.getoption("--bench-autocast")]
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,8 @@
 #            is up; speed read off log.jsonl by benchmarks/train_speed.py, GPU memory by nvidia-smi
 #   scale    benchmarks/gpu_scale.py: largest batch per variant, transformer width 1024 (item 2c)
 #   compile  benchmarks/bench_compile.py on the GPU, transformer and the fmnist LDM step (item 4)
-#   steps    only the step benchmarks of gpu_check.sh (DPK_GPU_STEP_K) and their report, no build, no tests
+#   steps    only the step benchmarks of gpu_check.sh (DPK_GPU_STEP_K; DPK_STEP_ARGS, e.g. "--bench-autocast
+#            bf16") and their report, no build, no tests
 #   retest   only pytest -m gpu tests (after a fix: DPK_RETEST_ARGS, e.g. "-k clipped_sum", or DPK_RETEST_IDS, a
 #            file of test ids, one a line: what an interrupted run left); needs a carried extension
 
@@ -156,6 +157,8 @@ phase_steps() {
     local secs sel=()
     secs=$(limit "${DPK_STEPS_S:-200}" "${DPK_AFTER_STEPS_S:-0}")
     [[ -n "${DPK_GPU_STEP_K:-}" ]] && sel=(-k "$DPK_GPU_STEP_K")
+    read -r -a more <<<"${DPK_STEP_ARGS:-}"  # e.g. "--bench-autocast bf16"
+    sel+=("${more[@]}")
     timeout -s INT -k 20 "$secs" "$PY" -m pytest -m gpu benchmarks/test_bench_step_gpu.py -q -rs -p no:cacheprovider \
         --bench-size full --benchmark-json="$WORK/step_gpu.json" -W ignore::UserWarning "${sel[@]}" \
         >"$WORK/step_gpu.log" 2>&1

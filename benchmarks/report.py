@@ -16,7 +16,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-VARIANT_ORDER = ("nonprivate", "opacus_hooks", "opacus_ghost", "ours", "ours_triton", "ours_cuda")
+VARIANT_ORDER = ("nonprivate", "opacus_hooks", "opacus_ghost", "ours", "ours_triton", "ours_cuda", "ours_tf32x3")
 MIB = 2**20
 
 # (device, model) -> [(description, ratio key, comparison, threshold)]; ratio keys are computed in _ratios.

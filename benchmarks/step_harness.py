@@ -31,13 +31,14 @@ def skip_if_unavailable(model: str, variant: str) -> None:
 
 
 def run_step_benchmark(benchmark, *, model: str, variant: str, device: str, size: str, rounds: int,
-                       memory: bool, memory_steps: int = 2) -> None:
+                       memory: bool, memory_steps: int = 2, autocast: torch.dtype | None = None) -> None:
     skip_if_unavailable(model, variant)
     w = build(model, size, device)
-    step = make_step(variant, w)
-    benchmark.group = f"step {device} {model} ({size})"
+    step = make_step(variant, w, autocast)
+    precision = f", autocast {str(autocast).removeprefix('torch.')}" if autocast is not None else ""
+    benchmark.group = f"step {device} {model} ({size}{precision})"
     benchmark.extra_info.update(model=model, variant=variant, device=device, size=size, shape=w.shape,
-                                batch_size=w.batch_size)
+                                batch_size=w.batch_size, autocast=str(autocast) if autocast else None)
 
     if device == "cuda" and memory:
         try:

@@ -29,9 +29,10 @@ FULL_ROUNDS = {"transformer": 20, "unet": 10, "ldm": 20}
 
 @pytest.mark.parametrize("variant", GPU_VARIANTS)
 @pytest.mark.parametrize("model", MODELS)
-def test_step_gpu(benchmark, model: str, variant: str, bench_size: str, bench_rounds, bench_memory: bool) -> None:
+def test_step_gpu(benchmark, model: str, variant: str, bench_size: str, bench_rounds, bench_memory: bool,
+                  bench_autocast) -> None:
     run_step_benchmark(benchmark, model=model, variant=variant, device="cuda", size=bench_size,
-                       rounds=bench_rounds(FULL_ROUNDS[model]), memory=bench_memory)
+                       rounds=bench_rounds(FULL_ROUNDS[model]), memory=bench_memory, autocast=bench_autocast)
 
 
 @pytest.fixture(autouse=True)

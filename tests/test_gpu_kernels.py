@@ -133,6 +133,28 @@ def test_clipped_sum(backend: str, dtype: torch.dtype, shape) -> None:
     assert b.shape == (p,) and ((b.double() - ref_b).abs() <= bias_bound).all()
 
 
+@pytest.mark.parametrize("shape", [LINEAR_SHAPES[0], LINEAR_SHAPES[3]])
+def test_triton_fp32_tf32x3_dots(shape, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DPK_TRITON_FP32_DOT=tf32x3 (tensor cores, operands split in two TF32 parts): per-product relative error
+    ~2^-21, so the fp32 tolerances still hold, against the float64 reference."""
+    import dpkernels.triton as dtriton
+
+    monkeypatch.setenv("DPK_TRITON_FP32_DOT", "tf32x3")
+    B, T, d, p = shape
+    A, G = randn(B, T, d, dtype=torch.float32, seed=21), randn(B, T, p, dtype=torch.float32, seed=22)
+    ref_w, ref_b = reference.direct_norm(A.double(), G.double(), True)
+    for name in ("ghost_norm", "direct_norm"):
+        w, b = getattr(dtriton, name)(A, G, True)
+        assert_rel(w, ref_w, NORM_RTOL[torch.float32])
+        assert_rel(b, ref_b, NORM_RTOL[torch.float32])
+    c = torch.rand(B, device="cuda") + 0.05
+    w, _ = dtriton.clipped_sum(A, G, c, None, 0.0, 0, 0)
+    ref = torch.einsum("b,btp,btd->pd", c.double(), G.double(), A.double())
+    bound = FOLD_REL[torch.float32] * torch.einsum("btp,btd->pd", (c.double()[:, None, None] * G.double()).abs(),
+                                                   A.double().abs())
+    assert ((w.double() - ref).abs() <= bound).all()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_clipped_sum_empty_batch_is_pure_noise(backend: str) -> None:
     z = torch.zeros(0, 3, 130, device="cuda")

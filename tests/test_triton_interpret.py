@@ -214,3 +214,20 @@ def test_autobackend_key_ignores_batch_and_per_step_scalars() -> None:
     assert k1 == k2
     assert k1 != _key("clipped_sum", (A, G, c, c, 1.0, 7, 0))  # with a bias: another kernel variant
     assert k1 != _key("clipped_sum", (A.half(), G.half(), c, None, 1.0, 7, 0))
+
+
+def test_fp32_dot_precision_is_checked_at_each_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DPK_TRITON_FP32_DOT picks the fp32 dot (ieee or tf32x3, measured on a GPU); plain tf32 (~1e-3 relative,
+    enough to move clipping factors) or a typo is refused at the launch, never silently replaced."""
+    A, G = torch.randn(3, 9, 5), torch.randn(3, 9, 7)
+    ref = reference.ghost_norm(A.double(), G.double(), True)[0]
+    for value in ("ieee", "tf32x3"):  # the interpreter computes both in fp32: this checks the plumbing
+        monkeypatch.setenv("DPK_TRITON_FP32_DOT", value)
+        torch.testing.assert_close(dtriton.ghost_norm(A, G, True)[0].double(), ref, rtol=1e-5, atol=0)
+    for bad in ("tf32", "IEEE", ""):
+        monkeypatch.setenv("DPK_TRITON_FP32_DOT", bad)
+        for op in (lambda: dtriton.ghost_norm(A, G, True), lambda: dtriton.direct_norm(A, G, True),
+                   lambda: dtriton.clipped_sum(A, G, torch.ones(3), None, 0.0, 0, 0),
+                   lambda: dtriton.embedding_norm(torch.zeros(3, 9, dtype=torch.long), G)):
+            with pytest.raises(ValueError, match="DPK_TRITON_FP32_DOT"):
+                op()

@@ -55,6 +55,22 @@ def supports(dtype: torch.dtype) -> bool:
 AUTOTUNE: bool = os.environ.get("DPK_TRITON_AUTOTUNE", "1") != "0"
 
 
+FP32_DOT_PRECISIONS = ("ieee", "tf32x3")
+
+
+def fp32_dot_precision() -> str:
+    """tl.dot's input_precision for fp32 inputs, from DPK_TRITON_FP32_DOT (read at each launch).
+
+    "ieee" (default): fp32 FMA, exact to fp32 rounding. "tf32x3": tensor cores with each operand split into two
+    TF32 parts (three products), per-product relative error ~2^-21 instead of 2^-24; faster on Ampere and Hopper
+    (to be measured: benchmarks/RESULTS.md). Plain "tf32" (~1e-3 relative) is refused: a norm that far off moves
+    every clipping factor. Half-precision inputs ignore it (their products are exact in fp32)."""
+    value = os.environ.get("DPK_TRITON_FP32_DOT", "ieee")
+    if value not in FP32_DOT_PRECISIONS:
+        raise ValueError(f"DPK_TRITON_FP32_DOT={value!r}: expected one of {FP32_DOT_PRECISIONS}")
+    return value
+
+
 def configs(full: list[triton.Config], small: triton.Config) -> list[triton.Config]:
     """Autotuning under the interpreter is slow and meaningless: one small config there."""
     if INTERPRET:

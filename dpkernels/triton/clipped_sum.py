@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dpkernels.triton._common import INTERPRET, check_offset, configs, round_up4, seed_words
+from dpkernels.triton._common import INTERPRET, check_offset, configs, fp32_dot_precision, round_up4, seed_words
 from dpkernels.triton.linear_norms import linear_inputs
 from dpkernels.triton.philox import normal_at
 from dpkernels.triton.rows import rows_sum_noise
@@ -32,7 +32,7 @@ GEMM_CONFIGS = [
 def _clipped_sum_kernel(
     a_ptr, g_ptr, c_ptr, cb_ptr, w_out_ptr, b_out_ptr,
     K, T, d, p, k_per_split, std, seed_lo, seed_hi, offset, bias_offset,
-    HAS_BIAS: tl.constexpr, HAS_NOISE: tl.constexpr, PARTIAL: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_NOISE: tl.constexpr, PARTIAL: tl.constexpr, UPCAST: tl.constexpr, DOT: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -62,7 +62,7 @@ def _clipped_sum_kernel(
         if UPCAST:  # the interpreter computes bf16/fp16 dots wrongly
             gc = gc.to(tl.float32)
             a = a.to(tl.float32)
-        acc = tl.dot(tl.trans(gc), a, acc, input_precision="ieee")
+        acc = tl.dot(tl.trans(gc), a, acc, input_precision=DOT)
     out_idx = pcols[:, None].to(tl.int64) * d + dcols[None, :]
     out_ok = (pcols[:, None] < p) & (dcols[None, :] < d)
     # The first d tile owns the bias. A branch, not `mask & (dt == 0)`: Triton >= 3.9's interpreter
@@ -143,7 +143,7 @@ def clipped_sum_split(
     _clipped_sum_kernel[grid](
         A3, G3, c32, cb32, w_out, b_out if has_bias else w_out,
         K, T, d, p, k_per_split, float(noise_std), lo, hi, offset, bias_offset,
-        HAS_BIAS=has_bias, HAS_NOISE=noise_std != 0.0, PARTIAL=partial, UPCAST=upcast,
+        HAS_BIAS=has_bias, HAS_NOISE=noise_std != 0.0, PARTIAL=partial, UPCAST=upcast, DOT=fp32_dot_precision(),
     )
     if partial:
         rows_sum_noise(w_out.view(splits, -1), None, w.view(-1), noise_std, seed, offset)

@@ -21,6 +21,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 os.environ["DPK_TRITON_AUTOTUNE"] = "1"  # every config is listed; --all-configs chooses how many to compile
 
 from dpkernels.triton import embedding, linear_norms, rows
+from dpkernels.triton._common import FP32_DOT_PRECISIONS
 from dpkernels.triton.clipped_sum import _clipped_sum_kernel  # the package attribute clipped_sum is the op
 
 DTYPES = ("fp32", "fp16", "bf16")
@@ -30,20 +31,24 @@ def _jobs(dt: str):
     """(kernel, signature, constexprs) per launch variant; pointers to `dt` where inputs are."""
     norm_sig = {"a_ptr": f"*{dt}", "g_ptr": f"*{dt}", "w_part_ptr": "*fp32", "b_part_ptr": "*fp32",
                 "T": "i32", "d": "i32", "p": "i32", "part_stride": "i32",
-                "WITH_BIAS": "constexpr", "UPCAST": "constexpr"}
+                "WITH_BIAS": "constexpr", "UPCAST": "constexpr", "DOT": "constexpr"}
     direct_sig = {**norm_sig, "B": "i32"}
+    dots = FP32_DOT_PRECISIONS if dt == "fp32" else FP32_DOT_PRECISIONS[:1]  # half inputs: products are exact
     for kernel, sig in ((linear_norms._ghost_norm_kernel, norm_sig), (linear_norms._direct_norm_kernel, direct_sig)):
-        for bias in (True, False):
-            yield kernel, sig, {"WITH_BIAS": bias, "UPCAST": False}
+        for bias, dot in itertools.product((True, False), dots):
+            yield kernel, sig, {"WITH_BIAS": bias, "UPCAST": False, "DOT": dot}
     sum_sig = {"a_ptr": f"*{dt}", "g_ptr": f"*{dt}", "c_ptr": "*fp32", "cb_ptr": "*fp32", "w_out_ptr": "*fp32",
                "b_out_ptr": "*fp32", "K": "i32", "T": "i32", "d": "i32", "p": "i32", "k_per_split": "i32",
                "std": "fp32", "seed_lo": "i64", "seed_hi": "i32", "offset": "i64", "bias_offset": "i64",
-               "HAS_BIAS": "constexpr", "HAS_NOISE": "constexpr", "PARTIAL": "constexpr", "UPCAST": "constexpr"}
-    for bias, partial in itertools.product((True, False), (True, False)):
+               "HAS_BIAS": "constexpr", "HAS_NOISE": "constexpr", "PARTIAL": "constexpr", "UPCAST": "constexpr",
+               "DOT": "constexpr"}
+    for bias, partial, dot in itertools.product((True, False), (True, False), dots):
         yield _clipped_sum_kernel, sum_sig, {"HAS_BIAS": bias, "HAS_NOISE": True, "PARTIAL": partial,
-                                                         "UPCAST": False}
-    yield embedding._embedding_norm_kernel, {"ids_ptr": "*i64", "g_ptr": f"*{dt}", "part_ptr": "*fp32", "T": "i32",
-                                             "D": "i32", "part_stride": "i32", "UPCAST": "constexpr"}, {"UPCAST": False}
+                                             "UPCAST": False, "DOT": dot}
+    for dot in dots:
+        yield embedding._embedding_norm_kernel, {"ids_ptr": "*i64", "g_ptr": f"*{dt}", "part_ptr": "*fp32", "T": "i32",
+                                                 "D": "i32", "part_stride": "i32", "UPCAST": "constexpr",
+                                                 "DOT": "constexpr"}, {"UPCAST": False, "DOT": dot}
     yield embedding._scatter_kernel, {"ids_ptr": "*i64", "g_ptr": f"*{dt}", "c_ptr": "*fp32", "out_ptr": "*fp32",
                                       "R": "i32", "T": "i32", "D": "i32", "V": "i32", "BLOCK_R": "constexpr",
                                       "BLOCK_D": "constexpr"}, {"BLOCK_R": 32, "BLOCK_D": 128}

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dpkernels.triton._common import INTERPRET, check_dtype, configs
+from dpkernels.triton._common import INTERPRET, check_dtype, configs, fp32_dot_precision
 from dpkernels.triton.linear_norms import gram_tile
 from dpkernels.triton.rows import rows_sum_noise
 
@@ -27,7 +27,7 @@ NORM_CONFIGS = [  # every GPU config; BLOCK_T >= MIN_BLOCK_T
 
 @triton.autotune(configs=configs(NORM_CONFIGS, triton.Config({"BLOCK_T": 16, "BLOCK_K": 16})), key=["T", "D"])
 @triton.jit
-def _embedding_norm_kernel(ids_ptr, g_ptr, part_ptr, T, D, part_stride, UPCAST: tl.constexpr,
+def _embedding_norm_kernel(ids_ptr, g_ptr, part_ptr, T, D, part_stride, UPCAST: tl.constexpr, DOT: tl.constexpr,
                            BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     i = tl.program_id(1)
@@ -39,7 +39,7 @@ def _embedding_norm_kernel(ids_ptr, g_ptr, part_ptr, T, D, part_stride, UPCAST: 
     for j in range(i, n_tiles):
         rows_j = j * BLOCK_T + tl.arange(0, BLOCK_T)
         ids_j = tl.load(ids_ptr + b * T + rows_j, mask=rows_j < T, other=-2)
-        gg = gram_tile(g_base, rows_i, rows_j, T, D, UPCAST, BLOCK_T, BLOCK_K)
+        gg = gram_tile(g_base, rows_i, rows_j, T, D, UPCAST, DOT, BLOCK_T, BLOCK_K)
         same = ids_i[:, None] == ids_j[None, :]
         acc += tl.where(j == i, 1.0, 2.0) * tl.where(same, gg, 0.0)
     tl.store(part_ptr + b * part_stride + i, tl.sum(acc))
@@ -63,7 +63,8 @@ def embedding_norm(ids: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     part = torch.zeros(B, max(n_programs, 1), dtype=torch.float32, device=G.device)
     if B and n_programs and D:
         upcast = INTERPRET and G3.dtype != torch.float32
-        _embedding_norm_kernel[(B, n_programs)](ids2, G3, part, T, D, n_programs, UPCAST=upcast)
+        _embedding_norm_kernel[(B, n_programs)](ids2, G3, part, T, D, n_programs, UPCAST=upcast,
+                                                DOT=fp32_dot_precision())
     return part.sum(1)
 
 

@@ -19,14 +19,15 @@ import torch
 import triton
 import triton.language as tl
 
-from dpkernels.triton._common import INTERPRET, check_dtype, configs
+from dpkernels.triton._common import INTERPRET, check_dtype, configs, fp32_dot_precision
 
 MIN_BLOCK = 16 if INTERPRET else 64  # the smallest block size of any config below
 MAX_GRID_Y = 65535  # CUDA's limit on grid axes y and z (axis x allows 2^31 - 1)
 
 
 @triton.jit
-def gram_tile(base, rows_i, rows_j, T, n, UPCAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+def gram_tile(base, rows_i, rows_j, T, n, UPCAST: tl.constexpr, DOT: tl.constexpr, BLOCK_T: tl.constexpr,
+              BLOCK_K: tl.constexpr):
     """X[rows_i] @ X[rows_j]^T of one sample's X [T, n] (row-major at base), fp32 [BLOCK_T, BLOCK_T]."""
     acc = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
     for k0 in range(0, n, BLOCK_K):
@@ -37,7 +38,7 @@ def gram_tile(base, rows_i, rows_j, T, n, UPCAST: tl.constexpr, BLOCK_T: tl.cons
         if UPCAST:  # the interpreter computes bf16/fp16 dots wrongly
             x_i = x_i.to(tl.float32)
             x_j = x_j.to(tl.float32)
-        acc = tl.dot(x_i, tl.trans(x_j), acc, input_precision="ieee")
+        acc = tl.dot(x_i, tl.trans(x_j), acc, input_precision=DOT)
     return acc
 
 
@@ -52,7 +53,7 @@ GHOST_CONFIGS = [
 @triton.jit
 def _ghost_norm_kernel(
     a_ptr, g_ptr, w_part_ptr, b_part_ptr, T, d, p, part_stride,
-    WITH_BIAS: tl.constexpr, UPCAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+    WITH_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     i = tl.program_id(1)
@@ -63,8 +64,8 @@ def _ghost_norm_kernel(
     acc = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
     for j in range(i, n_tiles):
         rows_j = j * BLOCK_T + tl.arange(0, BLOCK_T)
-        aa = gram_tile(a_base, rows_i, rows_j, T, d, UPCAST, BLOCK_T, BLOCK_K)
-        gg = gram_tile(g_base, rows_i, rows_j, T, p, UPCAST, BLOCK_T, BLOCK_K)
+        aa = gram_tile(a_base, rows_i, rows_j, T, d, UPCAST, DOT, BLOCK_T, BLOCK_K)
+        gg = gram_tile(g_base, rows_i, rows_j, T, p, UPCAST, DOT, BLOCK_T, BLOCK_K)
         acc += tl.where(j == i, 1.0, 2.0) * (aa * gg)  # tile (j, i) is the transpose of (i, j)
     tl.store(w_part_ptr + b * part_stride + i, tl.sum(acc))
     if WITH_BIAS:
@@ -94,7 +95,7 @@ DIRECT_CONFIGS = [
 @triton.jit(do_not_specialize=["B"])  # B changes with every Poisson batch: never a compile key
 def _direct_norm_kernel(
     a_ptr, g_ptr, w_part_ptr, b_part_ptr, B, T, d, p, part_stride,
-    WITH_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    WITH_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     tile = tl.program_id(0)  # axis x: a huge layer has more than 65535 tiles
@@ -122,7 +123,7 @@ def _direct_norm_kernel(
             if UPCAST:
                 g = g.to(tl.float32)
                 a = a.to(tl.float32)
-            acc = tl.dot(tl.trans(g), a, acc, input_precision="ieee")
+            acc = tl.dot(tl.trans(g), a, acc, input_precision=DOT)
         tl.store(w_part_ptr + b * part_stride + tile, tl.sum(acc * acc))
         if WITH_BIAS:  # one d tile per p tile owns the bias
             tl.store(b_part_ptr + b * part_stride + tile, tl.where(dt == 0, tl.sum(g_sum * g_sum), 0.0))
@@ -160,12 +161,13 @@ def _norms(A: torch.Tensor, G: torch.Tensor, with_bias: bool, direct: bool):
     if B and n_programs:
         upcast = INTERPRET and A3.dtype != torch.float32
         b_arg = b_part if with_bias else w_part
+        dot = fp32_dot_precision()
         if direct:
             _direct_norm_kernel[direct_grid(B, n_programs)](A3, G3, w_part, b_arg, B, T, d, p, n_programs,
-                                                            WITH_BIAS=with_bias, UPCAST=upcast)
+                                                            WITH_BIAS=with_bias, UPCAST=upcast, DOT=dot)
         else:  # row tiles on axis y: T would need over 4M tokens to pass its limit
             _ghost_norm_kernel[(B, n_programs)](A3, G3, w_part, b_arg, T, d, p, n_programs,
-                                                WITH_BIAS=with_bias, UPCAST=upcast)
+                                                WITH_BIAS=with_bias, UPCAST=upcast, DOT=dot)
     return w_part.sum(1), (b_part.sum(1) if with_bias else w_part.new_empty(0))
 
 
