@@ -225,7 +225,7 @@ def start_mode(args: argparse.Namespace, out: Path, rank: int, world: int, run_a
         return REFUSE, f"--resume: no unfinished checkpoint in {out}"
     diff = {k: (meta["args"].get(k), v) for k, v in run_args.items() if meta["args"].get(k) != v}
     if diff:
-        return REFUSE, (f"--resume: the checkpoint in {found.parent / found.name} was made with other settings: "
+        return REFUSE, (f"--resume: the checkpoint in {found} was made with other settings: "
                         + "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items()))
     # each rank's sampler and RNG streams live in its own checkpoint: another number of ranks cannot continue them
     written_by = meta.get("world") or max(ranks) + 1  # older checkpoints did not record it

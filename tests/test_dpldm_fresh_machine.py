@@ -112,9 +112,9 @@ def full_run_args(runs: Path, private: Path, out: Path, *extra: str) -> list[str
 
 @pytest.mark.parametrize("missing", ["a public .npz that is not there", "the shipped fontdigits.npz"])
 def test_missing_public_data_is_refused_before_the_first_step(tiny_runs: Path, tiny_private: Path, tmp_path: Path,
-                                                              shipped_copy: Path, missing: str) -> None:
+                                                              request: pytest.FixtureRequest, missing: str) -> None:
     if missing == "the shipped fontdigits.npz":
-        (shipped_copy / data.FONTDIGITS_FILE).unlink()
+        (request.getfixturevalue("shipped_copy") / data.FONTDIGITS_FILE).unlink()
         public, message = "fontdigits", "fontdigits.npz is missing"
     else:
         public = str(tmp_path / "nowhere.npz")
