@@ -9,10 +9,15 @@ Written whole or not at all: a new checkpoint is filled in a temporary folder, t
 `<name>.prev` and the new one takes its name, so a run killed, or a disk full, while writing keeps its previous
 checkpoint as the latest. meta.json records the sha256 of model.safetensors and state.pt: a corrupt or truncated
 checkpoint is refused with the reason, and resuming falls back to `<name>.prev`.
+
+A writer killed (SIGKILL, power loss) before its rename leaves its temporary folder `.<name>.tmp-*`, with a complete
+or partial state.pt in it: private too. private_paths() lists it with the checkpoint, and discard_train_state()
+deletes it with the rest.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -120,12 +125,50 @@ def at_step(folder: Path, step: int) -> tuple[Path | None, dict[str, Any] | None
                 (None, None))
 
 
-def discard_train_state(folder: Path) -> None:
-    """Delete a checkpoint, its `.prev` and any `.old` twin: a finished run keeps no noise state."""
+def private_paths(folder: Path) -> list[Path]:
+    """Every path that may hold this checkpoint's private state and exists: the checkpoint, its `.prev`, an `.old`
+    twin, and the temporary folders of writes that were killed before their rename (`.<name>.tmp-*`).
+
+    Args:
+        folder: the checkpoint folder (e.g. <run>/checkpoint).
+    """
     folder = Path(folder)
-    for path in (folder, previous(folder), folder.parent / f".{folder.name}.old"):
-        if path.is_dir():
-            shutil.rmtree(path)
+    paths = [folder, previous(folder), folder.parent / f".{folder.name}.old"]
+    paths += sorted(folder.parent.glob(f".{glob.escape(folder.name)}.tmp-*"))
+    return [p for p in paths if p.exists() or p.is_symlink()]
+
+
+def remove_private(path: Path) -> None:
+    """Delete a private file or folder; another process deleting it at the same time (a rank sweeping every
+    rank's leftovers) is fine, a path that survives is an error (its secrets would outlive the run)."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+    if path.exists() or path.is_symlink():
+        raise OSError(f"could not delete {path}, which holds private DP state (noise seeds): delete it by hand")
+
+
+def discard_interrupted_writes(folder: Path) -> None:
+    """Delete the temporary folders killed writers of this checkpoint left (never used again, and private).
+
+    Args:
+        folder: the checkpoint folder; call it only when no write of it is under way (at a run's start).
+    """
+    for path in Path(folder).parent.glob(f".{glob.escape(Path(folder).name)}.tmp-*"):
+        remove_private(path)
+
+
+def discard_train_state(folder: Path) -> None:
+    """Delete a checkpoint, its `.prev`, any `.old` twin and any killed write's temporary folder: a finished run
+    keeps no noise state.
+
+    Args:
+        folder: the checkpoint folder (e.g. <run>/checkpoint).
+    """
+    for path in private_paths(folder):
+        remove_private(path)
 
 
 def load_train_state(found: Path, model: nn.Module, optimizer: Any, engine: Any) -> int:

@@ -28,6 +28,13 @@ FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FMNIST_HINT = "apt-get install -y dataset-fashion-mnist"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 SPLIT_SEED = 1234  # fixed: the private train/test split never changes between runs
+# Public data shipped with the package (dpldm/datasets/), each file listed in SHA256SUMS there: the same data on
+# every machine, without the system packages it was made from (fonts are needed only to rebuild fontdigits.npz).
+SHIPPED_DIR = Path(__file__).parent / "datasets"
+SHA256SUMS = "SHA256SUMS"
+FONTDIGITS_FILE = "fontdigits.npz"
+FONTDIGITS_N = 20_000
+REBUILD_HINT = "python -m dpldm.font_digits --check (with the fonts installed; its --help says how)"
 
 
 class DataError(ValueError):
@@ -119,14 +126,97 @@ def digits28() -> DataSet:
     return DataSet(train, test, 10, "digits")
 
 
-def fontdigits(n: int = 20_000) -> DataSet:
+def fontdigits() -> DataSet:
     """Digits rendered from (mostly handwriting) fonts with hand-drawn-like distortions (dpldm/font_digits.py):
     18k train / 2k test."""
+    path = shipped_file(FONTDIGITS_FILE)
+    images, labels = read_npz(path)
+    train, test = _fixed_split(_check(images, labels, str(path), 10), len(labels) // 10)
+    return DataSet(train, test, 10, "fontdigits")
+
+
+def render_fontdigits() -> tuple[np.ndarray, np.ndarray]:
+    """The fontdigits set rendered from the installed fonts (dpldm/font_digits.py): what the shipped file holds
+    when the fonts are the ones it was rendered from. Only needed to rebuild that file."""
     from dpldm.font_digits import render
 
-    images, labels = render(n, seed=SPLIT_SEED)
-    train, test = _fixed_split(_check(images, labels, "dpldm.font_digits.render()", 10), n // 10)
-    return DataSet(train, test, 10, "fontdigits")
+    return render(FONTDIGITS_N, seed=SPLIT_SEED)
+
+
+def shipped_sums() -> dict[str, str]:
+    """SHIPPED_DIR's SHA256SUMS as {file name: sha256}."""
+    path = SHIPPED_DIR / SHA256SUMS
+    if not path.is_file():
+        raise DataError(f"{path} is missing: the package's shipped public data cannot be verified; reinstall the "
+                        "package")
+    sums = {}
+    for line in path.read_text().splitlines():
+        digest, sep, name = line.partition("  ")
+        if line.strip() and sep:
+            sums[name] = digest
+    return sums
+
+
+def shipped_file(name: str) -> Path:
+    """A public data file shipped with the package, checked against SHIPPED_DIR/SHA256SUMS first.
+
+    Args:
+        name: its file name in SHIPPED_DIR (e.g. fontdigits.npz).
+    """
+    from dpldm.base import sha256_file
+
+    path, want = SHIPPED_DIR / name, shipped_sums().get(name)
+    rebuild = f"reinstall the package, or rebuild it from fonts: {REBUILD_HINT}"
+    if want is None:
+        raise DataError(f"{path}: not listed in {SHIPPED_DIR / SHA256SUMS}; {rebuild}")
+    if not path.is_file():
+        raise DataError(f"{path} is missing (the public data shipped with the package; {SHA256SUMS} expects sha256 "
+                        f"{want}); {rebuild}")
+    got = sha256_file(path)
+    if got != want:
+        raise DataError(f"{path} has sha256 {got}, but {SHA256SUMS} says {want}: the file was modified or corrupted; "
+                        f"{rebuild}")
+    return path
+
+
+def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of an .npz; a file that is not one is a DataError naming it."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return z["images"], z["labels"]
+    except Exception as e:  # zip errors, missing arrays, truncated files
+        raise DataError(f"{path}: not a readable .npz with images and labels ({type(e).__name__}: {e})") from e
+
+
+def write_npz(path: Path, **arrays: np.ndarray) -> None:
+    """A compressed .npz whose bytes depend only on the arrays (fixed zip dates and attributes, deflate level 9),
+    so that a rebuild of the same arrays gives the same sha256 (with the same zlib).
+
+    Args:
+        path: the file to write.
+        arrays: name -> array, stored as <name>.npy in the order given.
+    """
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, a in arrays.items():
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.ascontiguousarray(a), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type, info.create_system, info.external_attr = zipfile.ZIP_DEFLATED, 3, 0o644 << 16
+            zf.writestr(info, buf.getvalue(), compresslevel=9)
+
+
+def arrays_sha256(images: np.ndarray, labels: np.ndarray) -> str:
+    """sha256 of the pixels and labels themselves (shape, uint8 pixels, int64 labels), whatever the compression:
+    what a rebuild from fonts is compared on."""
+    import hashlib
+
+    h = hashlib.sha256(repr(tuple(images.shape)).encode())
+    h.update(np.ascontiguousarray(images, dtype=np.uint8).tobytes())
+    h.update(np.ascontiguousarray(labels, dtype="<i8").tobytes())
+    return h.hexdigest()
 
 
 def _read_idx(path: Path) -> np.ndarray:

@@ -9,19 +9,30 @@ field so that strokes look hand-drawn. No MNIST image is used: the set is public
 The mix was chosen on a public proxy, sklearn's handwritten digits (a CNN trained on 10k renderings:
 old DejaVu-only set 57.8%, this one 75.6%), never on MNIST. Install the fonts with:
     apt-get install -y $(python -c "import dpldm.font_digits as f; print(' '.join(f.PACKAGES))")
+
+The set the shipped base was pre-trained on ships with the package (dpldm/datasets/fontdigits.npz, its sha256 in
+SHA256SUMS there), so runs need no fonts. The fonts are needed only to rebuild it:
+    python -m dpldm.font_digits --check          # render from the installed fonts, compare with the shipped file
+    python -m dpldm.font_digits --out DIR        # write DIR/fontdigits.npz, fontdigits.json and SHA256SUMS
+Fonts are looked up under /usr/share/fonts, or under $DPLDM_FONTS when set.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import json
+import os
+import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-FONT_ROOT = Path("/usr/share/fonts")
+FONT_ROOT = Path(os.environ.get("DPLDM_FONTS") or "/usr/share/fonts")
 HANDWRITING_PACKAGES = (
     "fonts-bwht", "fonts-comic-neue", "fonts-dancingscript", "fonts-kaushanscript", "fonts-breip",
     "fonts-femkeklaver", "fonts-dkg-handwriting", "fonts-humor-sans", "fonts-klee", "fonts-kristi",
@@ -126,3 +137,99 @@ def render(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     x = _elastic(torch.from_numpy(np.stack(out))[:, None], torch.Generator().manual_seed(seed))[:, 0]
     x = x / x.amax(dim=(1, 2), keepdim=True).clamp(min=1.0) * 255  # full ink range, as MNIST's
     return x.clamp(0, 255).round().to(torch.uint8).numpy(), labels
+
+
+# --- the shipped set: rebuild and check ------------------------------------------------------------------------
+
+def record(images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """fontdigits.json: what the shipped set is and what it was rendered with (fonts, library versions)."""
+    import zlib
+
+    import PIL
+    from PIL import features
+
+    from dpldm import data
+
+    hand, other = font_files()
+    return {"name": "fontdigits", "file": data.FONTDIGITS_FILE, "images": list(images.shape), "dtype": "uint8",
+            "labels": "uint8, the digit drawn (0..9 in turn)", "seed": data.SPLIT_SEED,
+            "split": f"dpldm.data.fontdigits(): fixed permutation (seed {data.SPLIT_SEED}), last 90% train, "
+                     "first 10% test",
+            "arrays_sha256": data.arrays_sha256(images, labels), "font_set": font_set_id(),
+            "fonts": {"handwriting": len(hand), "print": len(other)}, "packages": list(PACKAGES),
+            "rendered_with": {"pillow": PIL.__version__, "freetype": features.version("freetype2"),
+                              "numpy": np.__version__, "torch": torch.__version__,
+                              "zlib": zlib.ZLIB_RUNTIME_VERSION},  # the .npz's bytes depend on it, not the arrays
+            "rebuild": "python -m dpldm.font_digits --out DIR (then compare, or --check)"}
+
+
+def build(out: Path) -> dict[str, Any]:
+    """Render the fontdigits set from the installed fonts into out/: fontdigits.npz (uint8, compressed),
+    fontdigits.json (record()) and SHA256SUMS (both files); returns the record.
+
+    Args:
+        out: the folder to write (created if needed); dpldm/datasets is the package's.
+    """
+    from dpldm import data
+    from dpldm.base import sha256_file
+
+    images, labels = data.render_fontdigits()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data.write_npz(out / data.FONTDIGITS_FILE, images=images, labels=labels.astype(np.uint8))
+    rec = record(images, labels)
+    json_name = Path(data.FONTDIGITS_FILE).with_suffix(".json").name
+    (out / json_name).write_text(json.dumps(rec, indent=1) + "\n")
+    names = sorted({data.FONTDIGITS_FILE, json_name} | set(_listed(out)))
+    (out / data.SHA256SUMS).write_text("".join(f"{sha256_file(out / n)}  {n}\n" for n in names if (out / n).is_file()))
+    return rec
+
+
+def _listed(folder: Path) -> list[str]:
+    path = Path(folder) / "SHA256SUMS"
+    return [line.partition("  ")[2] for line in path.read_text().splitlines() if "  " in line] if path.is_file() else []
+
+
+def check() -> tuple[bool, str]:
+    """Render the set from the installed fonts and compare it with the shipped file: (same, a report).
+
+    Raises RuntimeError when no handwriting font is installed (nothing to rebuild from)."""
+    from dpldm import data
+
+    images, labels = data.render_fontdigits()
+    shipped_images, shipped_labels = data.read_npz(data.shipped_file(data.FONTDIGITS_FILE))
+    got, want = data.arrays_sha256(images, labels), data.arrays_sha256(shipped_images, shipped_labels)
+    shipped = json.loads((data.SHIPPED_DIR / Path(data.FONTDIGITS_FILE).with_suffix(".json").name).read_text())
+    hand, other = font_files()
+    report = (f"rendered from {len(hand)} handwriting + {len(other)} print fonts under {FONT_ROOT} (font set "
+              f"{font_set_id()}): arrays sha256 {got}; shipped {data.FONTDIGITS_FILE}: {want} (rendered from "
+              f"{shipped['fonts']['handwriting']} + {shipped['fonts']['print']} fonts, font set {shipped['font_set']})")
+    return got == want, report
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m dpldm.font_digits", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--check", action="store_true", help="render from the installed fonts and compare with the "
+                                                           "shipped dpldm/datasets/fontdigits.npz")
+    what.add_argument("--out", type=Path, help="write fontdigits.npz, fontdigits.json and SHA256SUMS there")
+    args = p.parse_args(argv)
+    try:
+        if args.check:
+            same, report = check()
+            print(report)
+            if not same:
+                raise SystemExit("error: the rendered set differs from the shipped one (other fonts or library "
+                                 "versions than fontdigits.json records)")
+            print("same data as the shipped file")
+        else:
+            rec = build(args.out)
+            print(f"wrote {args.out / rec['file']}: {rec['images']} uint8, arrays sha256 {rec['arrays_sha256']}, "
+                  f"font set {rec['font_set']}")
+    except (RuntimeError, ValueError) as e:  # no fonts to render from, no shipped file to compare with
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

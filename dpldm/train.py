@@ -25,8 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -47,6 +49,7 @@ from dpldm.baselines import DPTarget
 from dpldm.baselines import table as baselines_table
 from dpldm.checkpoint import (
     at_step,
+    discard_interrupted_writes,
     discard_train_state,
     intact_checkpoints,
     latest_checkpoint,
@@ -146,6 +149,97 @@ def fill_defaults(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
 
 def fail(msg: str) -> None:
     raise SystemExit(f"error: {msg}")
+
+
+# How a run starts, decided on every rank and agreed on by all (the smallest wins: one refusal stops every rank).
+REFUSE, RESTART, RESUME, NEW = 0, 1, 2, 3
+
+
+def unwritable(out: Path) -> str | None:
+    """Why the run folder cannot be written (None: it can): it, or its nearest existing parent, must be a folder in
+    which a file can be created. Nothing is left behind by the check."""
+    at = Path(out).absolute()
+    while not at.exists() and at != at.parent:
+        at = at.parent
+    if not at.is_dir():
+        return f"the run folder {out} cannot be created: {at} is not a folder (pass --out to a writable folder)"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".dpldm-write-check-", dir=at)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return f"the run folder {out} cannot be written: {at}: {e.strerror or e} (pass --out to a writable folder)"
+    return None
+
+
+def started_run_args(out: Path) -> dict[str, Any] | None:
+    """The settings of a DP fine-tuning that was started in `out` and never finished (it left a train log but no
+    model): what its log's first train record holds; None when `out` holds no such run."""
+    log = out / "log.jsonl"
+    if (out / "ldm").exists() or (out / "result.json").exists() or not log.is_file():
+        return None
+    for line in log.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by the kill
+            continue
+        if isinstance(rec, dict) and rec.get("stage") == "train" and "target_epsilon" in rec:
+            return {k: rec.get(k) for k in RESUME_KEYS}
+    return None
+
+
+def start_mode(args: argparse.Namespace, out: Path, rank: int, world: int, run_args: dict[str, Any],
+               found: Path | None, meta: dict[str, Any] | None, refused: list[str]) -> tuple[int, str | None]:
+    """How this rank would start the run in `out` (REFUSE, RESTART, RESUME or NEW) and, for REFUSE, why.
+
+    RESTART: --resume of a run killed before its first checkpoint. Nothing of it was kept (no model, no noise
+    seed; its training losses are not covered by DP anyway), so it starts again from step 0.
+
+    Args:
+        args: the run's arguments. out: the run folder. rank, world: this process's rank and the job's size.
+        run_args: the settings a resume must share (RESUME_KEYS). found, meta, refused: latest_checkpoint's answer
+            for this rank's checkpoint folder.
+    """
+    unfinished = meta is not None and not meta.get("finished")
+    if not args.resume:
+        if unfinished and not args.fresh:
+            return REFUSE, (f"{out} holds an unfinished run (step {meta['step']}); pass --resume to continue it or "
+                            "--fresh to discard it")
+        return NEW, None
+    if found is None and refused:
+        return REFUSE, f"--resume: no intact checkpoint in {out}: " + "; ".join(refused)
+    ranks = parallel.checkpoint_ranks(out)
+    if found is None:
+        if ranks:
+            return REFUSE, (f"--resume: rank {rank} holds no checkpoint in {out}, but rank(s) {ranks} do: it was written "
+                            "by a job with another number of ranks (resume with that job), or pass --fresh")
+        started = started_run_args(out)
+        if started is None:
+            return REFUSE, f"--resume: no unfinished checkpoint in {out}"
+        diff = {k: (started.get(k), v) for k, v in run_args.items() if started.get(k) != v}
+        if diff:
+            return REFUSE, (f"--resume: the run in {out} was started with other settings: "
+                            + "; ".join(f"{k}: then {a!r}, now {b!r}" for k, (a, b) in diff.items()))
+        return RESTART, None
+    if not unfinished:
+        return REFUSE, f"--resume: no unfinished checkpoint in {out}"
+    diff = {k: (meta["args"].get(k), v) for k, v in run_args.items() if meta["args"].get(k) != v}
+    if diff:
+        return REFUSE, (f"--resume: the checkpoint in {found} was made with other settings: "
+                        + "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items()))
+    # each rank's sampler and RNG streams live in its own checkpoint: another number of ranks cannot continue them
+    written_by = meta.get("world") or max(ranks) + 1  # older checkpoints did not record it
+    how = "plain `python -m dpldm.train" if written_by == 1 else f"`torchrun --nproc_per_node {written_by} -m dpldm.train"
+    if written_by != world:
+        return REFUSE, (f"--resume: the checkpoint in {out} was written by a job of {written_by} rank(s), and this "
+                        f"job has {world}: each rank's noise and sampling streams continue only on as many ranks. "
+                        f"Resume with {how} ... --resume`, or pass --fresh to discard it")
+    extra = [r for r in ranks if r >= world]
+    if rank == 0 and extra:
+        return REFUSE, (f"--resume: {out} holds the private checkpoints of rank(s) {extra}, which a job of {world} "
+                        "rank(s) does not have (an earlier job with more ranks wrote them): pass --fresh to discard "
+                        "every rank's checkpoint and start over")
+    return RESUME, None
 
 
 def noise_seeding(args: argparse.Namespace) -> str:
@@ -279,21 +373,26 @@ def run(cfg: dict[str, Any], args: argparse.Namespace, private: data_mod.DataSet
         fail(f"target epsilon {args.target_epsilon} is unreachable with delta {args.delta:g}, {args.epochs} epochs "
              f"and sampling rate {sample_rate:.4g} ({e}). Raise --target-epsilon, or lower --epochs or --batch-size.")
     run_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k in RESUME_KEYS}
+    # every other input the run needs, checked now (seconds) rather than when it is reached (minutes later)
+    public, missing = None, unwritable(out)
+    if missing is None and lead and not (args.no_sample or args.no_eval) and cfg["data"].get("public"):
+        try:  # the evaluation's baseline (a) and Frechet features; loaded once, here
+            public = load_public(cfg)
+        except data_mod.DataError as e:
+            missing = (f"the evaluation needs the public data {cfg['data']['public']!r} (baseline (a), Frechet "
+                       f"features), which cannot be loaded: {e} (checked before training; --no-eval skips it)")
+    discard_interrupted_writes(ckpt)  # a killed writer's temporary folder: private, and never used again
     found, meta, refused = latest_checkpoint(ckpt)
-    if refused and found is None and args.resume:
-        fail(f"--resume: no intact checkpoint in {out}: " + "; ".join(refused))
-    if meta is not None and not meta.get("finished"):
-        if not (args.resume or args.fresh):
-            fail(f"{out} holds an unfinished run (step {meta['step']}); pass --resume to continue it or --fresh "
-                 "to discard it")
-        if args.resume:
-            diff = {k: (meta["args"].get(k), v) for k, v in run_args.items() if meta["args"].get(k) != v}
-            if diff:
-                fail(f"--resume: the checkpoint in {ckpt} was made with other settings: "
-                     + "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items()))
-    elif args.resume:
-        fail(f"--resume: no unfinished checkpoint in {out}")
-    resuming = args.resume and meta is not None and not meta.get("finished")
+    mode, why = (REFUSE, missing) if missing else start_mode(args, out, rank, world, run_args, found, meta, refused)
+    lo, hi = parallel.min_max_int(mode, world)  # every rank takes the same road, or all refuse
+    if lo == REFUSE:
+        fail(why or f"{'--resume' if args.resume else 'the run'} was refused on another rank (its error says why); "
+             f"nothing in {out} was changed")
+    if lo != hi:
+        fail(f"--resume: the ranks found different states in {out} (some hold a checkpoint, some none): it was "
+             "written by a job with another number of ranks, or a rank's checkpoint was removed; resume with the "
+             "job that wrote it, or pass --fresh")
+    resuming = mode == RESUME
     if resuming and not parallel.same_on_all_ranks(meta["step"], world):
         # a job killed while its ranks were checkpointing: resume them all at the newest step every rank holds
         common = parallel.oldest(meta["step"], world)
@@ -307,12 +406,17 @@ def run(cfg: dict[str, Any], args: argparse.Namespace, private: data_mod.DataSet
                 shutil.rmtree(path)
     if not resuming and out.exists():
         discard_train_state(ckpt)
+        if lead:  # ranks this job does not have: an earlier job's private state, of no use to a new run
+            parallel.discard_private_checkpoints(out, from_rank=world)
         for stale in ("ldm", "log.jsonl") if lead else ():
             p = out / stale
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     parallel.barrier(world)
 
     log = RunLog(out, "train") if lead else parallel.SilentLog(out, "train")
+    if mode == RESTART:
+        log.print(f"--resume: the run in {out} was stopped before its first checkpoint, so nothing of it was kept: "
+                  "starting again from step 0")
     log.print(f"private data: {private.source}, {n} train / {len(private.test.labels)} test examples; "
               f"run folder {out}", **{k: v for k, v in run_args.items()})
     try:
@@ -373,7 +477,8 @@ def run(cfg: dict[str, Any], args: argparse.Namespace, private: data_mod.DataSet
             fail(f"{found}: accountant history has {accounted_steps(engine)} steps but the checkpoint says {step}")
         log.print(f"resumed from {found} at step {step}, epsilon so far {engine.get_epsilon(args.delta):.4f}",
                   resumed_step=step)
-    meta = {"args": run_args, "sigma": opt.noise_multiplier, "total_steps": total_steps, "finished": False}
+    meta = {"args": run_args, "sigma": opt.noise_multiplier, "total_steps": total_steps, "finished": False,
+            "world": world}  # a resume needs the same number of ranks
     if world > 1 and not resuming:  # each rank its own diffusion timesteps and noise (the model init was shared)
         torch.manual_seed(args.seed * 1_000_003 + rank)
 
@@ -427,12 +532,12 @@ def run(cfg: dict[str, Any], args: argparse.Namespace, private: data_mod.DataSet
     save_ldm(plain, out / "ldm", {"stage": "train", "epsilon": epsilon, "delta": args.delta,
                                   "autoencoder": str(ae_dir), "pretrained": str(ldm_dir)})
     discard_train_state(ckpt)  # only for resuming: a finished run keeps no noise seeds
+    parallel.discard_private_checkpoints(out)  # nor any rank's (each deletes its own too; whoever is first wins)
     log.print(f"fine-tuned LDM saved to {out / 'ldm'}")
     if not args.no_sample:
         npz, grid = sample_stage.run(cfg, plain, vae, out, args.per_class, seed=args.seed, device=args.device)
         result.update(samples=str(npz), grid=str(grid))
         if not args.no_eval:
-            public = load_public(cfg) if cfg["data"].get("public") else None
             synthetic = data_mod.from_npz(npz, plain.class_embedder.num_classes)
             # the DP-SGD baselines spend the same (epsilon, delta) again, separately: comparison only, never released
             target = DPTarget(args.target_epsilon, args.delta, args.accountant)

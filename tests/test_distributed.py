@@ -122,8 +122,25 @@ def case_dpldm_refused(rank: int, out: Path, argv: list[str]) -> None:
     (out / f"rank{rank}.txt").write_text(str(e.value))
 
 
+def case_dpldm_sequence(rank: int, out: Path, calls: list[tuple[str, list[str]]]) -> None:
+    """Several dpldm.train jobs one after the other on the same process group: ("train", argv) runs one,
+    ("refused", argv) expects it to stop with an error and keeps the message."""
+    from dpldm import train
+
+    os.environ["WORLD_SIZE"] = str(WORLD)
+    done: dict[str, list] = {"train": [], "refused": []}
+    for kind, argv in calls:
+        if kind == "train":
+            done["train"].append({k: float(v) for k, v in train.main(argv).items() if k in ("epsilon", "steps")})
+        else:
+            with pytest.raises(SystemExit) as e:
+                train.main(argv)
+            done["refused"].append(str(e.value))
+    torch.save(done, out / f"rank{rank}.pt")
+
+
 CASES = {"same_update": case_same_update, "noise": case_noise, "epoch": case_epoch, "rank_dies": case_rank_dies,
-         "dpldm_train": case_dpldm_train, "dpldm_refused": case_dpldm_refused}
+         "dpldm_train": case_dpldm_train, "dpldm_refused": case_dpldm_refused, "dpldm_sequence": case_dpldm_sequence}
 
 
 def worker(rank: int, out: Path, case: str, args: tuple) -> None:
@@ -265,3 +282,44 @@ def test_two_ranks_resume_at_the_step_they_all_hold(tmp_path: Path, tiny_runs: P
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed at the common step, the model differs"
     assert '"resumed_step": 2' in (out / "log.jsonl").read_text()
 
+
+
+
+@pytest.mark.slow
+def test_resume_on_another_number_of_ranks_is_refused_and_no_rank_state_is_left(
+        tmp_path: Path, tiny_runs: Path, tiny_private: Path) -> None:  # noqa: F811
+    """Issue 17, item 8: a 1-process checkpoint resumed by 2 ranks, or a 2-rank one by one process, is refused on
+    every rank with nothing deleted; a run that ends leaves no rank's private state (checkpoint-rank1, its .prev)."""
+    import warnings
+
+    from dpldm import train
+    from dpldm.checkpoint import latest_checkpoint
+    from tests.dpldm_helpers import train_args
+
+    def argv(out: Path, *extra: str) -> list[str]:
+        return train_args(tiny_runs, tiny_private, out, "--deterministic-noise", "--checkpoint-every", "1", *extra)
+
+    def files(out: Path) -> list[tuple[str, int]]:
+        return sorted((str(p.relative_to(out)), p.stat().st_size) for p in out.rglob("*") if p.is_file())
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    with pytest.warns(UserWarning, match="NO privacy"):
+        train.main(argv(one, "--max-steps", "2"))
+    kept = files(one)
+    job = tmp_path / "job"
+    job.mkdir()
+    r0, r1 = run("dpldm_sequence", job, [("refused", argv(one, "--resume")), ("train", argv(two, "--max-steps", "2"))])
+    assert "written by a job of 1 rank(s), and this job has 2" in r0["refused"][0], r0
+    assert "rank 1 holds no checkpoint" in r1["refused"][0], r1
+    assert files(one) == kept and latest_checkpoint(one / "checkpoint")[1]["step"] == 2
+
+    assert (two / "checkpoint-rank1" / "state.pt").is_file() and (two / "checkpoint-rank1.prev").is_dir()
+    kept = files(two)
+    with warnings.catch_warnings(), pytest.raises(SystemExit, match=r"written by a job of 2 rank.*this job has 1"):
+        warnings.simplefilter("ignore")
+        train.main(argv(two, "--resume"))
+    assert files(two) == kept, "a refused resume must not change anything"
+
+    with pytest.warns(UserWarning, match="NO privacy"):
+        assert train.main(argv(two, "--fresh"))["steps"] == 4
+    assert not [p.name for p in two.iterdir() if "checkpoint" in p.name], "a rank's private state outlived the run"
