@@ -87,6 +87,8 @@ def load(run: Path) -> tuple[dict[str, Any], dict[str, Any]]:
            "every shard's data with it)")
     reg = read_json(run / REGISTRY, "the run's registry", fix)
     _check_shape(run / REGISTRY, reg, {"shards": dict, "base": dict, "forgotten": list}, fix)
+    if not all(isinstance(info, dict) for info in reg["shards"].values()):
+        raise RunError(f"{run / REGISTRY}: corrupt (a shard entry is not an object); {fix}")
     lin_fix = ("restore it from a backup. Without it no file can be traced to the shards it was trained on, so "
                "nothing can be forgotten safely: the only safe forget is deleting the whole run folder")
     lineage = read_json(run / LINEAGE, "which shards every file derives from", lin_fix)

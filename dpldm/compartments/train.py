@@ -213,14 +213,16 @@ def train_compartment(cfg: dict[str, Any], args: argparse.Namespace, run: Path, 
     """One DP fine-tuning on the shard alone (--no-dp: plain training, for public shards); keeps the trained
     tensors and the accountant history. Continues what a killed run left in <run>/work/<name>: its checkpoint
     (resumed), or a compartment already stored (kept)."""
-    folder = run / "compartments" / name
+    folder, work = run / "compartments" / name, run / "work" / name
     done = stored_compartment(folder)
     if done is not None:  # killed after storing it, before the registry said so
         log.print(f"compartment {name}: already stored, kept")
+        if (work / "log.jsonl").is_file():
+            (run / "logs" / f"compartment-{name}").mkdir(parents=True, exist_ok=True)
+            shutil.copy(work / "log.jsonl", run / "logs" / f"compartment-{name}" / "log.jsonl")
         return done
     if args.no_dp:
         return public_compartment(cfg, args, run, name, classes, data, batch_size, base, log)
-    work = run / "work" / name
     work.mkdir(parents=True, exist_ok=True)
     digest, seen = data_digest(data), work / "shard.json"  # private (in work/): deleted with it
     if seen.is_file() and json.loads(seen.read_text()).get("sha256") != digest:
