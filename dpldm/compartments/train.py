@@ -6,12 +6,13 @@ multiplicity, backend, ...), through dpkernels.PrivacyEngine, storing only what 
 default). All compartments start from the same base, recorded by hash; delta is one for the whole run (default
 1/N of the whole private training set, rounded down to a power of ten, at most 1e-5); the expected batch size of a
 shard is the batch size of one model on all the data (--batch-size, default the config's) scaled by the shard's
-share of the data (at least 1, at most the shard's size), so a shard of many batches has about the sampling rate
-one model on all the data would have. A shard smaller than N/B examples cannot: its rate is 1/ceil(n_shard/b) >=
-1/n_shard (a shard of one example is in every batch, q = 1). Its noise multiplier is calibrated for its own rate,
-so it still spends exactly the target epsilon, in fewer and noisier steps; each shard's rate is recorded
-(compartments.json, compartment.json) and a rate more than 10% off the whole data's is reported before training.
-A shard added later is scaled the same way, against the run's original N.
+share of the data, so that every compartment has the sampling rate one model on all the data would have,
+q = 1/ceil(N/B), and so its noise multiplier. dpldm.train samples a shard of n_shard examples with batch b at rate
+1/ceil(n_shard/b), so b is chosen to make that exactly q (batch_for); a shard too small for any b to give it
+cannot: one of at most ceil(N/B) examples is sampled at 1/n_shard (a shard of one example is in every batch,
+q = 1). Its noise multiplier is calibrated for its own rate, so it still spends exactly the target epsilon, in
+fewer and noisier steps; each shard's rate is recorded (compartments.json) and a rate more than 10% off the whole
+data's is reported before training. A shard added later is scaled the same way, against the run's original N.
 
 Before anything is trained, every shard is checked (empty shards, batch sizes, reachable epsilon) and registered
 with the options it is trained with, and every folder it will write is recorded in the lineage. A run killed while
@@ -190,8 +191,23 @@ def shard_args(options: dict[str, Any], device: str) -> argparse.Namespace:
 
 
 def batch_for(size: int, full_batch: int, n: int) -> int:
-    """A shard's expected batch: the whole data's, scaled by the shard's share, at least 1, at most its size."""
-    return max(1, min(size, round(full_batch * size / n)))
+    """A shard's batch size b for dpldm.train, whose sampling rate is then 1/ceil(size/b): chosen so that this is
+    the rate of one model on all the data, 1/m with m = ceil(n/full_batch) batches per epoch, whenever some b gives
+    it (always when size >= m(m-1)); else the nearest rate. Among those, the b closest to the whole data's batch
+    scaled by the shard's share. A shard of at most m examples gets b = 1 (rate 1/size: one example, q = 1).
+
+    Args:
+        size: the shard's number of training examples.
+        full_batch: the expected batch of one model on all the data (--batch-size).
+        n: the number of training examples of all the data (the run's N).
+    """
+    m = math.ceil(n / full_batch)
+    if size <= m:
+        return 1
+    # ceil(size/b) == m exactly for size/m <= b < size/(m-1): search around that interval
+    lo, hi = max(1, size // m - 1), min(size, size // max(1, m - 1) + 2)
+    return min(range(lo, hi + 1),
+               key=lambda b: (abs(1 / math.ceil(size / b) - 1 / m), abs(b - full_batch * size / n)))
 
 
 def data_digest(data: data_mod.DataSet) -> str:
@@ -295,12 +311,14 @@ def check_config(cfg: dict[str, Any]) -> None:
 
 
 def plan_shard(cfg: dict[str, Any], args: argparse.Namespace, name: str, size: int, full_batch: int, n: int,
-               delta: float) -> dict[str, Any]:
-    """A shard's expected batch and sampling rate, checked before anything is trained: the target epsilon must be
-    reachable at the shard's own rate (sigma is calibrated for it)."""
+               delta: float, checked: set[float] | None = None) -> dict[str, Any]:
+    """A shard's batch size and sampling rate, checked before anything is trained: the target epsilon must be
+    reachable at the shard's own rate (sigma is calibrated for it). `checked`: rates already found reachable
+    (a calibration takes seconds; shards mostly share one rate)."""
     batch = batch_for(size, full_batch, n)
     rate = 1.0 / math.ceil(size / batch)  # what dpldm.train's loader gives (1 / len(loader))
-    if not args.no_dp:
+    checked = set() if checked is None else checked
+    if not args.no_dp and rate not in checked:
         from dpkernels.privacy import get_noise_multiplier
 
         eps = args.target_epsilon or cfg["train"]["target_epsilon"]
@@ -315,6 +333,7 @@ def plan_shard(cfg: dict[str, Any], args: argparse.Namespace, name: str, size: i
             raise RunError(f"shard {name} ({size} examples, sampling rate {rate:.4g}): target epsilon {eps} is "
                            f"unreachable at delta {delta:g} in {epochs} epochs ({e}); nothing was trained. Raise "
                            "--target-epsilon or lower --epochs") from e
+        checked.add(rate)
     return {"n": size, "batch_size": batch, "sample_rate": rate}
 
 
@@ -322,8 +341,8 @@ def rate_notes(plans: dict[str, dict[str, Any]], full_batch: int, n: int) -> lis
     """The shards whose sampling rate is more than RATE_TOLERANCE off one model's on all the data, and why."""
     whole = 1.0 / math.ceil(n / full_batch)
     return [f"shard {name}: {p['n']} examples, sampling rate {p['sample_rate']:.4g} instead of the whole data's "
-            f"{whole:.4g} (a shard smaller than N/B = {n / full_batch:.1f} examples cannot have it): its noise is "
-            "calibrated for its own rate, so it spends the same epsilon in fewer, noisier steps"
+            f"{whole:.4g} (no batch size gives a shard this small that rate): its noise is calibrated for its own "
+            "rate, so it spends the same epsilon in fewer, noisier steps"
             for name, p in plans.items() if abs(p["sample_rate"] / whole - 1) > RATE_TOLERANCE]
 
 
@@ -356,7 +375,8 @@ def run(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     full_batch = args.batch_size or cfg["train"]["batch_size"]
     if full_batch > n:
         raise RunError(f"--batch-size {full_batch} is larger than the private training set ({n} examples)")
-    plans = {s.name: plan_shard(cfg, args, s.name, len(s.index), full_batch, n, delta) for s in shards}
+    checked: set[float] = set()
+    plans = {s.name: plan_shard(cfg, args, s.name, len(s.index), full_batch, n, delta, checked) for s in shards}
     held = HeldLog("compartments-train")
     base = resolve_base(cfg, args, held)
     options = options_of(args)
