@@ -102,3 +102,25 @@ def test_random_key_needs_a_count_and_class_key_a_valid_one(folder: Path) -> Non
         load_sharded("random", str(folder), CFG)
     with pytest.raises(ShardError, match="1..10 shards"):
         load_sharded("class", str(folder), CFG, 11)
+
+
+@pytest.mark.parametrize("shards", [{"a": {"trained": True}, "b": {"trained": True}}, {"a": {"trained": True}}])
+def test_evaluation_data_holds_the_shards_own_examples_only(folder: Path, tmp_path: Path, shards: dict) -> None:
+    """Issue 17, item 9: evaluating samples of shard a trains the baselines on a's training examples and tests
+    on the held-out split less the test rows shard b listed: they are b's data, whether b is in the run or was
+    forgotten (second case). Test rows no shard listed belong to nobody and stay."""
+    from dpldm.compartments.evaluate import evaluation_data
+
+    listed_a = [f"{c}/{i}.png" for c in range(10) for i in (0, 1)]
+    listed_b = [f"{c}/2.png" for c in range(10)]  # x/3.png: listed by no shard
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({"a": listed_a, "b": listed_b}))
+    reg = {"key": "manifest", "data": str(folder), "num_shards": None, "shard_seed": 0, "manifest": str(path),
+           "shards": shards}
+    ds = evaluation_data(reg, CFG, ["a"])
+    value = {f"{c}/{i}.png": c * 4 + i for c in range(10) for i in range(4)}  # write_images' pixel code
+    private, _, _ = load_sharded("manifest", str(folder), CFG, manifest=path)
+    test_values = set(pixel(private.test.images))
+    assert set(pixel(ds.train.images)) == {value[f] for f in listed_a} - test_values
+    assert set(pixel(ds.test.images)) == test_values - {value[f] for f in listed_b}
+    assert set(pixel(ds.test.images)) & {value[f] for f in listed_a}  # a's own held-out rows are used

@@ -41,10 +41,14 @@ def summary(weights: np.ndarray, labels: np.ndarray, names: list[str]) -> dict[s
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    registry.load(args.run)
-    folder = registry.samples_dir(args.run, args.samples)
-    with np.load(folder / "samples.npz") as z:
-        weights, labels, names = z["weights"].astype(np.float32), z["labels"], [str(n) for n in z["shards"]]
+    _, lineage = registry.load(args.run)
+    folder = registry.samples_dir(args.run, args.samples, lineage)
+    try:
+        with np.load(folder / "samples.npz", allow_pickle=False) as z:
+            weights, labels, names = z["weights"].astype(np.float32), z["labels"], [str(n) for n in z["shards"]]
+    except Exception as e:  # zip errors, truncated files, missing arrays
+        raise registry.RunError(f"{folder / 'samples.npz'}: unreadable or not written by `sample` "
+                                f"({type(e).__name__}: {e}): sample again with --overwrite") from e
     result = summary(weights, labels, names)
     (folder / "attribution.json").write_text(json.dumps(result, indent=1))
     attribution_plot(weights, labels, names, folder / "attribution.png")

@@ -1,9 +1,12 @@
 """`forget`: drop a shard. Removes its compartment and every artifact trained on its data (samples composed with
-it, logs describing it), records the event in lineage.json, and checks that no file left in the run folder was
-trained on the shard. Nothing is retrained: compartments are trained in isolation and the density rule trains
-nothing shared, so the other compartments are exactly what they would be had the shard never existed. A run with
-a router trains it again on the remaining shards (the only thing rebuilt; it spends the router's budget again on
-their examples, which the accounting adds).
+it, their attribution and evaluation, logs describing it, and, in a run interrupted while the shard trained, its
+private work folder: the checkpoint with the noise seeds, temporary folders of killed writes), each with the
+temporary siblings an interrupted write left; records the event in lineage.json, and checks that no file left in
+the run folder was trained on the shard. A shard not trained yet can be forgotten too. Nothing is retrained:
+compartments are trained in isolation and the density rule trains nothing shared, so the other compartments are
+exactly what they would be had the shard never existed. A complete run with a router trains it again on the
+remaining shards (the only thing rebuilt; it spends the router's budget again on their examples, which the
+accounting adds); an unfinished run trains it when resumed.
 
     python -m dpldm.compartments forget --run runs/mnist/cdm-class2 --shard 1
 """
@@ -11,13 +14,13 @@ their examples, which the accounting adds).
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from dpldm.compartments import registry
+from dpldm.compartments.store import CompartmentError, check_base
 from dpldm.compartments.train import fit_router, shard_data
 from dpldm.runlog import RunLog
 
@@ -31,15 +34,20 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Forget args.shard in args.run; returns what was removed and the timings.
+
+    Args:
+        args: parser() arguments.
+    """
     t0 = time.time()
     run_dir = Path(args.run)
     reg, lineage = registry.load(run_dir)
-    registry.check_shards(reg, [args.shard])
+    registry.check_shards(reg, [args.shard], trained_only=False)
     doomed = [f for f, a in lineage["artifacts"].items() if args.shard in a["trained_on"]]
     for folder in doomed:
-        path = run_dir / folder
-        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        del lineage["artifacts"][folder]
+        registry.remove_artifact(run_dir, lineage, folder)
+    if (run_dir / "work").is_dir() and not any((run_dir / "work").iterdir()):
+        (run_dir / "work").rmdir()
     reg["shards"].pop(args.shard)
     reg["forgotten"].append(args.shard)
     wall = time.time() - t0
@@ -47,19 +55,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               "wall_s": wall})
     registry.save(run_dir, reg, lineage)
     rebuilt_s = 0.0
-    if reg.get("router") and reg["shards"]:  # the router saw the shard: trained again without it
+    if registry.router_pending(reg) and not registry.pending(reg):  # the router saw the shard: trained again
         t1 = time.time()
+        try:
+            check_base(reg["base"])  # it encodes the shards' images with the base's autoencoder
+        except CompartmentError as e:
+            raise registry.RunError(f"shard {args.shard} is forgotten ({', '.join(doomed)} removed), but the router "
+                                    f"cannot be trained again: {e}") from e
         cfg = registry.config_of(reg)
         log = RunLog(run_dir / "logs" / f"forget-{args.shard}", "compartments-forget")
-        registry.record(lineage, f"logs/forget-{args.shard}", list(reg["shards"]), "forget")
+        registry.record(lineage, f"logs/forget-{args.shard}", registry.trained(reg), "forget")
         fit_router(cfg, run_dir, reg, lineage, shard_data(reg, cfg), log)
         registry.save(run_dir, reg, lineage)
         rebuilt_s = time.time() - t1
     left = [f for f, a in lineage["artifacts"].items() if args.shard in a["trained_on"]]
     stray = registry.unaccounted_files(run_dir, lineage)
-    if left or stray:  # cannot happen unless the folder was edited by hand: say so rather than claim success
-        raise registry.RunError(f"after forgetting {args.shard}: artifacts still trained on it {left}, files with "
-                                f"no lineage {stray[:5]}")
+    if left or stray:  # only a folder edited by hand gets here: say so rather than claim success
+        raise registry.RunError(f"shard {args.shard} is forgotten ({', '.join(doomed) or 'nothing'} removed), but "
+                                f"artifacts still name it {left} and {len(stray)} file(s) have no lineage, so they "
+                                f"may derive from any shard: {stray[:5]}. Check and delete them by hand")
     print(f"forgot shard {args.shard}: removed {', '.join(doomed)} in {wall:.2f} s"
           + (f", router trained again in {rebuilt_s:.1f} s" if rebuilt_s else "")
           + f"; shards left: {', '.join(reg['shards']) or 'none'}")

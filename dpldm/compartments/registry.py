@@ -1,13 +1,19 @@
 """A compartments run folder: what it holds, and the lineage of every file in it.
 
-    <run>/compartments.json          config, shard key, base model, delta/accountant, shards (name -> classes)
+    <run>/compartments.json          config, shard key, base model, delta/accountant, shards (name -> classes,
+                                     trained or not), the options each shard is trained with (for --resume)
     <run>/lineage.json               artifacts {folder: {"trained_on": [shards]}} and events (train, add, forget)
     <run>/compartments/<shard>/      one compartment (dpldm.compartments.store)
-    <run>/samples/<name>/            composed samples, their attribution, result.json
+    <run>/work/<shard>/              PRIVATE while its shard trains: the dpldm.train run (checkpoint with the noise
+                                     seeds, log); deleted once the compartment is stored
+    <run>/samples/<name>/            composed samples, their attribution and evaluation, result.json
     <run>/logs/...                   training logs (per-step losses: not covered by the DP guarantee)
 
 Every file in the run folder belongs to the artifact whose folder contains it (compartments.json and lineage.json
-are trained on nothing). Forgetting shard j removes every artifact whose `trained_on` holds j.
+are trained on nothing), or to the artifact whose temporary sibling holds it (`.<name>.tmp-*`, `.<name>.old`: what
+an atomic write killed half-way leaves). An artifact is recorded BEFORE anything is written into it, so a process
+killed at any point leaves no file without lineage. Forgetting shard j removes every artifact whose `trained_on`
+holds j, with its temporary siblings.
 """
 
 from __future__ import annotations
@@ -16,20 +22,26 @@ import argparse
 import datetime
 import json
 import os
+import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from dpldm.common import set_threads
 from dpldm.config import load_config
+from dpldm.data import DataError
+from dpldm.models import CheckpointError
 
 REGISTRY = "compartments.json"
 LINEAGE = "lineage.json"
 METADATA = (REGISTRY, LINEAGE)
+# the temporary files write_json leaves when killed between its write and its rename: metadata too
+METADATA_TMP = tuple(f".{name}.tmp" for name in METADATA)
 
 
 class RunError(ValueError):
-    """A run folder that is missing, or a request it cannot serve (unknown shard, ...)."""
+    """A run folder that is missing, corrupt, or a request it cannot serve (unknown shard, ...)."""
 
 
 def write_json(path: Path, value: Any) -> None:
@@ -43,12 +55,48 @@ def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+def read_json(path: Path, what: str, fix: str) -> Any:
+    """A JSON file of the run, or a RunError that names the file, what is wrong with it, and `fix`."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError as e:
+        raise RunError(f"{path}: missing ({what}); {fix}") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunError(f"{path}: unreadable or corrupt ({what}: {type(e).__name__}: {e}); {fix}") from e
+
+
+def _check_shape(path: Path, value: Any, fields: dict[str, type], fix: str) -> None:
+    if not isinstance(value, dict):
+        raise RunError(f"{path}: corrupt (expected a JSON object, found {type(value).__name__}); {fix}")
+    bad = [k for k, t in fields.items() if not isinstance(value.get(k), t)]
+    if bad:
+        raise RunError(f"{path}: corrupt (entries {', '.join(bad)} missing or of the wrong type); {fix}")
+
+
 def load(run: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The run's registry and lineage, checked enough that the stages can read them.
+
+    Args:
+        run: the compartments run folder.
+    """
     run = Path(run)
     if not (run / REGISTRY).is_file():
         raise RunError(f"{run}: not a compartments run (no {REGISTRY}); create one with "
                        "python -m dpldm.compartments train")
-    return json.loads((run / REGISTRY).read_text()), json.loads((run / LINEAGE).read_text())
+    fix = ("restore it from a backup; without it the run cannot be used (deleting the whole run folder removes "
+           "every shard's data with it)")
+    reg = read_json(run / REGISTRY, "the run's registry", fix)
+    _check_shape(run / REGISTRY, reg, {"shards": dict, "base": dict, "forgotten": list}, fix)
+    if not all(isinstance(info, dict) for info in reg["shards"].values()):
+        raise RunError(f"{run / REGISTRY}: corrupt (a shard entry is not an object); {fix}")
+    lin_fix = ("restore it from a backup. Without it no file can be traced to the shards it was trained on, so "
+               "nothing can be forgotten safely: the only safe forget is deleting the whole run folder")
+    lineage = read_json(run / LINEAGE, "which shards every file derives from", lin_fix)
+    _check_shape(run / LINEAGE, lineage, {"artifacts": dict, "events": list}, lin_fix)
+    for folder, art in lineage["artifacts"].items():
+        if not (isinstance(art, dict) and isinstance(art.get("trained_on"), list)):
+            raise RunError(f"{run / LINEAGE}: corrupt (artifact {folder!r} has no list of shards); {lin_fix}")
+    return reg, lineage
 
 
 def save(run: Path, registry: dict[str, Any], lineage: dict[str, Any]) -> None:
@@ -62,24 +110,90 @@ def new_lineage() -> dict[str, Any]:
 
 
 def record(lineage: dict[str, Any], folder: str, trained_on: list[str], event: str, **details: Any) -> None:
-    lineage["artifacts"][folder] = {"trained_on": sorted(trained_on), "created": now()}
+    """Record that `folder` derives from the shards `trained_on`. An artifact already recorded keeps its shards
+    too (the union): its folder may still hold files of the earlier request. To replace an artifact, remove it
+    first (remove_artifact)."""
+    old = lineage["artifacts"].get(folder)
+    shards = set(trained_on) | set(old["trained_on"] if old else ())
+    lineage["artifacts"][folder] = {"trained_on": sorted(shards), "created": old["created"] if old else now()}
     lineage["events"].append({"event": event, "artifact": folder, "time": now(), **details})
 
 
+def _temp_sibling(name: str) -> str | None:
+    """The artifact folder name whose temporary sibling `name` is (`.x.tmp-*`, `.x.tmp`, `.x.old`), else None."""
+    m = re.fullmatch(r"\.(.+?)\.(?:tmp-.*|tmp|old)", name)
+    return m.group(1) if m else None
+
+
 def owner(lineage: dict[str, Any], rel: str) -> str | None:
-    """The artifact folder a run-relative file path belongs to (longest matching folder), None if none."""
+    """The artifact folder a run-relative file path belongs to (longest matching folder, a temporary sibling
+    counting as its folder), None if none."""
+    parts = rel.split("/")
+    candidates = {rel}
+    for i, part in enumerate(parts):
+        base = _temp_sibling(part)
+        if base is not None:  # e.g. compartments/.1.tmp-x/weights.safetensors -> compartments/1/weights.safetensors
+            candidates.add("/".join([*parts[:i], base, *parts[i + 1:]]))
     best = None
     for folder in lineage["artifacts"]:
-        if (rel == folder or rel.startswith(folder.rstrip("/") + "/")) and (best is None or len(folder) > len(best)):
+        prefix = folder.rstrip("/") + "/"
+        if any(c == folder or c.startswith(prefix) for c in candidates) and (best is None or len(folder) > len(best)):
             best = folder
     return best
+
+
+def artifact_paths(run: Path, folder: str) -> list[Path]:
+    """The artifact's folder (or file) and the temporary siblings an interrupted atomic write left, that exist."""
+    path = Path(run) / folder
+    paths = [path] if path.exists() or path.is_symlink() else []
+    if path.parent.is_dir():
+        paths += sorted(p for p in path.parent.iterdir() if _temp_sibling(p.name) == path.name)
+    return paths
+
+
+def remove_artifact(run: Path, lineage: dict[str, Any], folder: str) -> None:
+    """Delete an artifact's files (its temporary siblings too) and its lineage entry; an error if any survives."""
+    for path in artifact_paths(run, folder):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        if path.exists() or path.is_symlink():
+            shards = lineage["artifacts"].get(folder, {}).get("trained_on", [])
+            raise RunError(f"could not delete {path} (derived from shards {', '.join(shards) or 'unknown'}): delete "
+                           "it by hand")
+    lineage["artifacts"].pop(folder, None)
 
 
 def unaccounted_files(run: Path, lineage: dict[str, Any]) -> list[str]:
     """Files in the run folder that no artifact (and no metadata file) accounts for."""
     run = Path(run)
-    files = [p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()]
-    return [f for f in files if f not in METADATA and not f.startswith(".") and owner(lineage, f) is None]
+    files = [p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file() or p.is_symlink()]
+    return [f for f in files if f not in METADATA + METADATA_TMP and owner(lineage, f) is None]
+
+
+def trained(reg: dict[str, Any]) -> list[str]:
+    """The shards whose compartment is stored (a run interrupted while training has others, not yet trained)."""
+    return [name for name, info in reg["shards"].items() if info.get("trained", True)]
+
+
+def pending(reg: dict[str, Any]) -> list[str]:
+    """The shards registered but not trained yet: what `train --resume` trains."""
+    return [name for name, info in reg["shards"].items() if not info.get("trained", True)]
+
+
+def router_pending(reg: dict[str, Any], run: Path | None = None) -> bool:
+    """Whether the run wants a router and has none trained on exactly its current shards (given `run`: or its
+    router folder is gone, e.g. deleted because it was corrupt)."""
+    runs = reg.get("router_runs") or []
+    if not (reg.get("router") and trained(reg)):
+        return False
+    return not runs or runs[-1]["shards"] != trained(reg) or (run is not None and not (Path(run) / "router").is_dir())
+
+
+def complete(reg: dict[str, Any], run: Path | None = None) -> bool:
+    """Every registered shard trained, and the router (if the run has one) trained on them."""
+    return not pending(reg) and not router_pending(reg, run)
 
 
 def config_of(registry: dict[str, Any]) -> dict[str, Any]:
@@ -88,25 +202,55 @@ def config_of(registry: dict[str, Any]) -> dict[str, Any]:
     return load_config(registry["config"], registry["set"])
 
 
-def samples_dir(run: Path, name: str) -> Path:
+def samples_dir(run: Path, name: str, lineage: dict[str, Any] | None = None) -> Path:
+    """samples/<name>: refused when missing, or when the lineage (if given) does not say what it derives from."""
     folder = Path(run) / "samples" / name
     if not (folder / "samples.npz").is_file():
         raise RunError(f"no samples named {name!r} in {run} (samples/*/samples.npz)")
+    if lineage is not None and f"samples/{name}" not in lineage["artifacts"]:
+        raise RunError(f"{folder} has no lineage in {run / LINEAGE}: which shards it derives from is unknown, so it "
+                       "is not used; delete it and sample again")
     return folder
 
 
+def rights_shards(rights: Path, user: str) -> list[str]:
+    """The shards `user` may access according to a rights file {user: [shard names]}.
+
+    Args:
+        rights: the JSON rights file.
+        user: the user's name in it.
+    """
+    try:
+        table = json.loads(Path(rights).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunError(f"--rights {rights}: not a readable JSON file ({e})") from e
+    if not isinstance(table, dict) or user not in table:
+        raise RunError(f"--rights {rights}: no entry for user {user!r}")
+    if not isinstance(table[user], list):
+        raise RunError(f"--rights {rights}: user {user!r} must map to a list of shard names")
+    return [str(s) for s in table[user]]
+
+
 def cli(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], Any], argv: list[str] | None) -> Any:
-    """A stage's main: parse, run, and turn a RunError into the one-line error the other stages print."""
+    """A stage's main: parse, run, and turn a refusal (RunError, a shard, data or checkpoint error) into the
+    one-line error the other stages print."""
+    from dpldm.compartments.shards import ShardError
+
     try:
         return run(parser.parse_args(argv))
-    except RunError as e:
+    except (RunError, ShardError, DataError, CheckpointError) as e:
         raise SystemExit(f"error: {e}") from e
 
 
-def check_shards(registry: dict[str, Any], names: list[str]) -> list[str]:
+def check_shards(registry: dict[str, Any], names: list[str], trained_only: bool = True) -> list[str]:
+    """`names` if the run has them all (trained, unless trained_only is False), else a RunError saying why."""
     known = list(registry["shards"])
     unknown = [n for n in names if n not in known]
     if unknown:
         raise RunError(f"unknown shard(s) {', '.join(unknown)}: this run has {', '.join(known) or 'none'}"
                        + (f" (forgotten: {', '.join(registry['forgotten'])})" if registry.get("forgotten") else ""))
+    untrained = [n for n in names if n not in trained(registry)]
+    if trained_only and untrained:
+        raise RunError(f"shard(s) {', '.join(untrained)} not trained yet (the run was interrupted): finish it with "
+                       "python -m dpldm.compartments train --resume --out RUN, or forget them")
     return names

@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from dpldm.models import atomic_dir
+from dpldm.base import sha256_file
+from dpldm.models import CheckpointError, atomic_dir
 
 WEIGHTS = "router.safetensors"
 META = "router.json"
@@ -103,20 +104,42 @@ def router_sigma(target_epsilon: float, delta: float, n: int, hp: dict[str, Any]
                                     accountant=accountant)
 
 
+class RouterError(CheckpointError):
+    """A router folder that is missing, corrupt, or changed since it was written."""
+
+
 def save_router(folder: Path, model: Router, meta: dict[str, Any]) -> None:
+    """router.safetensors and router.json (the shards, shares, accounting, architecture and the weights' sha256)."""
     def write(tmp: Path) -> None:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / WEIGHTS)
         cfg = {"in_channels": model.conv1.in_channels, "num_shards": model.head.out_features, "width": model.width,
                "t_max": model.t_max}
-        (tmp / META).write_text(json.dumps({**meta, "model": cfg}, indent=1))
+        (tmp / META).write_text(json.dumps({**meta, "model": cfg, "sha256": sha256_file(tmp / WEIGHTS)}, indent=1))
 
     atomic_dir(folder, write)
 
 
 def load_router(folder: Path) -> tuple[Router, dict[str, Any]]:
-    meta = json.loads((Path(folder) / META).read_text())
-    model = Router(**meta["model"])
-    model.load_state_dict(load_file(Path(folder) / WEIGHTS))
+    """The router and its router.json; a RouterError when either file is missing, corrupt or changed (its weights
+    must match the sha256 recorded when they were written, like a compartment's)."""
+    folder = Path(folder)
+    fix = (f"sample with --rule density (it needs no router), or delete {folder} and train it again with "
+           f"python -m dpldm.compartments train --resume --out {folder.parent} (its budget is spent again)")
+    try:
+        meta = json.loads((folder / META).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RouterError(f"{folder / META}: missing or corrupt ({type(e).__name__}: {e}); {fix}") from e
+    if not (isinstance(meta, dict) and isinstance(meta.get("model"), dict) and isinstance(meta.get("shards"), list)
+            and isinstance(meta.get("shares"), list) and isinstance(meta.get("sha256"), str)):
+        raise RouterError(f"{folder / META}: corrupt (model, shards, shares or sha256 missing); {fix}")
+    weights = folder / WEIGHTS
+    if not weights.is_file() or sha256_file(weights) != meta["sha256"]:
+        raise RouterError(f"{weights}: missing or changed since it was written (sha256 mismatch); {fix}")
+    try:
+        model = Router(**meta["model"])
+        model.load_state_dict(load_file(weights))
+    except Exception as e:  # a router.json whose architecture does not fit the weights
+        raise RouterError(f"{folder}: the weights do not fit router.json ({type(e).__name__}: {e}); {fix}") from e
     return model.eval(), meta
 
 

@@ -7,6 +7,11 @@ reported; with other keys, uniform over the accessible shards. Per sample, the w
 over the sampling steps and their final value) with the images, and attribution.png plots the mean w_i of each
 class against the sampling step (CDM's Figure 1).
 
+The base model's files are hashed again before anything is loaded (a changed base is refused, not used). The
+samples folder is recorded in the lineage, with the shards it derives from, before anything is written into it. A
+name already used is refused: its folder may hold files of an earlier request (attribution, evaluation, log lines)
+derived from other shards; --overwrite deletes that folder first.
+
     python -m dpldm.compartments sample --run runs/mnist/cdm-class2 --shards 0,1 --rule density
     python -m dpldm.compartments sample --run RUN --rights rights.json --user alice
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -27,7 +33,7 @@ from dpldm.common import seed_all
 from dpldm.compartments import registry
 from dpldm.compartments.compose import RULES, compose_sample
 from dpldm.compartments.router import RouterWeights, load_router
-from dpldm.compartments.store import load_compartment
+from dpldm.compartments.store import check_base, load_compartment
 from dpldm.data import from_model_tensor
 from dpldm.diffusion import decode
 from dpldm.models import CheckpointError, load_autoencoder
@@ -35,6 +41,7 @@ from dpldm.runlog import RunLog, progress
 from dpldm.sample import save_grid
 
 RIGHTS_HELP = "JSON {user: [shard names]}: who may sample from which compartments"
+SAMPLES_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # one folder under samples/, never a path
 
 
 def parser() -> argparse.ArgumentParser:
@@ -48,6 +55,8 @@ def parser() -> argparse.ArgumentParser:
                    help="mixture weights: density (exact mixture score, estimated along the trajectory), router "
                         "(the run's DP-trained shard classifier) or naive (averaging, a baseline)")
     p.add_argument("--name", help="samples/<name>/ (default: <rule>-<shards>)")
+    p.add_argument("--overwrite", action="store_true", help="replace samples/<name>/ if it exists (deleted first, "
+                                                            "with its attribution and evaluation)")
     p.add_argument("--per-class", type=int)
     p.add_argument("--classes", help="comma-separated classes to sample (default: all the shards can give)")
     p.add_argument("--ddim-steps", type=int)
@@ -59,18 +68,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def allowed_shards(args: argparse.Namespace, reg: dict[str, Any]) -> list[str]:
+    """The shards a request may use: --shards, or the user's in --rights; by default every trained shard."""
     if args.rights or args.user:
         if not (args.rights and args.user) or args.shards:
             raise registry.RunError("pass --rights FILE with --user NAME (and no --shards)")
-        try:
-            rights = json.loads(Path(args.rights).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise registry.RunError(f"--rights {args.rights}: not a readable JSON file ({e})") from e
-        if args.user not in rights:
-            raise registry.RunError(f"--rights {args.rights}: no entry for user {args.user!r}")
-        names = [str(s) for s in rights[args.user]]
+        names = registry.rights_shards(args.rights, args.user)
     else:
-        names = args.shards.split(",") if args.shards else list(reg["shards"])
+        names = args.shards.split(",") if args.shards else registry.trained(reg)
     if not names:
         raise registry.RunError("no shards to sample from")
     return registry.check_shards(reg, sorted(set(names), key=names.index))
@@ -121,7 +125,10 @@ def load_run_router(run: Path, names: list[str], device: str) -> tuple[RouterWei
     its weights carry information from all of them, and the output must depend on the accessible shards only."""
     if not (run / "router" / "router.json").is_file():
         raise registry.RunError(f"{run} has no router: train the run with --router, or sample with --rule density")
-    model, meta = load_router(run / "router")
+    try:
+        model, meta = load_router(run / "router")
+    except CheckpointError as e:
+        raise registry.RunError(str(e)) from e
     outside = [s for s in meta["shards"] if s not in names]
     if outside:
         raise registry.RunError(f"--rule router: the router was trained on shards {', '.join(outside)} too, which "
@@ -149,8 +156,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     classes = [c for c in wanted if c not in missing]
     if not classes:
         raise registry.RunError(f"shards {', '.join(names)} hold none of the classes asked for")
+    name = args.name or f"{args.rule}-{'_'.join(names)}"
+    if not SAMPLES_NAME.fullmatch(name):
+        raise registry.RunError(f"--name {name!r}: use letters, digits, '.', '_' or '-' (not starting with '.')")
+    artifact, out = f"samples/{name}", Path(args.run) / "samples" / name
+    if (registry.artifact_paths(args.run, artifact) or artifact in lineage["artifacts"]) and not args.overwrite:
+        raise registry.RunError(f"samples {name!r} exist in {args.run}: pass another --name, or --overwrite to "
+                                "replace them (their folder, attribution and evaluation included, is deleted first)")
     base = reg["base"]
     try:
+        check_base(base)  # every compartment is a difference to this base: a changed one is never used silently
         models = [load_compartment(Path(args.run) / "compartments" / n, Path(base["ldm"]), cfg, base["id"]).to(
             args.device) for n in names]
         vae = load_autoencoder(Path(base["autoencoder"]), cfg).to(args.device)
@@ -159,8 +174,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     router, router_shards = None, []
     if args.rule == "router":
         router, router_shards = load_run_router(Path(args.run), names, args.device)
-    name = args.name or f"{args.rule}-{'_'.join(names)}"
-    out = Path(args.run) / "samples" / name
+    used = sorted({n for i, n in enumerate(names) if prior[classes, i].sum() > 0} | set(router_shards))
+    registry.remove_artifact(args.run, lineage, artifact)  # --overwrite: nothing of the earlier request survives
+    # recorded before anything is written: a kill while sampling leaves files that forget can trace
+    registry.record(lineage, artifact, used, "sample", rule=args.rule)
+    registry.save(args.run, reg, lineage)
     log = RunLog(out, "compartments-sample")
     if missing:
         log.print(f"classes {missing}: no accessible shard holds them, not sampled")
@@ -183,14 +201,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         weights=weights.astype(np.float16), weights_mean=weights.mean(0), weights_final=weights[-1])
     save_grid(imgs, labs, out / "grid.png", hp.get("grid_per_row", 10), hp.get("grid_scale", 4))
     attribution_plot(weights, labs, names, out / "attribution.png")
-    used = sorted({n for i, n in enumerate(names) if prior[classes, i].sum() > 0} | set(router_shards))
     result = {"shards": names, "trained_on": used, "rule": args.rule, "classes": classes, "not_sampled": missing,
               "per_class": per_class, "ddim_steps": steps, "guidance_scale": guidance,
               "mean_weight_per_shard": dict(zip(names, weights.mean((0, 1)).tolist(), strict=True)),
               "samples": str(out / "samples.npz"), "wall_s": time.time() - t0}
     (out / "result.json").write_text(json.dumps(result, indent=1))
-    registry.record(lineage, f"samples/{name}", used, "sample", rule=args.rule)
-    registry.save(args.run, reg, lineage)
     log.print(f"{len(labs)} samples from shards {', '.join(names)} ({args.rule}) -> {out}")
     return result
 

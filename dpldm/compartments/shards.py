@@ -7,16 +7,22 @@ The key is chosen by the user, never by looking at the data:
   relative to the --data folder (e.g. `3/img_001.png`) or a row of the --data .npz (or of the built-in set);
 - `folders`: --data ROOT holds one folder per shard, each with class sub-folders (ROOT/<shard>/<class>/<image>);
   the classes are the union of their names.
-An example in two shards is refused (it would pay twice, and forgetting one shard would not forget it). Entries
-that fall in the fixed held-out test split (dpldm.data: the same rows every run, never trained on) are left out
-and counted. Which classes a class shard holds follows from the key alone, so it is public and sets the mixture
-prior at sampling (lambda_{i,c} = 1 if class c is in shard i); shard sizes enter only each compartment's sampling
-rate.
+An example in two shards is refused (it would pay twice, and forgetting one shard would not forget it); so is a
+shard with no training example (found before anything is trained). Entries that fall in the fixed held-out test
+split (dpldm.data: the same rows every run, never trained on) are left out of training and counted; they stay the
+shard's own (Shard.held_out_rows): evaluation uses them only for that shard. Which classes a class shard holds
+follows from the key alone, so it is public and sets the mixture prior at sampling (lambda_{i,c} = 1 if class c is
+in shard i); shard sizes enter only each compartment's sampling rate.
+
+Examples are compared by content (example_hashes: sha256 of each image's pixels as loaded), so that new data added
+to a run (`add`) is refused when it holds an image already in one of the run's shards. Only exact copies are found
+(the same pixels after loading); a re-encoded or resized copy is not.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -42,6 +48,9 @@ class Shard:
     name: str
     index: np.ndarray  # rows of the private training split
     classes: list[int] | None = field(default=None)  # class key: the classes it holds (public: from the key)
+    # manifest and folders keys: source rows the shard lists that are in the held-out test split (not trained on,
+    # but the shard's own data: evaluation uses them only for this shard)
+    held_out_rows: np.ndarray | None = field(default=None)
 
     def data(self, private: DataSet) -> DataSet:
         """The shard as a data set: its training rows; the test split stays the private data's (never trained on)."""
@@ -61,8 +70,14 @@ def by_class(labels: np.ndarray, num_classes: int, n: int) -> list[Shard]:
     if not 1 <= n <= num_classes:
         raise ShardError(f"--num-shards {n}: a class key needs 1..{num_classes} shards ({num_classes} classes)")
     group = np.arange(num_classes) * n // num_classes
-    return [Shard(str(s), np.flatnonzero(np.isin(labels, np.flatnonzero(group == s))),
-                  [int(c) for c in np.flatnonzero(group == s)]) for s in range(n)]
+    shards = [Shard(str(s), np.flatnonzero(np.isin(labels, np.flatnonzero(group == s))),
+                    [int(c) for c in np.flatnonzero(group == s)]) for s in range(n)]
+    empty = [s for s in shards if not len(s.index)]
+    if empty:  # found now, before any shard is trained, not when its turn comes
+        raise ShardError("shard(s) " + ", ".join(f"{s.name} (classes {s.classes})" for s in empty) + " hold no "
+                         "training example: the data has none of those classes. Use fewer --num-shards, another "
+                         "--shard-by, or data with every class")
+    return shards
 
 
 def at_random(n_examples: int, n: int, seed: int) -> list[Shard]:
@@ -132,8 +147,24 @@ def from_manifest(spec: dict[str, list[Any]], private: DataSet, where: str) -> t
         held_out[name] = len(rows) - len(index)
         if not index:
             raise ShardError(f"{where}: every entry of shard {name!r} is in the held-out test split")
-        shards.append(Shard(str(name), np.asarray(index, dtype=np.int64)))
+        shards.append(Shard(str(name), np.asarray(index, dtype=np.int64),
+                            held_out_rows=np.asarray(sorted(r for r in rows if r not in train_pos), dtype=np.int64)))
     return shards, held_out
+
+
+def example_hashes(split: Split) -> list[str]:
+    """sha256 of each example's image as loaded (shape and pixels; the label is left out: the same image under
+    another label is still the same record)."""
+    return [hashlib.sha256(f"{img.shape}".encode() + np.ascontiguousarray(img).tobytes()).hexdigest()
+            for img in split.images]
+
+
+def overlap(new: Split, shards: dict[str, DataSet]) -> dict[str, int]:
+    """Per shard of `shards`, how many of its training examples are also in `new` (same content); only shards
+    that share at least one."""
+    fresh = set(example_hashes(new))
+    counts = {name: sum(h in fresh for h in example_hashes(ds.train)) for name, ds in shards.items()}
+    return {name: k for name, k in counts.items() if k}
 
 
 def sharded_folder(root: Path, cfg: dict[str, Any]) -> tuple[DataSet, dict[str, list[str]]]:

@@ -35,8 +35,45 @@ def ldm_id(ldm_dir: Path) -> str:
         raise CompartmentError(f"no LDM at {ldm_dir}")
     h = hashlib.sha256()
     for rel in ("unet/diffusion_pytorch_model.safetensors", "class_embedder/model.safetensors"):
+        if not (found / rel).is_file():
+            raise CompartmentError(f"{found / rel}: missing (the LDM at {ldm_dir} is incomplete)")
         h.update(sha256_file(found / rel).encode())
     return h.hexdigest()
+
+
+def autoencoder_id(ae_dir: Path) -> str:
+    """Identity of an autoencoder: sha256 over its weight and config files (what decoding and encoding use)."""
+    found = existing_dir(ae_dir)
+    if found is None:
+        raise CompartmentError(f"no autoencoder at {ae_dir}")
+    files = sorted(p for p in found.iterdir() if p.suffix == ".safetensors" or p.name == "config.json")
+    if not any(p.suffix == ".safetensors" for p in files):
+        raise CompartmentError(f"{found}: no weight file (the autoencoder is incomplete)")
+    h = hashlib.sha256()
+    for p in files:
+        h.update(f"{p.name}:{sha256_file(p)}".encode())
+    return h.hexdigest()
+
+
+def check_base(base: dict[str, Any]) -> None:
+    """Refuse a base whose files changed since the run recorded them: every compartment is a difference to that
+    base, so a changed base would silently give other models (and the router encodes with its autoencoder).
+
+    Args:
+        base: the run's record ({"ldm", "id", "autoencoder", "autoencoder_id"}; runs written before the
+            autoencoder was hashed have no "autoencoder_id", and only their LDM is checked).
+    """
+    now = ldm_id(Path(base["ldm"]))
+    if now != base["id"]:
+        raise CompartmentError(f"the base LDM {base['ldm']} changed since the run was created (sha256 of its weights "
+                               f"{now[:12]}..., the run recorded {base['id'][:12]}...): restore the base the run was "
+                               "trained on, or train a new run on this one")
+    if base.get("autoencoder_id"):
+        now = autoencoder_id(Path(base["autoencoder"]))
+        if now != base["autoencoder_id"]:
+            raise CompartmentError(f"the base autoencoder {base['autoencoder']} changed since the run was created "
+                                   f"(sha256 {now[:12]}..., the run recorded {base['autoencoder_id'][:12]}...): "
+                                   "restore it, or train a new run on this base")
 
 
 def trained_tensors(model: ConditionalUNet) -> dict[str, torch.Tensor]:
@@ -56,10 +93,28 @@ def save_compartment(folder: Path, model: ConditionalUNet, meta: dict[str, Any])
 
 
 def read_meta(folder: Path) -> dict[str, Any]:
+    """compartment.json, or a CompartmentError saying what is wrong with it."""
     path = Path(folder) / META
     if not path.is_file():
         raise CompartmentError(f"no compartment at {folder} (expected {META} and {WEIGHTS})")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CompartmentError(f"{path}: unreadable or corrupt ({type(e).__name__}: {e}): train the compartment "
+                               "again (forget the shard, then add its data)") from e
+    if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str):
+        raise CompartmentError(f"{path}: corrupt (no sha256 of its weights): train the compartment again")
+    return meta
+
+
+def stored(folder: Path) -> bool:
+    """Whether `folder` holds a complete compartment: a readable compartment.json and the weights it hashes."""
+    try:
+        meta = read_meta(folder)
+    except CompartmentError:
+        return False
+    weights = Path(folder) / WEIGHTS
+    return weights.is_file() and sha256_file(weights) == meta["sha256"]
 
 
 def load_compartment(folder: Path, base_ldm: Path, cfg: dict[str, Any], base_id: str | None = None
@@ -77,8 +132,8 @@ def load_compartment(folder: Path, base_ldm: Path, cfg: dict[str, Any], base_id:
     if not weights.is_file() or sha256_file(weights) != meta.get("sha256"):
         raise CompartmentError(f"{weights}: missing or changed since it was written (sha256 mismatch)")
     model, _ = load_ldm(base_ldm, cfg)
-    if meta["mode"] == "lora":
-        add_lora(model, int(meta["lora_rank"]))
+    if meta.get("mode") == "lora":
+        add_lora(model, int(meta.get("lora_rank") or 0))
     params = dict(model.named_parameters())
     tensors = load_file(weights)
     for name, value in tensors.items():

@@ -6,41 +6,83 @@ multiplicity, backend, ...), through dpkernels.PrivacyEngine, storing only what 
 default). All compartments start from the same base, recorded by hash; delta is one for the whole run (default
 1/N of the whole private training set, rounded down to a power of ten, at most 1e-5); the expected batch size of a
 shard is the batch size of one model on all the data (--batch-size, default the config's) scaled by the shard's
-share of the data, so every compartment has the sampling rate, and so the noise multiplier and epsilon, that one
-model on all the data would have. A shard added later is scaled the same way, against the run's original N.
+share of the data, so that every compartment has the sampling rate one model on all the data would have,
+q = 1/ceil(N/B), and so its noise multiplier. dpldm.train samples a shard of n_shard examples with batch b at rate
+1/ceil(n_shard/b), so b is chosen to make that exactly q (batch_for); a shard too small for any b to give it
+cannot: one of at most ceil(N/B) examples is sampled at 1/n_shard (a shard of one example is in every batch,
+q = 1). Its noise multiplier is calibrated for its own rate, so it still spends exactly the target epsilon, in
+fewer and noisier steps; each shard's rate is recorded (compartments.json) and a rate more than 10% off the whole
+data's is reported before training. A shard added later is scaled the same way, against the run's original N.
+
+Before anything is trained, every shard is checked (empty shards, batch sizes, reachable epsilon) and registered
+with the options it is trained with, and every folder it will write is recorded in the lineage. A run killed while
+training (power loss, SIGKILL) is continued with `train --resume --out RUN`: finished shards are kept, the shard
+that was training continues from its last checkpoint (dpldm.train --resume: the same private noise and sampling
+streams, the accountant history continued), the others start. Until then `sample` serves the trained shards and
+`forget` can drop any shard, trained or not, with its private checkpoint.
+
+`add` refuses data that holds an example already in one of the run's shards (same image content): an example in
+two compartments pays twice, and forgetting one shard would not forget it.
 
     python -m dpldm.compartments train --shard-by class --num-shards 2 --out runs/mnist/cdm-class2
+    python -m dpldm.compartments train --resume --out runs/mnist/cdm-class2       # after a kill
     python -m dpldm.compartments add --run runs/mnist/cdm-class2 --name extra --data new_digits.npz
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import math
 import shutil
 import sys
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from dpldm import data as data_mod
 from dpldm import train as train_stage
+from dpldm.checkpoint import latest_checkpoint
 from dpldm.common import add_config_args, config_from, images_tensor, private_classes
 from dpldm.compartments import registry
 from dpldm.compartments.accounting import composed_epsilon, privacy_report
 from dpldm.compartments.public import train_public
+from dpldm.compartments.registry import RunError
 from dpldm.compartments.router import router_hp, router_sigma, save_router, train_router
-from dpldm.compartments.shards import KEYS, Shard, ShardError, check_name, load_sharded, run_data
-from dpldm.compartments.store import ldm_id, read_meta, save_compartment
+from dpldm.compartments.shards import (
+    KEYS,
+    Shard,
+    ShardError,
+    check_name,
+    example_hashes,
+    load_sharded,
+    overlap,
+    run_data,
+)
+from dpldm.compartments.store import (
+    autoencoder_id,
+    check_base,
+    ldm_id,
+    read_meta,
+    save_compartment,
+    stored,
+)
 from dpldm.diffusion import encode, train_scheduler
 from dpldm.models import load_autoencoder
+from dpldm.parallel import checkpoint_dir
 from dpldm.runlog import RunLog
 
 # dpldm.train options a compartment passes through unchanged (same meaning, per shard)
 PASS_THROUGH = ("target_epsilon", "epochs", "max_physical_batch_size", "max_grad_norm", "noise_multiplicity",
-                "trainable", "ablation", "lora_rank", "lr", "accountant", "backend")
+                "trainable", "ablation", "lora_rank", "lr", "accountant", "backend", "checkpoint_every")
 FLAGS = ("secure_mode", "deterministic_noise")
+# what a shard is trained with, recorded when it is registered: `train --resume` trains it with exactly these
+OPTIONS = ("config", "set", "runs", "seed", *PASS_THROUGH, *FLAGS, "no_dp")
+RATE_TOLERANCE = 0.1  # a shard's sampling rate this far (relative) from the whole data's is reported
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -61,6 +103,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float)
     g.add_argument("--accountant", choices=("prv", "rdp", "gdp"), help="default prv (add: the run's)")
     g.add_argument("--backend", default="auto")
+    g.add_argument("--checkpoint-every", type=int, help="logical steps between a compartment's checkpoints, what a "
+                                                        "resumed run continues from (default: dpldm.train's)")
     g.add_argument("--secure-mode", action="store_true")
     g.add_argument("--deterministic-noise", action="store_true", help="NOT private: tests only (see dpldm.train)")
     g.add_argument("--base", help="shipped base model (default: the config's)")
@@ -80,6 +124,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", type=Path, help="manifest key: JSON {shard: [image paths or rows]} or CSV "
                                                    "`entry,shard` lines (dpldm/compartments/shards.py)")
     p.add_argument("--out", type=Path, help="run folder (default <runs>/<config>/compartments-<key><n>)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out with the settings "
+                                                         "it was started with (pass only --out, and --device)")
     p.add_argument("--router", action="store_true", help="also DP-train a router (shard classifier on noisy "
                                                          "latents) for --rule router; its epsilon composes with every "
                                                          "compartment's")
@@ -92,7 +138,8 @@ def parser() -> argparse.ArgumentParser:
 def add_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dpldm.compartments add",
                                 description="DP-train a compartment for a new shard (new data), leaving the others "
-                                            "untouched. Options default to the run's.")
+                                            "untouched. Options default to the run's. Data already in one of the "
+                                            "run's shards (the same image) is refused.")
     p.add_argument("--run", type=Path, required=True)
     p.add_argument("--name", required=True, help="the new shard's name")
     p.add_argument("--data", required=True, help="the new shard's data: .npz or a folder of class folders; all of it "
@@ -101,12 +148,29 @@ def add_parser() -> argparse.ArgumentParser:
     return p
 
 
-def shard_argv(args: argparse.Namespace, out: Path, batch_size: int, delta: float, ae_dir: Path, ldm_dir: Path
-               ) -> list[str]:
-    """dpldm.train arguments for one compartment: the options above plus the run's base, delta, batch size."""
+class HeldLog(RunLog):
+    """A log kept in memory until the run folder may be written: nothing is written before the registry and the
+    lineage that account for it."""
+
+    def __init__(self, stage: str) -> None:  # no folder, no file (yet)
+        self.stage, self.t0, self.records = stage, time.time(), []
+
+    def log(self, **fields: Any) -> None:
+        self.records.append(fields)
+
+    def into(self, log: RunLog) -> RunLog:
+        for fields in self.records:
+            log.log(**fields)
+        return log
+
+
+def shard_argv(args: argparse.Namespace, out: Path, batch_size: int, delta: float, ae_dir: Path, ldm_dir: Path,
+               resume: bool = False) -> list[str]:
+    """dpldm.train arguments for one compartment: the options above plus the run's base, delta, batch size;
+    --resume continues the checkpoint in `out`, else --fresh discards whatever a killed run left there."""
     argv = ["--config", str(args.config), "--runs", str(args.runs), "--seed", str(args.seed), "--device", args.device,
-            "--out", str(out), "--no-sample", "--fresh", "--batch-size", str(batch_size), "--delta", repr(delta),
-            "--autoencoder", str(ae_dir), "--pretrained", str(ldm_dir)]
+            "--out", str(out), "--no-sample", "--resume" if resume else "--fresh", "--batch-size", str(batch_size),
+            "--delta", repr(delta), "--autoencoder", str(ae_dir), "--pretrained", str(ldm_dir)]
     for s in args.set:
         argv += ["--set", s]
     for key in PASS_THROUGH:
@@ -115,43 +179,111 @@ def shard_argv(args: argparse.Namespace, out: Path, batch_size: int, delta: floa
     return argv + [f"--{f.replace('_', '-')}" for f in FLAGS if getattr(args, f)]
 
 
-def train_compartment(cfg: dict[str, Any], args: argparse.Namespace, run: Path, shard: Shard, data: data_mod.DataSet,
-                      batch_size: int, delta: float, base: dict[str, Any], log: RunLog) -> dict[str, Any]:
+def options_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The options a shard is trained with, as recorded for --resume (paths absolute)."""
+    opts = {k: getattr(args, k, None) for k in OPTIONS}
+    opts["config"], opts["runs"] = absolute(opts["config"]), absolute(opts["runs"])
+    return opts
+
+
+def shard_args(options: dict[str, Any], device: str) -> argparse.Namespace:
+    return argparse.Namespace(**{**{k: None for k in OPTIONS}, **options, "device": device})
+
+
+def batch_for(size: int, full_batch: int, n: int) -> int:
+    """A shard's batch size b for dpldm.train, whose sampling rate is then 1/ceil(size/b): chosen so that this is
+    the rate of one model on all the data, 1/m with m = ceil(n/full_batch) batches per epoch, whenever some b gives
+    it (always when size >= m(m-1)); else the nearest rate. Among those, the b closest to the whole data's batch
+    scaled by the shard's share. A shard of at most m examples gets b = 1 (rate 1/size: one example, q = 1).
+
+    Args:
+        size: the shard's number of training examples.
+        full_batch: the expected batch of one model on all the data (--batch-size).
+        n: the number of training examples of all the data (the run's N).
+    """
+    m = math.ceil(n / full_batch)
+    if size <= m:
+        return 1
+    # ceil(size/b) == m exactly for size/m <= b < size/(m-1): search around that interval
+    lo, hi = max(1, size // m - 1), min(size, size // max(1, m - 1) + 2)
+    return min(range(lo, hi + 1),
+               key=lambda b: (abs(1 / math.ceil(size / b) - 1 / m), abs(b - full_batch * size / n)))
+
+
+def data_digest(data: data_mod.DataSet) -> str:
+    """sha256 over a shard's training examples (images and labels, in order): the same data, or not."""
+    h = hashlib.sha256()
+    for e, y in zip(example_hashes(data.train), data.train.labels.tolist(), strict=True):
+        h.update(f"{e}:{y};".encode())
+    return h.hexdigest()
+
+
+def stored_compartment(folder: Path) -> dict[str, Any] | None:
+    """The meta of a complete compartment in `folder` (weights matching their sha256), else None."""
+    return read_meta(folder) if stored(folder) else None
+
+
+def train_compartment(cfg: dict[str, Any], args: argparse.Namespace, run: Path, name: str,
+                      classes: list[int] | None, data: data_mod.DataSet, batch_size: int, delta: float,
+                      base: dict[str, Any], log: RunLog) -> dict[str, Any]:
     """One DP fine-tuning on the shard alone (--no-dp: plain training, for public shards); keeps the trained
-    tensors and the accountant history."""
+    tensors and the accountant history. Continues what a killed run left in <run>/work/<name>: its checkpoint
+    (resumed), or a compartment already stored (kept)."""
+    folder, work = run / "compartments" / name, run / "work" / name
+    done = stored_compartment(folder)
+    if done is not None:  # killed after storing it, before the registry said so
+        log.print(f"compartment {name}: already stored, kept")
+        if (work / "log.jsonl").is_file():
+            (run / "logs" / f"compartment-{name}").mkdir(parents=True, exist_ok=True)
+            shutil.copy(work / "log.jsonl", run / "logs" / f"compartment-{name}" / "log.jsonl")
+        return done
     if args.no_dp:
-        return public_compartment(cfg, args, run, shard, data, batch_size, base, log)
-    work = run / "work" / shard.name
+        return public_compartment(cfg, args, run, name, classes, data, batch_size, base, log)
+    work.mkdir(parents=True, exist_ok=True)
+    digest, seen = data_digest(data), work / "shard.json"  # private (in work/): deleted with it
+    if seen.is_file() and json.loads(seen.read_text()).get("sha256") != digest:
+        raise RunError(f"the data of shard {name} changed since its training started (its examples' sha256 "
+                       f"differs): restore it, or forget the shard (python -m dpldm.compartments forget --run {run} "
+                       f"--shard {name}) and add the new data as a new shard")
+    seen.write_text(json.dumps({"sha256": digest, "n": len(data.train.labels)}))
+    found, ckpt, _ = latest_checkpoint(checkpoint_dir(work, 0))
+    resume = found is not None and not ckpt.get("finished")
+    # trained to the end but killed before its compartment was stored: that model is discarded, its spending is not
+    earlier = []
+    if not resume and (work / "result.json").is_file():
+        earlier = json.loads((work / "result.json").read_text()).get("accountant_history") or []
     targs = train_stage.parser().parse_args(shard_argv(args, work, batch_size, delta, Path(base["autoencoder"]),
-                                                       Path(base["ldm"])))
+                                                       Path(base["ldm"]), resume))
     train_stage.fill_defaults(targs, cfg)
-    log.print(f"compartment {shard.name}: {len(data.train.labels)} examples, expected batch {batch_size}")
+    log.print(f"compartment {name}: {len(data.train.labels)} examples, expected batch {batch_size}"
+              + (f", resumed from {found.name} at step {ckpt['step']}" if resume else "")
+              + (", trained again: the killed run's spending is kept in its accounting" if earlier else ""))
     result, model = train_stage.run(cfg, targs, private=data)
-    meta = {"shard": shard.name, "classes": shard.classes, "mode": targs.trainable, "lora_rank": targs.lora_rank,
+    history = [*earlier, *result["accountant_history"]]
+    meta = {"shard": name, "classes": classes, "mode": targs.trainable, "lora_rank": targs.lora_rank,
             "ablation": targs.ablation, "base_id": base["id"], "accountant": targs.accountant, "delta": delta,
-            "accountant_history": result["accountant_history"], "epsilon": result["epsilon"],
+            "accountant_history": history,
+            "epsilon": composed_epsilon([history], delta, targs.accountant) if earlier else result["epsilon"],
             "sigma": result["sigma"], "steps": result["steps"], "noise_seeding": result["noise_seeding"]}
-    save_compartment(run / "compartments" / shard.name, model, meta)
+    save_compartment(folder, model, meta)
     # the training log (per-step losses: not covered by the DP guarantee) stays apart from the releasable weights
-    logs = run / "logs" / f"compartment-{shard.name}"
+    logs = run / "logs" / f"compartment-{name}"
     logs.mkdir(parents=True, exist_ok=True)
     shutil.copy(work / "log.jsonl", logs / "log.jsonl")
-    shutil.rmtree(work)  # its merged full-size copy (ldm/): the compartment keeps only what was trained
-    if not any((run / "work").iterdir()):
-        (run / "work").rmdir()
     return meta
 
 
-def public_compartment(cfg: dict[str, Any], args: argparse.Namespace, run: Path, shard: Shard,
-                       data: data_mod.DataSet, batch_size: int, base: dict[str, Any], log: RunLog) -> dict[str, Any]:
+def public_compartment(cfg: dict[str, Any], args: argparse.Namespace, run: Path, name: str,
+                       classes: list[int] | None, data: data_mod.DataSet, batch_size: int, base: dict[str, Any],
+                       log: RunLog) -> dict[str, Any]:
     hp = {k: getattr(args, k) if getattr(args, k, None) is not None else cfg["train"][k]
           for k in ("trainable", "ablation", "lora_rank", "epochs", "lr")}
     hp["batch_size"] = batch_size
-    log.print(f"compartment {shard.name}: {len(data.train.labels)} PUBLIC examples, non-private (--no-dp)")
+    log.print(f"compartment {name}: {len(data.train.labels)} PUBLIC examples, non-private (--no-dp)")
     model, steps = train_public(cfg, data, base, hp, args.seed, args.device)
-    meta = {"shard": shard.name, "classes": shard.classes, "mode": hp["trainable"], "lora_rank": hp["lora_rank"],
+    meta = {"shard": name, "classes": classes, "mode": hp["trainable"], "lora_rank": hp["lora_rank"],
             "ablation": hp["ablation"], "base_id": base["id"], "public": True, "steps": steps}
-    save_compartment(run / "compartments" / shard.name, model, meta)
+    save_compartment(run / "compartments" / name, model, meta)
     return meta
 
 
@@ -162,7 +294,8 @@ def resolve_base(cfg: dict[str, Any], args: argparse.Namespace, log: RunLog) -> 
                                             + (["--autoencoder", str(args.autoencoder)] if args.autoencoder else []))
     targs.set = args.set
     ae_dir, ldm_dir = train_stage.ensure_pretrained(targs, cfg, log)
-    return {"autoencoder": str(ae_dir), "ldm": str(ldm_dir), "id": ldm_id(ldm_dir)}
+    return {"autoencoder": str(Path(ae_dir).resolve()), "ldm": str(Path(ldm_dir).resolve()), "id": ldm_id(ldm_dir),
+            "autoencoder_id": autoencoder_id(ae_dir)}
 
 
 def absolute(path: str | Path | None) -> str | None:
@@ -173,62 +306,173 @@ def absolute(path: str | Path | None) -> str | None:
 
 def check_config(cfg: dict[str, Any]) -> None:
     if private_classes(cfg) != cfg["data"]["num_classes"]:
-        raise SystemExit("error: compartments share the base's class embedder: the private label set must be the "
-                         "base's (data.private_num_classes is set)")
+        raise RunError("compartments share the base's class embedder: the private label set must be the base's "
+                       "(data.private_num_classes is set)")
+
+
+def plan_shard(cfg: dict[str, Any], args: argparse.Namespace, name: str, size: int, full_batch: int, n: int,
+               delta: float, checked: set[float] | None = None) -> dict[str, Any]:
+    """A shard's batch size and sampling rate, checked before anything is trained: the target epsilon must be
+    reachable at the shard's own rate (sigma is calibrated for it). `checked`: rates already found reachable
+    (a calibration takes seconds; shards mostly share one rate)."""
+    batch = batch_for(size, full_batch, n)
+    rate = 1.0 / math.ceil(size / batch)  # what dpldm.train's loader gives (1 / len(loader))
+    checked = set() if checked is None else checked
+    if not args.no_dp and rate not in checked:
+        from dpkernels.privacy import get_noise_multiplier
+
+        eps = args.target_epsilon or cfg["train"]["target_epsilon"]
+        epochs = args.epochs or cfg["train"]["epochs"]
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+                warnings.filterwarnings("ignore", message="divide by zero", category=RuntimeWarning)  # PRV, q = 1
+                get_noise_multiplier(target_epsilon=eps, target_delta=delta, sample_rate=rate, epochs=epochs,
+                                     accountant=args.accountant)
+        except ValueError as e:
+            raise RunError(f"shard {name} ({size} examples, sampling rate {rate:.4g}): target epsilon {eps} is "
+                           f"unreachable at delta {delta:g} in {epochs} epochs ({e}); nothing was trained. Raise "
+                           "--target-epsilon or lower --epochs") from e
+        checked.add(rate)
+    return {"n": size, "batch_size": batch, "sample_rate": rate}
+
+
+def rate_notes(plans: dict[str, dict[str, Any]], full_batch: int, n: int) -> list[str]:
+    """The shards whose sampling rate is more than RATE_TOLERANCE off one model's on all the data, and why."""
+    whole = 1.0 / math.ceil(n / full_batch)
+    return [f"shard {name}: {p['n']} examples, sampling rate {p['sample_rate']:.4g} instead of the whole data's "
+            f"{whole:.4g} (no batch size gives a shard this small that rate): its noise is calibrated for its own "
+            "rate, so it spends the same epsilon in fewer, noisier steps"
+            for name, p in plans.items() if abs(p["sample_rate"] / whole - 1) > RATE_TOLERANCE]
 
 
 def run(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """Train every shard's compartment; returns the run's privacy report."""
+    """Register every shard (checked first), then train each one's compartment; returns the privacy report.
+
+    Args:
+        cfg: the config (dpldm.config.load_config).
+        args: parser() arguments (args.resume is not handled here: see resume()).
+    """
     check_config(cfg)
     args.trainable, args.accountant = args.trainable or "lora", args.accountant or "prv"
     if args.no_dp and not args.data:
-        raise SystemExit("error: --no-dp trains without privacy: it needs --data naming PUBLIC data (the config's "
-                         "private data is never trained non-privately)")
+        raise RunError("--no-dp trains without privacy: it needs --data naming PUBLIC data (the config's private "
+                       "data is never trained non-privately)")
     out: Path = args.out or Path(args.runs) / cfg["name"] / f"compartments-{args.shard_by}{args.num_shards or ''}"
     if (out / registry.REGISTRY).exists():
-        raise SystemExit(f"error: {out} already holds a compartments run: use `add` for new shards, `forget` to drop "
-                         "one, or another --out")
-    try:
-        private, shards, held_out = load_sharded(args.shard_by, args.data, cfg, args.num_shards, args.shard_seed,
-                                                 args.manifest)
-    except (data_mod.DataError, ShardError) as e:
-        raise SystemExit(f"error: {e}") from e
+        reg, _ = registry.load(out)
+        if not registry.complete(reg):
+            raise RunError(f"{out} holds an unfinished compartments run (to train: shards "
+                           f"{', '.join(registry.pending(reg)) or 'none'}"
+                           + (", the router" if registry.router_pending(reg) else "") + "): continue it with "
+                           f"python -m dpldm.compartments train --resume --out {out}, or forget those shards")
+        raise RunError(f"{out} already holds a compartments run: use `add` for new shards, `forget` to drop one, or "
+                       "another --out")
+    private, shards, held_out = load_sharded(args.shard_by, args.data, cfg, args.num_shards, args.shard_seed,
+                                             args.manifest)
     n = len(private.train.labels)
     delta = args.delta or train_stage.default_delta(n)
     full_batch = args.batch_size or cfg["train"]["batch_size"]
-    log = RunLog(out / "logs" / "train", "compartments-train")  # an artifact: it describes every shard
-    if any(held_out.values()):
-        log.print("left out, in the held-out test split: " + ", ".join(f"shard {k}: {v}" for k, v in held_out.items()
-                                                                      if v))
-    base = resolve_base(cfg, args, log)
-    reg = {"config": str(args.config), "set": args.set, "data": absolute(args.data),
+    if full_batch > n:
+        raise RunError(f"--batch-size {full_batch} is larger than the private training set ({n} examples)")
+    checked: set[float] = set()
+    plans = {s.name: plan_shard(cfg, args, s.name, len(s.index), full_batch, n, delta, checked) for s in shards}
+    held = HeldLog("compartments-train")
+    base = resolve_base(cfg, args, held)
+    options = options_of(args)
+    reg = {"config": options["config"], "set": args.set, "data": absolute(args.data),
            "key": args.shard_by, "num_shards": len(shards), "shard_seed": args.shard_seed, "base": base,
-           "n_train": n, "batch_size": full_batch, "delta": delta, "accountant": args.accountant, "trainable": args.trainable,
-           "shards": {s.name: {"classes": s.classes} for s in shards}, "forgotten": [],
-           "manifest": absolute(args.manifest),
+           "n_train": n, "batch_size": full_batch, "delta": delta, "accountant": args.accountant,
+           "trainable": args.trainable,
+           "shards": {s.name: {"classes": s.classes, "trained": False, **plans[s.name], "options": options}
+                      for s in shards},
+           "forgotten": [], "manifest": absolute(args.manifest),
            "router": {"epsilon": args.router_epsilon or router_hp(cfg)["epsilon"], "backend": args.backend,
                       # the seed is kept only when the noise is deterministic anyway (tests): never for a private run
                       "noise_seed": args.seed if args.deterministic_noise else None} if args.router else None}
     lineage = registry.new_lineage()
-    registry.record(lineage, "logs/train", [s.name for s in shards], "train")
+    registry.record(lineage, "logs/train", [s.name for s in shards], "train")  # an artifact: it describes every shard
+    for s in shards:
+        register_folders(lineage, s.name, "train")
     registry.save(out, reg, lineage)
-    metas = {}
-    for shard in shards:
-        size = len(shard.index)
-        batch = max(1, round(full_batch * size / n))
-        metas[shard.name] = train_compartment(cfg, args, out, shard, shard.data(private), batch, delta, base, log)
-        registry.record(lineage, f"compartments/{shard.name}", [shard.name], "train",
-                        epsilon=metas[shard.name].get("epsilon"))
-        registry.record(lineage, f"logs/compartment-{shard.name}", [shard.name], "train")
-        registry.save(out, reg, lineage)
-    if args.router:
-        fit_router(cfg, out, reg, lineage, {s.name: s.data(private) for s in shards}, log)
-        registry.save(out, reg, lineage)
-    report = report_of(out)
-    log.print(f"{len(shards)} compartments in {out}: epsilon per shard "
-              + ", ".join(f"{k} {v:.3f}" for k, v in report["epsilon_per_shard"].items())
-              + f"; overall (parallel composition) {report['epsilon']:.3f} at delta {delta:g}", **report)
+    log = held.into(RunLog(out / "logs" / "train", "compartments-train"))
+    if any(held_out.values()):
+        log.print("left out, in the held-out test split: " + ", ".join(f"shard {k}: {v}" for k, v in held_out.items()
+                                                                      if v))
+    for note in rate_notes(plans, full_batch, n):
+        log.print(note)
+    return train_pending(cfg, out, reg, lineage, log, args.device, (private, shards))
+
+
+def register_folders(lineage: dict[str, Any], name: str, event: str) -> None:
+    """Every folder a shard's training writes, recorded before it is written: a kill at any point leaves nothing
+    that `forget` cannot trace (work/ holds the private checkpoint)."""
+    for folder in (f"work/{name}", f"compartments/{name}", f"logs/compartment-{name}"):
+        registry.record(lineage, folder, [name], event)
+
+
+def train_pending(cfg: dict[str, Any], run: Path, reg: dict[str, Any], lineage: dict[str, Any], log: RunLog,
+                  device: str, keyed: tuple[data_mod.DataSet, list[Shard]] | None = None) -> dict[str, Any]:
+    """Train every registered shard not trained yet, in order, then the router if the run has one and it is not
+    trained on exactly the current shards; the registry is saved after each. Returns the privacy report."""
+    for name in registry.pending(reg):
+        info = reg["shards"][name]
+        if info.get("data"):  # added later: its own data, all of it training data
+            data = new_shard_data(info["data"], cfg)
+        else:
+            if keyed is None:
+                private, shards, _ = run_data(reg, cfg)
+                keyed = private, shards
+            found = [s for s in keyed[1] if s.name == name]
+            if not found:
+                raise RunError(f"shard {name}: the run's data and key ({reg['key']}) no longer give it: restore the "
+                               f"data the run was created with, or forget the shard")
+            data = found[0].data(keyed[0])
+        if len(data.train.labels) != info["n"]:
+            raise RunError(f"the data of shard {name} changed since the run was created ({info['n']} examples then, "
+                           f"{len(data.train.labels)} now): restore it, or forget the shard")
+        args = shard_args(info["options"], device)
+        meta = train_compartment(cfg, args, run, name, info.get("classes"), data, info["batch_size"], reg["delta"],
+                                 reg["base"], log)
+        info["trained"] = True
+        registry.remove_artifact(run, lineage, f"work/{name}")  # its checkpoint and merged copy: private, done
+        if (run / "work").is_dir() and not any((run / "work").iterdir()):
+            (run / "work").rmdir()
+        registry.record(lineage, f"compartments/{name}", [name], "trained", epsilon=meta.get("epsilon"))
+        registry.save(run, reg, lineage)
+    if registry.router_pending(reg, run):
+        fit_router(cfg, run, reg, lineage, shard_data(reg, cfg), log)
+    report = report_of(run)
+    log.print(f"{len(report['epsilon_per_shard']) + len(report['public_shards'])} compartments in {run}: epsilon "
+              "per shard " + ", ".join(f"{k} {v:.3f}" for k, v in report["epsilon_per_shard"].items())
+              + f"; overall (parallel composition) {report['epsilon']:.3f} at delta {reg['delta']:g}", **report)
     return report
+
+
+def resume(out: Path, device: str) -> dict[str, Any]:
+    """Continue an interrupted `train` (or `add`): train the shards not trained yet, with the options each was
+    registered with, and the router; returns the privacy report.
+
+    Args:
+        out: the run folder.
+        device: where to train (the one setting a resumed run may change).
+    """
+    reg, lineage = registry.load(out)
+    if registry.complete(reg, out):
+        raise RunError(f"{out}: every shard is trained, nothing to resume (add new data with `add`)")
+    old = [n for n in registry.pending(reg) if "options" not in reg["shards"][n]]
+    if old:
+        raise RunError(f"shards {', '.join(old)} were registered by an older version, without their options: "
+                       "forget them and add their data again")
+    cfg = registry.config_of(reg)
+    check_config(cfg)
+    check_base(reg["base"])
+    registry.record(lineage, "logs/train", list(reg["shards"]), "resume")
+    registry.save(out, reg, lineage)
+    log = RunLog(Path(out) / "logs" / "train", "compartments-train")
+    log.print(f"resuming {out}: to train, shards {', '.join(registry.pending(reg)) or 'none'}"
+              + (", the router" if registry.router_pending(reg, out) else ""))
+    return train_pending(cfg, Path(out), reg, lineage, log, device)
 
 
 def new_shard_data(path: str, cfg: dict[str, Any]) -> data_mod.DataSet:
@@ -243,64 +487,82 @@ def new_shard_data(path: str, cfg: dict[str, Any]) -> data_mod.DataSet:
 
 
 def add(args: argparse.Namespace) -> dict[str, Any]:
-    """Train the compartment of a new shard with the run's config, base, delta, accountant and mode."""
-    try:
-        reg, lineage = registry.load(args.run)
-    except registry.RunError as e:
-        raise SystemExit(f"error: {e}") from e
+    """Train the compartment of a new shard with the run's config, base, delta, accountant and mode.
+
+    Args:
+        args: add_parser() arguments.
+    """
+    reg, lineage = registry.load(args.run)
+    if not registry.complete(reg, args.run):
+        raise RunError(f"{args.run} is an unfinished run: finish it first (python -m dpldm.compartments train "
+                       f"--resume --out {args.run}), or forget its untrained shards")
     args.config, args.set = reg["config"], reg["set"]
     cfg = config_from(args)
     check_config(cfg)
-    try:
-        name = check_name(args.name)
-        if name in reg["shards"]:
-            raise ShardError(f"shard {name!r} already exists in {args.run}")
-        data = new_shard_data(args.data, cfg)
-    except (data_mod.DataError, ShardError) as e:
-        raise SystemExit(f"error: {e}") from e
+    name = check_name(args.name)
+    if name in reg["shards"]:
+        raise ShardError(f"shard {name!r} already exists in {args.run}")
+    data = new_shard_data(args.data, cfg)
     base = reg["base"]
-    if ldm_id(Path(base["ldm"])) != base["id"]:
-        raise SystemExit(f"error: the base LDM {base['ldm']} changed since the run was created")
+    check_base(base)
     if args.accountant not in (None, reg["accountant"]):
-        raise SystemExit(f"error: --accountant {args.accountant}: the run accounts with {reg['accountant']}")
+        raise RunError(f"--accountant {args.accountant}: the run accounts with {reg['accountant']}")
     args.accountant, args.trainable = reg["accountant"], args.trainable or reg["trainable"]
-    log = RunLog(Path(args.run) / "logs" / f"add-{name}", "compartments-add")
-    registry.record(lineage, f"logs/add-{name}", [name], "add")
-    full_batch = args.batch_size or reg["batch_size"]
-    batch = max(1, min(len(data.train.labels), round(full_batch * len(data.train.labels) / reg["n_train"])))
-    meta = train_compartment(cfg, args, Path(args.run), Shard(name, np.arange(len(data.train.labels))), data,
-                             batch, reg["delta"], base, log)
-    reg["shards"][name] = {"classes": None, "data": absolute(args.data)}
-    registry.record(lineage, f"compartments/{name}", [name], "add", epsilon=meta.get("epsilon"), data=str(args.data))
-    registry.record(lineage, f"logs/compartment-{name}", [name], "add")
-    if reg.get("router"):  # the router must know the new shard: trained again on all of them
-        fit_router(cfg, Path(args.run), reg, lineage, shard_data(reg, cfg), log)
+    try:
+        existing = shard_data(reg, cfg)
+    except data_mod.DataError as e:
+        raise RunError(f"cannot check the new data against the run's shards, whose data cannot be read ({e}): "
+                       "restore it") from e
+    shared = overlap(data.train, existing)
+    if shared:
+        raise RunError(f"{args.data}: examples already in this run (same image): "
+                       + ", ".join(f"{k} of shard {s}" for s, k in shared.items())
+                       + ". An example in two compartments pays twice (its epsilon is the composition of both), and "
+                       "forgetting one shard would not forget it: remove them from the new data")
+    size = len(data.train.labels)
+    plan = plan_shard(cfg, args, name, size, args.batch_size or reg["batch_size"], reg["n_train"], reg["delta"])
+    reg["shards"][name] = {"classes": None, "data": absolute(args.data), "trained": False, **plan,
+                           "options": options_of(args)}
+    registry.record(lineage, f"logs/add-{name}", [name], "add", data=str(args.data))
+    register_folders(lineage, name, "add")
     registry.save(args.run, reg, lineage)
-    return report_of(args.run)
+    log = RunLog(Path(args.run) / "logs" / f"add-{name}", "compartments-add")
+    for note in rate_notes({name: plan}, args.batch_size or reg["batch_size"], reg["n_train"]):
+        log.print(note)
+    return train_pending(cfg, Path(args.run), reg, lineage, log, args.device)
 
 
 def report_of(run: Path) -> dict[str, Any]:
-    """Per-shard and overall epsilon: each compartment's history, composed with every router training its shard
-    took part in (a router trained again after add/forget spends again: the old one may have been seen)."""
+    """Per-shard and overall epsilon of the trained shards: each compartment's history, composed with every
+    router training its shard took part in (a router trained again after add/forget spends again: the old one may
+    have been seen)."""
     reg, _ = registry.load(run)
-    metas = {name: read_meta(Path(run) / "compartments" / name) for name in reg["shards"]}
-    return privacy_report(metas, reg["delta"], reg["accountant"], reg.get("router_runs", []))
+    metas = {name: read_meta(Path(run) / "compartments" / name) for name in registry.trained(reg)}
+    report = privacy_report(metas, reg["delta"], reg["accountant"], reg.get("router_runs", []))
+    report["sample_rate_per_shard"] = {name: reg["shards"][name].get("sample_rate") for name in metas}
+    return report
 
 
-def shard_data(reg: dict[str, Any], cfg: dict[str, Any]) -> dict[str, data_mod.DataSet]:
-    """The training data of the run's current shards, rebuilt from the key (same data, key, seed, manifest) and,
-    for shards added later, from their own data."""
-    private, keyed, _ = run_data(reg, cfg)
-    out = {s.name: s.data(private) for s in keyed if s.name in reg["shards"]}
-    for name, info in reg["shards"].items():
-        if info.get("data"):
-            out[name] = new_shard_data(info["data"], cfg)
-    return out
+def shard_data(reg: dict[str, Any], cfg: dict[str, Any], names: list[str] | None = None
+               ) -> dict[str, data_mod.DataSet]:
+    """The training data of the run's shards `names` (default: the trained ones), rebuilt from the key (same data,
+    key, seed, manifest) and, for shards added later, from their own data. Forgotten shards are never read."""
+    names = registry.trained(reg) if names is None else names
+    out: dict[str, data_mod.DataSet] = {}
+    if any(not reg["shards"][n].get("data") for n in names):
+        private, keyed, _ = run_data(reg, cfg)
+        out.update({s.name: s.data(private) for s in keyed if s.name in names})
+    for name in names:
+        if reg["shards"][name].get("data"):
+            out[name] = new_shard_data(reg["shards"][name]["data"], cfg)
+    return {n: out[n] for n in names if n in out}
 
 
 def fit_router(cfg: dict[str, Any], run: Path, reg: dict[str, Any], lineage: dict[str, Any],
                data: dict[str, data_mod.DataSet], log: RunLog) -> dict[str, Any]:
-    """DP-train the router on the private latents of `data`'s shards; saved in <run>/router, lineage: all of them."""
+    """DP-train the router on the private latents of `data`'s shards; saved in <run>/router, lineage: all of them.
+    Its spending is recorded (and the registry saved) before the router is written: a kill in between can only
+    over-count."""
     hp, names = {**router_hp(cfg), "epsilon": reg["router"]["epsilon"]}, list(data)
     vae = load_autoencoder(Path(reg["base"]["autoencoder"]), cfg)
     zs = [encode(vae, images_tensor(d.train, cfg)) * vae.config.scaling_factor for d in data.values()]
@@ -312,20 +574,30 @@ def fit_router(cfg: dict[str, Any], run: Path, reg: dict[str, Any], lineage: dic
     epsilon = composed_epsilon([history], reg["delta"], reg["accountant"])
     meta = {"shards": names, "shares": [len(x) / len(z) for x in zs], "accountant_history": history,
             "epsilon": epsilon, "sigma": sigma}
-    save_router(run / "router", model, meta)
     reg.setdefault("router_runs", []).append({"shards": names, "accountant_history": history})
     registry.record(lineage, "router", names, "router", epsilon=epsilon)
+    registry.save(run, reg, lineage)
+    save_router(run / "router", model, meta)
     log.print(f"router over shards {', '.join(names)}: sigma {sigma:.3f}, epsilon {epsilon:.3f}")
     return meta
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser().parse_args(argv)
-    return run(config_from(args), args)
+    if args.resume:
+        if args.out is None:
+            raise SystemExit("error: --resume needs --out, the run folder to continue")
+        given = {k: v for k, v in vars(args).items() if k not in ("out", "resume", "device")
+                 and v != parser().get_default(k)}
+        if given:
+            raise SystemExit(f"error: --resume continues the run with the settings it was started with; drop "
+                             f"{', '.join('--' + k.replace('_', '-') for k in given)}")
+        return registry.cli(parser(), lambda a: resume(a.out, a.device), argv)
+    return registry.cli(parser(), lambda a: run(config_from(a), a), argv)
 
 
 def main_add(argv: list[str] | None = None) -> dict[str, Any]:
-    return add(add_parser().parse_args(argv))
+    return registry.cli(add_parser(), add, argv)
 
 
 if __name__ == "__main__":
