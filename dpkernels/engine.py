@@ -43,6 +43,7 @@ class PrivacyEngine:
         self.optimizer: DPOptimizer | None = None
         self.layers: list[DPLayer] = []
         self.noise: NoiseSource | None = None
+        self._calibration: dict[str, Any] = {}  # make_private_with_epsilon's targets, checked across ranks too
 
     # --- setup --------------------------------------------------------------------------------
     def make_private(
@@ -82,6 +83,7 @@ class PrivacyEngine:
         """
         if self.optimizer is not None:
             raise RuntimeError("this PrivacyEngine already made a model private; use a new engine per model")
+        calibration, self._calibration = self._calibration, {}
         if backend not in ops.BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {ops.BACKENDS}")
         if loss_reduction not in ("mean", "sum"):
@@ -103,9 +105,23 @@ class PrivacyEngine:
 
         sample_rate = sample_rate_of(data_loader)
         expected_batch_size = int(len(data_loader.dataset) * sample_rate)
-        if distributed:
-            distributed_mod.check_same_everywhere("the data set size", len(data_loader.dataset))
-            distributed_mod.check_same_everywhere("the sampling rate", sample_rate)
+        if distributed:  # everything the guarantee (and the one epsilon every rank reports) depends on
+            distributed_mod.check_same_settings({
+                "the data set size": len(data_loader.dataset),
+                "the sampling rate": sample_rate,
+                "noise_multiplier": float(noise_multiplier),
+                "max_grad_norm": max_grad_norm,
+                "clipping": clipping,
+                "loss_reduction": loss_reduction,
+                "poisson_sampling": poisson_sampling,
+                "the accountant": self.accountant.mechanism(),
+                "the accountant's history": self.accountant.history,
+                "secure_mode": self.secure_mode,
+                "seed=None (OS seeding) or a test seed": seed is None,
+                "the trainable parameters (names and shapes)": [
+                    (n, tuple(p.shape)) for n, p in module.named_parameters() if p.requires_grad],
+                **calibration,
+            })
         self.noise = NoiseSource(seed, self.secure_mode)
         self.sampler_generator = None
         if poisson_sampling:
@@ -163,6 +179,8 @@ class PrivacyEngine:
             target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=sample_rate_of(data_loader),
             epochs=epochs, accountant=self.accountant.mechanism(),
         )
+        self._calibration = {"target_epsilon": float(target_epsilon), "target_delta": float(target_delta),
+                             "epochs": epochs}
         return self.make_private(module=module, optimizer=optimizer, data_loader=data_loader,
                                  noise_multiplier=sigma, max_grad_norm=max_grad_norm, **kwargs)
 
