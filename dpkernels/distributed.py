@@ -27,6 +27,8 @@ from opacus.data_loader import dtype_safe, shape_safe, wrap_collate_with_empty
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
+from dpkernels.privacy import CountingDataLoader
+
 
 def world() -> tuple[int, int]:
     """(rank, world size); (0, 1) without an initialised process group."""
@@ -70,8 +72,9 @@ def rank_poisson_loader(data_loader: DataLoader, generator: torch.Generator, ran
     collate = wrap_collate_with_empty(collate_fn=data_loader.collate_fn,
                                       sample_empty_shapes=[(0, *shape_safe(x)) for x in first],
                                       dtypes=[dtype_safe(x) for x in first])
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=data_loader.num_workers,
-                      pin_memory=data_loader.pin_memory, generator=torch.Generator().manual_seed(0))
+    return CountingDataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                              num_workers=data_loader.num_workers, pin_memory=data_loader.pin_memory,
+                              generator=torch.Generator().manual_seed(0))
 
 
 def min_max(value: float) -> tuple[float, float]:

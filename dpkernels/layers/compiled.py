@@ -43,6 +43,9 @@ _layer_ids = itertools.count()
 # serial -> (the record, what the backward needs); dropped with the record (after the step, or discard)
 _ENTRIES: dict[int, tuple[weakref.ref, dict[str, Any]]] = {}
 _serials = itertools.count(1)
+# records opened by a tap recomputed in a compiled backward (activation checkpointing): only this holds them until
+# their backward joins them to their batch
+_PENDING: dict[int, tuple[Record, Any]] = {}
 
 
 def register(layer: DPLayer) -> str:
@@ -89,6 +92,11 @@ def tap_op(x: torch.Tensor, params: list[torch.Tensor], layer_id: str,
     # second one (retain_graph) needs them again, as eagerly (there autograd's ctx keeps them)
     _ENTRIES[serial] = (weakref.ref(rec), saved)
     weakref.finalize(rec, _ENTRIES.pop, serial, None)
+    for s, (r, recorder) in list(_PENDING.items()):  # pending ones of a batch that is gone will never join
+        if r.generation != recorder.generation:
+            del _PENDING[s]
+    if rec.pending:  # recomputed inside a compiled backward (activation checkpointing): held until it joins
+        _PENDING[serial] = (rec, layer.recorder)
     return out, torch.scalar_tensor(serial, dtype=torch.int64)
 
 
@@ -130,12 +138,11 @@ def _autocast(x: torch.Tensor, dtype: torch.dtype | None) -> torch.autocast:
 def tap_backward_op(grad_out: torch.Tensor, token: torch.Tensor, layer_id: str, x_shape: list[int],
                     x_dtype: torch.dtype, need_input_grad: bool) -> torch.Tensor:
     layer = _layer(layer_id)
-    entry = _ENTRIES.get(int(token.item()))
+    serial = int(token.item())
+    entry = _ENTRIES.get(serial)
     rec: Record | None = entry[0]() if entry is not None else None
-    if rec is None or rec.spent:  # a spent record may already be gone: optimizer.step() dropped it
-        raise RuntimeError(
-            f"backward through module '{layer.name}' after optimizer.step() already used this forward pass: "
-            "its gradient would be lost. Run a new forward pass for each step")
+    layer.check_backward(rec)
+    _PENDING.pop(serial, None)  # joined its batch: the recorder holds it now
     saved = entry[1]
     G = grad_out.detach()
     grad_x = layer.input_grad(saved, G).to(x_dtype).contiguous() if need_input_grad else None
