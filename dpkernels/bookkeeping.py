@@ -11,6 +11,8 @@ parameter's gradient is written by one fused pass.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -23,18 +25,50 @@ class NonFiniteGradientError(FloatingPointError):
     """A per-sample gradient norm was NaN or infinite: the step is refused and no parameter changes."""
 
 
+def in_backward() -> bool:
+    """True while autograd runs a backward pass on this thread (a forward now is a recomputation)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class SecondPassError(RuntimeError):
+    """A private layer ran forward again after a backward pass, before optimizer.step()."""
+
+
 class Recorder:
-    """Collects the records of the current physical batch as layers run forward."""
+    """Collects the records of the current physical batch as layers run forward.
+
+    One physical batch is one forward pass (and the backward passes through it) between two steps. A forward
+    that autograd runs inside a backward pass is activation checkpointing recomputing a segment: its record
+    joins the batch when its own backward runs (reentrant checkpointing, whose first forward ran under no_grad
+    and recorded nothing), and is dropped with its graph otherwise (non-reentrant checkpointing: the recomputed
+    graph only refills the saved tensors of the first forward, whose record receives G).
+    """
 
     def __init__(self):
         self.records: list[tuple[DPLayer, Record]] = []
         self.rows: int | None = None
         self.example_ids: torch.Tensor | None = None
-        self.on_new_batch = None  # set by the optimizer: flushes a finished batch before a new one starts
+        self.generation = 0  # counts take(): a record opened before one belongs to a spent batch
+        # what the rows must be attributed to (checked at the step): the dim-0 sizes of the private model's tensor
+        # inputs in its last eager forward, and the examples of the batch (chunk) the engine's loader yielded last
+        self.input_rows: set[int] | None = None
+        self.batch_examples: int | None = None
 
     def new_record(self, layer: DPLayer, saved: dict, rows: int) -> Record:
-        if self.records and any(r.has_grad for _, r in self.records) and self.on_new_batch:
-            self.on_new_batch()  # forward after backward without a step: gradient accumulation
+        if in_backward():
+            return Record(saved=saved, rows=rows, pending=True, generation=self.generation)
+        if any(r.has_grad for _, r in self.records):
+            self.discard()
+            raise SecondPassError(
+                f"module '{layer.name}' ran forward again after a backward pass and before optimizer.step(). "
+                "The engine cannot tell a second pass over the same examples (two augmented views, two losses on "
+                "two forwards) from new examples, and clipping each pass on its own would bound one example's "
+                "update by 2C, not C. Refused, and the batch was dropped. For several views or passes of the same "
+                "examples, run their rows in ONE forward and give the rows of one example the same id "
+                "(optimizer.set_example_ids), or sum their losses before one backward (or backward(retain_graph="
+                "True) through one forward); to accumulate disjoint physical batches, use engine.virtual_batches "
+                "(or optimizer.signal_skip_step(True); optimizer.step() after each backward); to drop a batch, "
+                "call zero_grad() first; to evaluate, run under torch.no_grad()")
         if layer.record is not None:
             self.discard()
             raise RuntimeError(
@@ -42,34 +76,96 @@ class Recorder:
                 "wrong. dpkernels supports each trainable module once per forward (run evaluation under "
                 "torch.no_grad())."
             )
-        if self.rows is None:
-            self.rows = rows
-        elif rows != self.rows:
-            self.discard()
-            raise RuntimeError(
-                f"module '{layer.name}' got an input with {rows} rows but the batch has {self.rows}: "
-                "dpkernels needs the batch as the first dimension of every trainable layer's input"
-            )
-        rec = Record(saved=saved, rows=rows)
-        layer.record = rec
-        self.records.append((layer, rec))
+        rec = Record(saved=saved, rows=rows, generation=self.generation)
+        self._add(layer, rec)
         return rec
 
-    def take(self) -> tuple[list[tuple[DPLayer, Record]], int, torch.Tensor | None]:
-        out = (self.records, self.rows or 0, self.example_ids)
+    def join(self, layer: DPLayer, rec: Record) -> None:
+        """A record opened by a recomputation (see the class) whose backward runs: it joins the batch."""
+        if rec.generation != self.generation:
+            raise RuntimeError(
+                f"backward through module '{layer.name}' after optimizer.step() already used this forward pass: "
+                "its gradient would be lost. Run a new forward pass for each step")
+        old = layer.record
+        if old is not None and old.has_grad:
+            self.discard()
+            raise RuntimeError(
+                f"module '{layer.name}' got a second output gradient from a recomputed forward (two backward "
+                "passes through a forward recomputed by reentrant activation checkpointing, or the module called "
+                "twice, once inside a checkpointed segment): each example would be clipped once per pass. Refused, "
+                "and the batch was dropped: sum the losses before one backward, or use "
+                "torch.utils.checkpoint.checkpoint(..., use_reentrant=False)")
+        if old is not None:
+            # the first forward's record, which no backward reached: a compiled graph backpropagates through its
+            # own recomputation, whose record replaces it (a later backward through the first one is refused)
+            self.records = [(lyr, r) for lyr, r in self.records if r is not old]
+            old.replaced = True
+            _free(old)
+            layer.record = None
+        rec.pending = False
+        self._add(layer, rec)
+
+    def _add(self, layer: DPLayer, rec: Record) -> None:
+        if self.rows is None:
+            self.rows = rec.rows
+        elif rec.rows != self.rows:
+            rows = self.rows
+            self.discard()
+            raise RuntimeError(
+                f"module '{layer.name}' got an input with {rec.rows} rows but the batch has {rows}: "
+                "dpkernels needs the batch as the first dimension of every trainable layer's input"
+            )
+        layer.record = rec
+        self.records.append((layer, rec))
+
+    def take(self) -> Batch:
+        out = Batch(self.records, self.rows or 0, self.example_ids, self.input_rows, self.batch_examples)
         for layer, rec in self.records:
             layer.record = None
             rec.spent = True
         self.records, self.rows, self.example_ids = [], None, None
+        self.input_rows, self.batch_examples = None, None
+        self.generation += 1
         return out
 
     def discard(self) -> None:
-        """Drop the current batch's records (and their A, G): nothing of it reaches a step."""
-        records, _, _ = self.take()
-        for _, rec in records:
-            rec.grad_out = None
-            rec.saved.clear()
-            rec.extra.clear()
+        """Drop the current batch's records (and their A, G): nothing of it reaches a step. The size of the batch
+        the loader yielded stays: zero_grad() comes between it and its forward."""
+        examples = self.batch_examples
+        for _, rec in self.take().records:
+            _free(rec)
+        self.batch_examples = examples
+
+    def discard_layers(self, layers: set[DPLayer]) -> None:
+        """Drop the records of `layers` only (zero_grad on a part of the model); the rest stays pending."""
+        keep = []
+        for layer, rec in self.records:
+            if layer in layers:
+                layer.record = None
+                rec.spent = True
+                _free(rec)
+            else:
+                keep.append((layer, rec))
+        self.records = keep
+        if not keep:
+            self.discard()
+
+
+def _free(rec: Record) -> None:
+    rec.grad_out = None
+    rec.saved.clear()
+    rec.extra.clear()
+
+
+@dataclass
+class Batch:
+    """What `Recorder.take` hands the clipper: one physical batch."""
+
+    records: list[tuple[DPLayer, Record]]
+    rows: int
+    example_ids: torch.Tensor | None
+    input_rows: set[int] | None
+    batch_examples: int | None
 
 
 class Clipper:
@@ -105,15 +201,20 @@ class Clipper:
             if not c > 0:
                 raise ValueError(f"max_grad_norm must be positive, got {c}")
 
-    def sums(self, records, rows: int, example_ids, scale: float, noise_std: float, noise: NoiseSource | None
+    def sums(self, batch: Batch, scale: float, noise_std: float, noise: NoiseSource | None
              ) -> dict[nn.Parameter, torch.Tensor]:
         """Per parameter: scale * sum_b c_b g_b (+ N(0, noise_std^2) when noise is given) for the layers that ran."""
-        done = [(layer, rec) for layer, rec in records if rec.has_grad]
+        done = [(layer, rec) for layer, rec in batch.records if rec.has_grad]
         if not done:
             return {}
+        seen: set[DPLayer] = set()
         for layer, rec in done:  # before anything is computed: a stale A would give a wrong clipped sum
+            if layer in seen:  # two gradients of one layer would overwrite each other's norm: never clip on one
+                raise RuntimeError(f"module '{layer.name}' has two recorded gradients in one step: refused")
+            seen.add(layer)
             rec.check_unmodified(layer.name)
-        grouping = Grouping(example_ids, rows)
+        grouping = Grouping(batch.example_ids, batch.rows)
+        check_attribution(batch, grouping.n, done[0][0].name)
         s = float(grouping.n) if self.loss_reduction == "mean" else 1.0
         sq = {layer: layer.sq_norms(rec, grouping, self.backend) for layer, rec in done}
         factors = self.clip_factors(sq, s, scale)
@@ -123,10 +224,7 @@ class Clipper:
                                       noise or _NO_NOISE, self.backend)
             for name, g in sums.items():
                 out[getattr(layer.module, name)] = g
-            # this layer's (A, G) are spent: free them now, so the gradients being written replace them
-            rec.grad_out = None
-            rec.saved.clear()
-            rec.extra.clear()
+            _free(rec)  # this layer's (A, G) are spent: free them now, so the gradients being written replace them
         return out
 
     def clip_factors(self, sq: dict[DPLayer, dict[str, torch.Tensor]], s: float, scale: float
@@ -146,6 +244,34 @@ class Clipper:
                 norm = v.sqrt() * s
                 out[layer][n] = (self.thresholds[(layer, n)] / (norm + 1e-6)).clamp(max=1.0) * (s * scale)
         return out
+
+
+def check_attribution(batch: Batch, examples: int, first: str) -> None:
+    """Refuse rows the engine cannot attribute to examples: the first dimension of every private layer's input is
+    taken as the batch, so a model whose layers all see [T, B, d] (time first) or [B * P, d] (patches as rows)
+    would be clipped per time step or patch. Checked against the model's inputs and the loader's batch.
+
+    Args:
+        batch: the physical batch (its rows, and what they are checked against).
+        examples: the examples its rows form (rows, or distinct example ids).
+        first: the name of its first private layer, for the message.
+    """
+    ins = batch.input_rows
+    if ins and batch.rows not in ins and examples not in ins:
+        raise RuntimeError(
+            f"the private layers (first: module '{first}') saw {batch.rows} rows, but no tensor input of the model's "
+            f"forward has that many (their first dimensions: {sorted(ins)}): the engine clips each row (or each "
+            "example id) as one example, so rows that are not examples (a time-first [T, B, d] layout, patches or "
+            "tokens flattened into rows) would be clipped on their own and one example's update could exceed C. "
+            "Refused: keep the batch as the first dimension of every trainable layer's input (batch_first=True)")
+    if batch.batch_examples is not None and examples != batch.batch_examples:
+        raise RuntimeError(
+            f"the private layers (first: module '{first}') saw {examples} examples ({batch.rows} rows), but the "
+            f"batch the private data loader yielded last has {batch.batch_examples}: rows that are not examples (a "
+            "time-first [T, B, d] layout, tokens flattened into rows, or views of one example without a shared id) "
+            "would each be clipped on their own, and one example's update could exceed C. Refused: keep the batch "
+            "as the first dimension of every trainable layer's input, and give the rows of one example the same id "
+            "(optimizer.set_example_ids)")
 
 
 class _NoNoise(NoiseSource):

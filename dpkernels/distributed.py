@@ -17,6 +17,7 @@ engine's all-reduce replaces it; DDP still broadcasts parameters at construction
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,6 +26,8 @@ import torch.distributed as dist
 from opacus.data_loader import dtype_safe, shape_safe, wrap_collate_with_empty
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
+
+from dpkernels.privacy import CountingDataLoader
 
 
 def world() -> tuple[int, int]:
@@ -69,8 +72,9 @@ def rank_poisson_loader(data_loader: DataLoader, generator: torch.Generator, ran
     collate = wrap_collate_with_empty(collate_fn=data_loader.collate_fn,
                                       sample_empty_shapes=[(0, *shape_safe(x)) for x in first],
                                       dtypes=[dtype_safe(x) for x in first])
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=data_loader.num_workers,
-                      pin_memory=data_loader.pin_memory, generator=torch.Generator().manual_seed(0))
+    return CountingDataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                              num_workers=data_loader.num_workers, pin_memory=data_loader.pin_memory,
+                              generator=torch.Generator().manual_seed(0))
 
 
 def min_max(value: float) -> tuple[float, float]:
@@ -81,12 +85,33 @@ def min_max(value: float) -> tuple[float, float]:
     return -t[1].item(), t[0].item()
 
 
-def check_same_everywhere(what: str, value: float) -> None:
-    """Refuse a setting that differs between ranks (each would account for another q or E)."""
-    lo, hi = min_max(value)
-    if (lo, hi) != (value, value):
-        raise ValueError(f"{what} differs between ranks (here {value}, somewhere between {lo} and {hi}): every "
-                         "rank must build its loader over the whole data set with the same batch size")
+def _fingerprint(value: Any) -> float:
+    """A setting as a float64 that all-reduces exactly (48 bits of a hash of its repr)."""
+    digest = hashlib.sha256(repr(value).encode()).digest()
+    return float(int.from_bytes(digest[:6], "little"))
+
+
+def check_same_settings(settings: dict[str, Any]) -> None:
+    """Refuse settings that differ between ranks, naming them, on every rank (one all-reduce).
+
+    Args:
+        settings: what must be equal everywhere, by a name for the error message; values of any type whose repr
+            is deterministic (numbers, strings, lists, tuples).
+    """
+    names = list(settings)
+    here = [_fingerprint(settings[n]) for n in names]
+    t = torch.tensor(here + [-v for v in here], dtype=torch.float64)
+    t = t.to("cuda") if dist.get_backend() == "nccl" else t
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    hi, lo = t[: len(names)].tolist(), (-t[len(names):]).tolist()
+    differ = [n for n, h, a, b in zip(names, here, lo, hi, strict=True) if not a == b == h]
+    if differ:
+        shown = "; ".join(f"{n} (here {settings[n]!r})" for n in differ)
+        raise ValueError(
+            f"settings differ between ranks: {shown}. Every rank must make the model private with the same "
+            "settings (the noise, the clipping, the sampling rate and the accounting are one mechanism, and each "
+            "rank reports its epsilon): same data set size and batch size, noise_multiplier, max_grad_norm, "
+            "clipping, loss_reduction, accountant, seeding and trainable parameters")
 
 
 def all_reduce_sum(tensors: list[torch.Tensor]) -> int:

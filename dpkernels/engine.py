@@ -11,9 +11,13 @@ here, before any step.
 
 from __future__ import annotations
 
+import functools
 import logging
+import weakref
 from typing import Any
 
+import torch
+import torch.utils._pytree as pytree
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
@@ -43,6 +47,7 @@ class PrivacyEngine:
         self.optimizer: DPOptimizer | None = None
         self.layers: list[DPLayer] = []
         self.noise: NoiseSource | None = None
+        self._calibration: dict[str, Any] = {}  # make_private_with_epsilon's targets, checked across ranks too
 
     # --- setup --------------------------------------------------------------------------------
     def make_private(
@@ -82,6 +87,7 @@ class PrivacyEngine:
         """
         if self.optimizer is not None:
             raise RuntimeError("this PrivacyEngine already made a model private; use a new engine per model")
+        calibration, self._calibration = self._calibration, {}
         if backend not in ops.BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {ops.BACKENDS}")
         if loss_reduction not in ("mean", "sum"):
@@ -100,24 +106,40 @@ class PrivacyEngine:
         params = trainable_parameters(module)
         check_optimizer(optimizer, params)
         norm_guards = batch_statistics_modules(module)
+        check_batch_first(module)
 
         sample_rate = sample_rate_of(data_loader)
         expected_batch_size = int(len(data_loader.dataset) * sample_rate)
-        if distributed:
-            distributed_mod.check_same_everywhere("the data set size", len(data_loader.dataset))
-            distributed_mod.check_same_everywhere("the sampling rate", sample_rate)
+        if distributed:  # everything the guarantee (and the one epsilon every rank reports) depends on
+            distributed_mod.check_same_settings({
+                "the data set size": len(data_loader.dataset),
+                "the sampling rate": sample_rate,
+                "noise_multiplier": float(noise_multiplier),
+                "max_grad_norm": max_grad_norm,
+                "clipping": clipping,
+                "loss_reduction": loss_reduction,
+                "poisson_sampling": poisson_sampling,
+                "the accountant": self.accountant.mechanism(),
+                "the accountant's history": self.accountant.history,
+                "secure_mode": self.secure_mode,
+                "seed=None (OS seeding) or a test seed": seed is None,
+                "the trainable parameters (names and shapes)": [
+                    (n, tuple(p.shape)) for n, p in module.named_parameters() if p.requires_grad],
+                **calibration,
+            })
         self.noise = NoiseSource(seed, self.secure_mode)
         self.sampler_generator = None
+        recorder = Recorder()
         if poisson_sampling:
             self.sampler_generator = sampler_generator(seed, rank)
             data_loader = (distributed_mod.rank_poisson_loader(data_loader, self.sampler_generator, rank, world_size)
                            if distributed else poisson_loader(data_loader, self.sampler_generator))
+            data_loader.recorder = recorder  # each batch's size: what the private layers' rows are checked against
         elif distributed:
             raise ValueError("distributed training needs poisson_sampling=True (each rank samples its share)")
         else:
             log.warning("dpkernels: poisson_sampling=False: the accountant's guarantee assumes Poisson sampling")
 
-        recorder = Recorder()
         layers = [rule_for(m)(name, m, recorder) for name, m in private_modules(module)]
         clipper = Clipper(layers, max_grad_norm, clipping, backend, loss_reduction)
         names = {id(p): n for n, p in module.named_parameters()}
@@ -129,8 +151,9 @@ class PrivacyEngine:
         for layer in layers:  # patch last: nothing is changed if a check above failed
             layer.module.forward = layer.forward
         for m in {id(module): module, id(outer): outer}.values():
-            m.zero_grad = _discarding_zero_grad(m, self.optimizer)
             m._dpkernels_engine = self
+        _reach_zero_grad(self.optimizer)
+        module.register_forward_pre_hook(_record_input_rows(recorder), with_kwargs=True)
         for name, m in norm_guards:  # model.train() later must not bring batch statistics back
             m.register_forward_pre_hook(_refuse_batch_statistics(name))
         self.layers = layers
@@ -163,6 +186,8 @@ class PrivacyEngine:
             target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=sample_rate_of(data_loader),
             epochs=epochs, accountant=self.accountant.mechanism(),
         )
+        self._calibration = {"target_epsilon": float(target_epsilon), "target_delta": float(target_delta),
+                             "epochs": epochs}
         return self.make_private(module=module, optimizer=optimizer, data_loader=data_loader,
                                  noise_multiplier=sigma, max_grad_norm=max_grad_norm, **kwargs)
 
@@ -251,14 +276,72 @@ def batch_statistics_modules(module: nn.Module) -> list[tuple[str, nn.Module]]:
     return guarded
 
 
-def _discarding_zero_grad(module: nn.Module, optimizer: DPOptimizer):
-    """model.zero_grad() must drop a batch that ran backward, as optimizer.zero_grad() does."""
-    plain = module.zero_grad
+# DP optimizers whose pending batch a zero_grad may have to drop (weak: an engine dropped is forgotten)
+_LIVE: weakref.WeakSet[DPOptimizer] = weakref.WeakSet()
 
-    def zero_grad(set_to_none: bool = True) -> None:
-        optimizer.discard_batch()
-        plain(set_to_none)
+
+def _reach_zero_grad(optimizer: DPOptimizer) -> None:
+    """Make every zero_grad that reaches the private parameters drop their pending batch, as
+    optimizer.zero_grad() does: plain PyTorch drops a gradient there, and a batch kept instead would be added
+    into the next step. The model's own, a DistributedDataParallel or torch.compile wrapper's (dpkernels.compile
+    returns one), any module holding the model, the wrapped optimizer's or another optimizer's over the same
+    parameters: nn.Module.zero_grad and torch.optim.Optimizer.zero_grad are wrapped once per process (for
+    objects holding no private parameter they do exactly what they did)."""
+    _LIVE.add(optimizer)
+    if not getattr(nn.Module.zero_grad, "_dpkernels", False):
+        nn.Module.zero_grad = _dropping(nn.Module.zero_grad, _module_layers)
+    if not getattr(Optimizer.zero_grad, "_dpkernels", False):
+        Optimizer.zero_grad = _dropping(Optimizer.zero_grad, _optimizer_layers)
+
+
+def _module_layers(module: nn.Module, opt: DPOptimizer) -> set[DPLayer]:
+    inside = {id(m) for m in module.modules()}
+    return {layer for layer in opt.clipper.layers if id(layer.module) in inside}
+
+
+def _optimizer_layers(optimizer: Optimizer, opt: DPOptimizer) -> set[DPLayer]:
+    if optimizer is opt:  # DPOptimizer.zero_grad drops its batch itself
+        return set()
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    return {layer for layer in opt.clipper.layers if any(id(p) in held for p in layer.params().values())}
+
+
+def _dropping(plain, layers_of):
+    @functools.wraps(plain)
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in tuple(_LIVE):
+            layers = layers_of(self, opt)
+            if layers:
+                opt.discard_batch(layers)
+        plain(self, set_to_none)
+    zero_grad._dpkernels = True
     return zero_grad
+
+
+def _record_input_rows(recorder: Recorder):
+    """The first dimensions of the model's tensor inputs, which the private layers' rows must be one of."""
+    def hook(m: nn.Module, args: tuple, kwargs: dict) -> None:
+        if torch.compiler.is_compiling() or not torch.is_grad_enabled():  # compiled: the loader's size is checked
+            return
+        recorder.input_rows = {t.shape[0] for t in pytree.tree_leaves((args, kwargs))
+                               if isinstance(t, torch.Tensor) and t.dim() > 0}
+    return hook
+
+
+def check_batch_first(module: nn.Module) -> None:
+    """Refuse a model holding a time-first module: the layers around it see [T, B, d] inputs, whose rows the
+    engine would take as examples (one example's update up to sqrt(T) C).
+
+    Args:
+        module: the model; every submodule with `batch_first=False` (torch's RNNs, MultiheadAttention,
+            Transformer layers) is refused, by name.
+    """
+    for name, m in module.named_modules():
+        if getattr(m, "batch_first", None) is False:
+            raise ValueError(
+                f"module '{name}' ({type(m).__name__}) has batch_first=False: it and the layers around it take "
+                "[T, B, ...] inputs, and the engine clips each row of a private layer's input as one example (each "
+                "time step would be clipped on its own). Build it with batch_first=True and feed [B, T, ...]")
 
 
 def _refuse_batch_statistics(name: str):

@@ -18,6 +18,7 @@ from torch.optim import Optimizer
 from dpkernels import ops
 from dpkernels.bookkeeping import Clipper, Recorder
 from dpkernels.distributed import all_reduce_sum
+from dpkernels.layers.base import DPLayer
 from dpkernels.noise import NoiseSource
 
 
@@ -47,7 +48,6 @@ class DPOptimizer(Optimizer):
         self._skip_next = False
         self._last_step_skipped = False
         self._acc: dict[nn.Parameter, torch.Tensor] = {}
-        recorder.on_new_batch = self._accumulate
 
     # --- the wrapped optimizer's state ------------------------------------------------------
     @property
@@ -104,11 +104,20 @@ class DPOptimizer(Optimizer):
         self.discard_batch()
         self.original_optimizer.zero_grad(set_to_none)
 
-    def discard_batch(self) -> None:
-        """What zero_grad drops besides p.grad (also called by the private module's zero_grad)."""
-        self.recorder.discard()
+    def discard_batch(self, layers: set[DPLayer] | None = None) -> None:
+        """What zero_grad drops besides p.grad: the pending (A, G) of `layers` (None: every private layer), and what
+        was accumulated for their parameters unless the last step() only accumulated (a virtual batch's chunk).
+        Called by this optimizer's zero_grad and by any zero_grad that reaches the parameters (dpkernels.engine)."""
+        if layers is None or layers >= set(self.clipper.layers):
+            self.recorder.discard()
+            if not self._last_step_skipped:
+                self._acc.clear()
+            return
+        self.recorder.discard_layers(layers)
         if not self._last_step_skipped:
-            self._acc.clear()
+            for layer in layers:
+                for p in layer.params().values():
+                    self._acc.pop(p, None)
 
     def add_param_group(self, param_group: dict) -> None:
         raise RuntimeError(
@@ -157,9 +166,9 @@ class DPOptimizer(Optimizer):
     @torch.no_grad()
     def _accumulate(self) -> None:
         """Clipped sums of the finished physical batch into the accumulator (no noise yet)."""
-        records, rows, ids = self.recorder.take()
+        batch = self.recorder.take()
         try:
-            sums = self.clipper.sums(records, rows, ids, 1.0 / self.normaliser, 0.0, None)
+            sums = self.clipper.sums(batch, 1.0 / self.normaliser, 0.0, None)
         except Exception:
             self._acc.clear()
             raise
@@ -174,9 +183,9 @@ class DPOptimizer(Optimizer):
         self.noise.new_step()
         std = self.noise_multiplier * self.clipper.total_norm / self.normaliser if self.rank == 0 else 0.0
         noise = self.noise if self.rank == 0 else None
-        records, rows, ids = self.recorder.take()
+        batch = self.recorder.take()
         try:
-            sums = self.clipper.sums(records, rows, ids, 1.0 / self.normaliser, std, noise)
+            sums = self.clipper.sums(batch, 1.0 / self.normaliser, std, noise)
         except Exception:
             self._acc.clear()
             raise

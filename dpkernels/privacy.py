@@ -40,6 +40,27 @@ def sampler_generator(seed: int | None, rank: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(start)
 
 
+class Counting:
+    """A loader that tells the engine's recorder how many examples each batch it yields holds: the private layers'
+    rows are checked against it at the step (bookkeeping.check_attribution)."""
+
+    recorder: Any = None
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in super().__iter__():
+            if self.recorder is not None:
+                self.recorder.batch_examples = _rows(batch)
+            yield batch
+
+
+class CountingDPDataLoader(Counting, DPDataLoader):
+    """Opacus' Poisson loader, counting."""
+
+
+class CountingDataLoader(Counting, DataLoader):
+    """A DataLoader, counting."""
+
+
 def poisson_loader(data_loader: DataLoader, generator: torch.Generator) -> DPDataLoader:
     """Opacus' uniform-with-replacement (Poisson) sampler over the same dataset, drawing from `generator`.
 
@@ -47,7 +68,7 @@ def poisson_loader(data_loader: DataLoader, generator: torch.Generator) -> DPDat
     starts: the batches would then depend on where epochs begin, and a resumed run (which starts an iterator
     mid-epoch) would sample other batches than an uninterrupted one. The base seeds come from a generator of
     their own instead (public, fixed: they only seed worker processes), so only the masks draw from `generator`."""
-    loader = DPDataLoader.from_data_loader(data_loader, generator=generator)
+    loader = CountingDPDataLoader.from_data_loader(data_loader, generator=generator)
     loader.generator = torch.Generator().manual_seed(0)
     return loader
 
@@ -94,4 +115,5 @@ def iterate_chunks(loader, max_physical_batch_size: int, optimizer) -> Iterator[
         chunks = split_batch(batch, max_physical_batch_size)
         for i, chunk in enumerate(chunks):
             optimizer.signal_skip_step(i < len(chunks) - 1)
+            optimizer.recorder.batch_examples = _rows(chunk)  # what this chunk's rows are checked against
             yield chunk

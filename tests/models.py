@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -87,3 +88,25 @@ class TinyAttention(nn.Module):
         q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
         a = torch.softmax(q @ k.transpose(1, 2) / q.shape[-1] ** 0.5, -1) @ v
         return self.head(self.to_out[0](a)).mean(1)
+
+
+def checkpointed(fn, mode: str | None):
+    """fn itself, or fn under torch.utils.checkpoint (reentrant or not)."""
+    if mode is None:
+        return fn
+    return lambda *a: torch.utils.checkpoint.checkpoint(fn, *a, use_reentrant=mode == "reentrant")
+
+
+class CheckpointedAllLayers(AllLayers):
+    """Every layer type, in two checkpointed segments (the embedding between them, outside)."""
+
+    def __init__(self, mode: str | None):
+        super().__init__()
+        self.mode = mode
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.mode == "reentrant":
+            x = x.requires_grad_(True)  # reentrant checkpointing gives no gradient to a segment whose inputs need none
+        h = checkpointed(lambda x: self.conv1(torch.relu(self.gn(self.conv(x)))), self.mode)(x)
+        h = h.flatten(2).transpose(1, 2) + self.emb(y)[:, None]
+        return checkpointed(lambda h: self.fc(self.ln(h)), self.mode)(h).mean(1)

@@ -340,3 +340,54 @@ def test_plain_torch_compile_of_a_private_model_warns(monkeypatch: pytest.Monkey
             stack_loss(compile_fn(model), batch).backward()
         hits = [w for w in seen if "reorder_for_peak_memory" in str(w.message)]
         assert len(hits) == int(warns), [str(w.message) for w in seen]
+
+
+class LinearBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.bn = nn.BatchNorm1d(16).requires_grad_(False).eval()
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.bn(self.fc(x))))
+
+
+def test_compile_after_the_batchnorm_guard_raised() -> None:
+    """Issue 17, item 6: a compiled private model whose BatchNorm guard raised (model.train() after make_private)
+    left dynamo with one layer id for this code; the next private model of the same class has others, which dynamo
+    made a SymInt that the tap op's fake kernel could not look up ("unhashable type: non-nested SymInt"). Layer ids
+    are now strings: the next models compile, and their steps equal eager."""
+    batch = stack_batch()
+    first, _, _ = make(LinearBN(), batch)
+    first.train()
+    with pytest.raises(RuntimeError, match=r"module 'bn' \(BatchNorm1d\) of a private model ran in train mode"):
+        dpkernels.compile(first, backend="aot_eager")(batch[0])
+    torch.manual_seed(7)
+    base = LinearBN()
+    for _ in range(2):  # two more models of the class: each its own layer ids
+        eager = params_after_steps(base, batch, stack_loss, None, steps=1)
+        compiled = params_after_steps(base, batch, stack_loss, "aot_eager", steps=1)
+        for a, b in zip(compiled[0], eager[0], strict=True):
+            torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("mode", ["reentrant", "non-reentrant"])
+def test_compiled_activation_checkpointing_matches_eager(mode: str) -> None:
+    """Issue 17, item 1, compiled: inside a compiled graph the checkpointed segments' taps are recomputed in the
+    backward graph, which backpropagates through the recomputation (whose record replaces the forward's). The step
+    equals the eager step without checkpointing (C = 0.05: every example clipped)."""
+    torch.manual_seed(0)
+    base, batch = models.AllLayers(), models.all_layers_batch(5)
+
+    def run(ckpt: str | None, backend: str | None):
+        model = models.CheckpointedAllLayers(ckpt)
+        model.load_state_dict(base.state_dict())
+        model, opt, _ = make(model, batch, C=0.05)
+        f = dpkernels.compile(model, backend=backend) if backend else model
+        models.all_layers_loss(f, (batch[0].clone(), *batch[1:])).backward()
+        opt.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(run(mode, "aot_eager"), run(None, None), strict=True):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)

@@ -139,8 +139,39 @@ def case_dpldm_sequence(rank: int, out: Path, calls: list[tuple[str, list[str]]]
     torch.save(done, out / f"rank{rank}.pt")
 
 
-CASES = {"same_update": case_same_update, "noise": case_noise, "epoch": case_epoch, "rank_dies": case_rank_dies,
-         "dpldm_train": case_dpldm_train, "dpldm_refused": case_dpldm_refused, "dpldm_sequence": case_dpldm_sequence}
+# (the setting named in the error, how rank 1 differs): each refused at make_private, on every rank
+DIFFERING = [("max_grad_norm", {"max_grad_norm": 0.7}), ("noise_multiplier", {"noise_multiplier": 0.9}),
+             ("clipping", {"clipping": "per_layer"}), ("loss_reduction", {"loss_reduction": "sum"}),
+             ("the accountant", {"accountant": "rdp"}), ("target_delta", {"target_delta": 1e-6})]
+
+
+def case_settings_differ(rank: int, out: Path) -> None:
+    ds = data()
+    messages = []
+    for _, change in DIFFERING + [(None, {})]:  # the last: the same settings everywhere, accepted
+        kw = {"max_grad_norm": 0.5, "noise_multiplier": 1.0, "clipping": "flat", "loss_reduction": "mean",
+              "accountant": "prv", "target_delta": 1e-5, **(change if rank == 1 else {})}
+        engine = PrivacyEngine(accountant=kw.pop("accountant"))
+        m = model()
+        args = dict(module=m, optimizer=torch.optim.SGD(m.parameters(), lr=1.0),
+                    data_loader=DataLoader(ds, batch_size=BATCH), seed=5, **kw)
+        try:
+            if "target_delta" in change:
+                del args["noise_multiplier"]
+                engine.make_private_with_epsilon(target_epsilon=3.0, epochs=2, **args)
+            else:
+                del args["target_delta"]
+                engine.make_private(**args)
+            messages.append("accepted")
+        except ValueError as e:
+            messages.append(str(e))
+    (out / f"rank{rank}.txt").write_text("\n".join(messages))
+
+
+
+CASES = {"same_update": case_same_update, "settings_differ": case_settings_differ, "noise": case_noise,
+         "epoch": case_epoch, "rank_dies": case_rank_dies, "dpldm_train": case_dpldm_train,
+         "dpldm_refused": case_dpldm_refused, "dpldm_sequence": case_dpldm_sequence}
 
 
 def worker(rank: int, out: Path, case: str, args: tuple) -> None:
@@ -173,7 +204,7 @@ def run(case: str, tmp_path: Path, *args: object) -> list[dict]:
     errors = [f.read_text() for f in sorted(tmp_path.glob("error*.txt"))]
     assert not hung, f"a rank hung: {errors}"
     assert not errors and all(p.exitcode == 0 for p in procs), errors
-    if case == "dpldm_refused":  # each rank's error message
+    if case in ("dpldm_refused", "settings_differ"):  # each rank's error messages
         return [(tmp_path / f"rank{r}.txt").read_text() for r in range(WORLD)]
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
@@ -191,6 +222,18 @@ def test_two_ranks_give_one_process_update_on_the_same_batch(tmp_path: Path, wra
             torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
     n_params = sum(p.numel() for p in single.parameters())
     assert results[0]["bytes"] == 4 * n_params  # one fp32 all-reduce of every trainable parameter: DDP's payload
+
+
+def test_settings_that_differ_between_ranks_are_refused(tmp_path: Path) -> None:
+    """Issue 17, item 5: a rank with another max_grad_norm, noise_multiplier, clipping mode, loss reduction,
+    accountant or target delta was accepted (only N and q were compared), and the ranks reported different
+    epsilons. Every rank now refuses it at make_private, naming the setting; equal settings are accepted."""
+    for r, text in enumerate(run("settings_differ", tmp_path)):
+        messages = text.split("\n")
+        assert len(messages) == len(DIFFERING) + 1
+        for (name, _), message in zip(DIFFERING, messages, strict=False):
+            assert message.startswith("settings differ between ranks") and name in message, (r, name, message)
+        assert messages[-1] == "accepted", (r, messages[-1])
 
 
 def test_noise_is_added_exactly_once(tmp_path: Path) -> None:

@@ -397,3 +397,294 @@ def test_engine_state_continues_both_private_streams():
         if whole is not None:
             assert first + rest_a == whole
     assert full
+
+
+# --- 10. activation checkpointing (issue 17, item 1) -------------------------------------------------------
+
+class CheckpointedOnly(nn.Module):
+    """All private layers inside checkpointed segments: a reentrant recomputation used to start a new batch, so
+    each segment was clipped on its own (one example's update sqrt(2) C)."""
+
+    def __init__(self, mode: str | None):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 3)
+        self.mode = mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.requires_grad_(True)
+        h = models.checkpointed(lambda x: torch.tanh(self.a(x)), self.mode)(x)
+        return models.checkpointed(self.b, self.mode)(h).mean(1)
+
+
+@pytest.mark.parametrize("mode", ["reentrant", "non-reentrant"])
+def test_activation_checkpointing_clips_each_example_once(mode):
+    """The clipped update with checkpointed segments equals the one without (and Opacus hooks', noise 0), and one
+    example's update has norm C (clipped), not sqrt(2) C."""
+    torch.manual_seed(10)
+    base = models.AllLayers().double()
+    batch = tuple(b.double() if b.is_floating_point() else b for b in models.all_layers_batch(5, seed=10))
+
+    def run(engine, model_mode):
+        model = models.CheckpointedAllLayers(model_mode).double()
+        model.load_state_dict(base.state_dict())
+        before = snapshot(model)
+        loader = DataLoader(TensorDataset(*batch), batch_size=5)
+        model, opt, _ = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+                                            data_loader=loader, noise_multiplier=0.0, max_grad_norm=0.05,
+                                            poisson_sampling=False)
+        models.all_layers_loss(model, (batch[0].clone(), *batch[1:])).backward()
+        opt.step()
+        return updates(model, before)
+
+    ours, plain, theirs = run(PrivacyEngine(), mode), run(PrivacyEngine(), None), run(opacus.PrivacyEngine(), None)
+    for k in theirs:
+        torch.testing.assert_close(ours[k], plain[k], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-5, atol=1e-10)
+
+    # one example, C = 1, a sum loss: its update is its clipped gradient
+    for model_mode in (mode, None):
+        torch.manual_seed(11)
+        model = CheckpointedOnly(model_mode).double()
+        before = snapshot(model)
+        model, opt, _ = private(PrivacyEngine(), model, loss_reduction="sum")
+        (model(torch.randn(1, 6, 8, dtype=torch.float64) * 50) ** 2).sum().backward()
+        opt.step()
+        norm = torch.sqrt(sum((u**2).sum() for u in updates(model, before).values()))
+        assert norm == pytest.approx(1.0, rel=1e-5), f"{model_mode}: one example's update has norm {norm:.4f} C"
+
+
+def test_reentrant_checkpointing_backward_twice_is_refused():
+    """Two backward passes through a reentrant-checkpointed forward recompute the segment twice: two records of
+    one layer, which would be clipped apart. Refused (retain_graph through non-reentrant checkpointing works)."""
+    engine = PrivacyEngine()
+    model, _opt, _ = private(engine, CheckpointedOnly("reentrant"))
+    out = model(torch.randn(4, 6, 8))
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="module '(a|b)' got a second output gradient from a recomputed forward"):
+        out.square().sum().backward()
+
+    torch.manual_seed(12)
+    base = CheckpointedOnly(None)
+    x = torch.randn(4, 6, 8)
+
+    def run(mode, twice):
+        model = CheckpointedOnly(mode)
+        model.load_state_dict(base.state_dict())
+        before = snapshot(model)
+        model, opt, _ = private(PrivacyEngine(), model, C=0.05)
+        out = model(x.clone())
+        if twice:
+            out.sum().backward(retain_graph=True)
+            out.square().sum().backward()
+        else:
+            (out.sum() + out.square().sum()).backward()
+        opt.step()
+        return updates(model, before)
+
+    twice, once = run("non-reentrant", True), run(None, False)
+    for k in once:
+        torch.testing.assert_close(twice[k], once[k], rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")  # reentrant, around a frozen block
+@pytest.mark.parametrize("reentrant", [False, True], ids=["diffusers-default", "reentrant"])
+def test_diffusers_unet_with_gradient_checkpointing_matches_opacus(reentrant):
+    """The DP-LDM setting with the UNet's gradient checkpointing on (diffusers' default non-reentrant function, and
+    a reentrant one): the update equals Opacus hooks' on the same model without checkpointing."""
+    torch.manual_seed(2)
+    base = models.ClassConditionedUNet().double()
+    models.freeze_all_but_attention(base)
+    trainable = [n for n, p in base.named_parameters() if p.requires_grad]
+    batch = tuple(b.double() if b.is_floating_point() else b for b in models.unet_batch(3))
+
+    def run(engine, checkpointing):
+        model = copy.deepcopy(base)
+        if checkpointing:
+            fn = ((lambda m, *a: torch.utils.checkpoint.checkpoint(m.__call__, *a, use_reentrant=True))
+                  if reentrant else None)
+            model.unet.enable_gradient_checkpointing(fn)
+            assert model.unet.is_gradient_checkpointing
+        before = snapshot(model)
+        loader = DataLoader(TensorDataset(*batch), batch_size=3)
+        model, opt, _ = engine.make_private(module=model, optimizer=torch.optim.SGD(
+            [p for p in model.parameters() if p.requires_grad], lr=1.0), data_loader=loader, noise_multiplier=0.0,
+            max_grad_norm=0.1, poisson_sampling=False)
+        models.unet_loss(model, batch).backward()
+        opt.step()
+        return updates(model, before)
+
+    ours = run(PrivacyEngine(), True)
+    theirs = run(opacus.PrivacyEngine(), False)
+    moved = 0
+    for n in trainable:
+        ref = theirs[n]
+        if ref.norm() == 0:  # a cross-attention over one context token: no gradient in q and k
+            assert ours[n].norm() == 0, n
+            continue
+        moved += 1
+        assert (ours[n] - ref).norm() / ref.norm() < 1e-5, n
+    assert moved >= 0.75 * len(trainable)
+
+
+# --- 11. two forward passes before one step (issue 17, item 2) -----------------------------------------------
+
+def test_second_forward_of_the_same_examples_before_step_is_refused():
+    """Two augmented views on two forward passes: each pass used to be clipped on its own (one example's update up
+    to 2C under one accountant step; 1.8 C here, C = 1). Refused, as Opacus refuses it under Poisson sampling;
+    nothing of either pass reaches a parameter."""
+    torch.manual_seed(13)
+    x = torch.randn(1, 6, 8) * 50
+    engine = PrivacyEngine()
+    model, opt, _ = private(engine, mlp(), loss_reduction="sum")
+    before = snapshot(model)
+    (model(x) ** 2).sum().backward()
+    with pytest.raises(RuntimeError, match="module '0' ran forward again after a backward pass"):
+        model(x.flip(-1))  # the second view
+    opt.step()  # the batch was dropped: a step now is pure noise (none here)
+    assert_unchanged(model, before)
+
+    ref = mlp()
+    ref, _ropt, _ = opacus.PrivacyEngine().make_private(
+        module=ref, optimizer=torch.optim.SGD(ref.parameters(), lr=1.0),
+        data_loader=DataLoader(TensorDataset(torch.randn(16, 6, 8)), batch_size=4), noise_multiplier=0.0,
+        max_grad_norm=1.0, poisson_sampling=True)
+    (ref(x) ** 2).sum().backward()
+    with pytest.raises(ValueError, match="Poisson sampling is not compatible with grad accumulation"):
+        (ref(x.flip(-1)) ** 2).sum().backward()
+
+
+def test_views_in_one_forward_with_shared_ids_are_clipped_once():
+    """What the refusal points to: both views' rows in one forward, one id per example: one example's update is C."""
+    torch.manual_seed(14)
+    x = torch.randn(1, 6, 8) * 50
+    model = mlp()
+    before = snapshot(model)
+    model, opt, _ = private(PrivacyEngine(), model, loss_reduction="sum")
+    (model(torch.cat([x, x.flip(-1)])) ** 2).sum().backward()
+    opt.set_example_ids(torch.tensor([0, 0]))
+    opt.step()
+    norm = torch.sqrt(sum((u**2).sum() for u in updates(model, before).values()))
+    assert norm == pytest.approx(1.0, rel=1e-4)
+
+
+# --- 12. every zero_grad a user can reach (issue 17, item 3) -------------------------------------------------
+
+ZERO_GRADS = {
+    "dpkernels.compile": lambda model, opt, run: run.zero_grad(),
+    "torch.compile": lambda model, opt, run: run.zero_grad(),
+    "a module holding the model": lambda model, opt, run: nn.ModuleList([model]).zero_grad(),
+    "the wrapped optimizer": lambda model, opt, run: opt.original_optimizer.zero_grad(),
+    "another optimizer": lambda model, opt, run: torch.optim.Adam(model.parameters()).zero_grad(),
+}
+
+
+@pytest.mark.parametrize("how", list(ZERO_GRADS))
+def test_every_reachable_zero_grad_drops_the_batch(how):
+    """forward, backward, zero_grad through `how`, then a batch and a step: the update is that batch's alone (as
+    after optimizer.zero_grad(), and as Opacus'), never the dropped batch added into it."""
+    import dpkernels
+
+    torch.manual_seed(15)
+    base = mlp()
+    b1 = (torch.randn(4, 6, 8) * 5, torch.randn(4, 3))
+    b2 = (torch.randn(4, 6, 8), torch.randn(4, 3))
+    alone, _ = step_on(PrivacyEngine(), base, [b2], zero_between=True)
+    theirs, _ = step_on(opacus.PrivacyEngine(), base, [b1, b2], zero_between=True)
+    torch._dynamo.reset()
+    model = copy.deepcopy(base)
+    before = snapshot(model)
+    engine = PrivacyEngine()
+    model, opt, _ = private(engine, model)
+    run = {"dpkernels.compile": lambda m: dpkernels.compile(m, backend="aot_eager"),
+           "torch.compile": lambda m: torch.compile(m, backend="aot_eager")}.get(how, lambda m: m)(model)
+    mse(run, *b1).backward()
+    ZERO_GRADS[how](model, opt, run)
+    mse(run, *b2).backward()
+    opt.step()
+    ours = updates(model, before)
+    for k in alone:
+        torch.testing.assert_close(ours[k], alone[k], rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-4, atol=1e-7)
+    assert len(engine.accountant.history) == 1
+
+
+def test_zero_grad_of_a_submodule_drops_its_layers_only():
+    """As in plain PyTorch, zero_grad on a part of the model drops that part's gradient; the rest is clipped over
+    the layers left, which is Opacus' update with that part frozen."""
+    torch.manual_seed(16)
+    base = mlp()
+    x, t = torch.randn(4, 6, 8), torch.randn(4, 3)
+    model = copy.deepcopy(base)
+    before = snapshot(model)
+    model, opt, _ = private(PrivacyEngine(), model, C=0.05)
+    mse(model, x, t).backward()
+    model[0].zero_grad()
+    opt.step()
+    ours = updates(model, before)
+    ref = copy.deepcopy(base)
+    ref[0].requires_grad_(False)
+    ref_before = snapshot(ref)
+    ref, ropt, _ = private(opacus.PrivacyEngine(), ref, params=[p for p in ref.parameters() if p.requires_grad], C=0.05)
+    mse(ref, x, t).backward()
+    ropt.step()
+    theirs = updates(ref, ref_before)
+    for k in theirs:
+        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-4, atol=1e-7)
+    assert not ours["0.weight"].any() and ours["2.weight"].any()
+
+
+# --- 13. rows that are not examples (issue 17, item 4) -------------------------------------------------------
+
+class TimeFirst(nn.Module):
+    """Takes [B, T, d] and runs its layers time first, [T, B, d]: each time step was clipped as an example."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x.transpose(0, 1)))).mean(0)
+
+
+def test_time_first_layers_are_refused():
+    """One example (T = 6 time steps), C = 1: its update had norm 1.3 C (each time step clipped to C). Refused at
+    the step, naming the module; nothing changes and the accountant does not step."""
+    torch.manual_seed(17)
+    engine = PrivacyEngine()
+    model, opt, _ = private(engine, TimeFirst(), loss_reduction="sum")
+    before = snapshot(model)
+    (model(torch.randn(1, 6, 8) * 10) ** 2).sum().backward()
+    with pytest.raises(RuntimeError, match=r"module 'a'\) saw 6 rows, but no tensor input .* has that many"):
+        opt.step()
+    assert_unchanged(model, before)
+    assert engine.accountant.history == []
+
+
+def test_time_first_batches_from_the_private_loader_are_refused():
+    """The model itself takes [T, B, d] (its inputs' first dimension is T) and the loop transposes the loader's
+    batches: the rows are checked against the examples the engine's Poisson loader yielded."""
+    torch.manual_seed(18)
+    data = TensorDataset(torch.randn(32, 5, 8), torch.randn(32, 3))
+    engine = PrivacyEngine()
+    model = mlp()
+    model, opt, loader = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+                                             data_loader=DataLoader(data, batch_size=16), noise_multiplier=1.0,
+                                             max_grad_norm=1.0, seed=3)
+    before = snapshot(model)
+    x, _t = next((x, t) for x, t in loader if len(x) not in (0, 5))
+    ((model(x.transpose(0, 1)).mean(0).mean(1, keepdim=True) - 1) ** 2).mean().backward()
+    with pytest.raises(RuntimeError, match=rf"saw 5 examples \(5 rows\), but the batch the private data loader "
+                                           rf"yielded last has {len(x)}"):
+        opt.step()
+    assert_unchanged(model, before)
+    assert engine.accountant.history == []
+
+
+def test_time_first_module_is_refused_at_make_private():
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0)  # batch_first=False, torch's default
+    layer.self_attn.requires_grad_(False)
+    before = snapshot(layer)
+    with pytest.raises(ValueError, match=r"module 'self_attn' \(MultiheadAttention\) has batch_first=False"):
+        private(PrivacyEngine(), layer)
+    assert all("forward" not in vars(m) for m in layer.modules())
+    assert_unchanged(layer, before)

@@ -31,6 +31,9 @@ class Record:
     grad_out: torch.Tensor | None = None
     has_grad: bool = False  # the backward pass reached this call
     spent: bool = False  # its clipped sum was taken: a later backward through this call has nowhere to go
+    pending: bool = False  # opened by a forward inside a backward pass (a recomputation): joins at its backward
+    generation: int = 0  # the recorder's batch it was opened in
+    replaced: bool = False  # a recomputation's record took its place (see Recorder.join)
     extra: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, int] = field(default_factory=dict)  # version counters of `saved` at forward
 
@@ -65,10 +68,7 @@ class _Tap(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         saved = dict(zip(ctx.keys, ctx.saved_tensors), **ctx.plain)
         rec, layer = ctx.record, ctx.layer
-        if rec.spent:
-            raise RuntimeError(
-                f"backward through module '{layer.name}' after optimizer.step() already used this forward pass: "
-                "its gradient would be lost. Run a new forward pass for each step")
+        layer.check_backward(rec)
         grad_out = grad_out.detach()
         grad_x = layer.input_grad(saved, grad_out) if ctx.needs_input_grad[1] else None
         layer.on_grad(rec, saved, grad_out)
@@ -106,6 +106,21 @@ class DPLayer:
 
     def engine_record(self, saved: dict[str, Any], rows: int) -> Record:
         return self.recorder.new_record(self, saved, rows)
+
+    def check_backward(self, rec: Record | None) -> None:
+        """Before an output gradient reaches `rec`: refuse a spent record, let a recomputed one join its batch."""
+        if rec is not None and rec.replaced:
+            self.recorder.discard()
+            raise RuntimeError(
+                f"module '{self.name}' got an output gradient through a forward whose record a recomputed forward "
+                "(activation checkpointing) had replaced: it was called twice, once inside a checkpointed segment. "
+                "Refused, and the batch was dropped: call each trainable module once per forward")
+        if rec is None or rec.spent:  # a spent record may already be gone (compiled): optimizer.step() dropped it
+            raise RuntimeError(
+                f"backward through module '{self.name}' after optimizer.step() already used this forward pass: "
+                "its gradient would be lost. Run a new forward pass for each step")
+        if rec.pending:
+            self.recorder.join(self, rec)
 
     def params(self) -> dict[str, nn.Parameter]:
         return {n: getattr(self.module, n) for n in self.trainable}

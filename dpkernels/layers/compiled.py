@@ -38,21 +38,29 @@ import torch
 if TYPE_CHECKING:
     from dpkernels.layers.base import DPLayer, Record
 
-_LAYERS: weakref.WeakValueDictionary[int, DPLayer] = weakref.WeakValueDictionary()
+_LAYERS: weakref.WeakValueDictionary[str, DPLayer] = weakref.WeakValueDictionary()
 _layer_ids = itertools.count()
 # serial -> (the record, what the backward needs); dropped with the record (after the step, or discard)
 _ENTRIES: dict[int, tuple[weakref.ref, dict[str, Any]]] = {}
 _serials = itertools.count(1)
+# records opened by a tap recomputed in a compiled backward (activation checkpointing): only this holds them until
+# their backward joins them to their batch
+_PENDING: dict[int, tuple[Record, Any]] = {}
 
 
-def register(layer: DPLayer) -> int:
-    """An id the compiled graph can hold as a constant (a weak map: the layer lives with its module)."""
-    layer_id = next(_layer_ids)
+def register(layer: DPLayer) -> str:
+    """An id the compiled graph can hold as a constant (a weak map: the layer lives with its module).
+
+    A string, not an int: dynamo turns an int that differs between two compilations of the same code (a second
+    private model of the same class, or a recompile after a trace that raised) into a SymInt ("automatic
+    dynamic"), which the fake kernel could not look up ("unhashable type: non-nested SymInt"); strings stay
+    constants."""
+    layer_id = f"dpkernels-layer-{next(_layer_ids)}"
     _LAYERS[layer_id] = layer
     return layer_id
 
 
-def _layer(layer_id: int) -> DPLayer:
+def _layer(layer_id: str) -> DPLayer:
     layer = _LAYERS.get(layer_id)
     if layer is None:
         raise RuntimeError(f"dpkernels: private layer {layer_id} no longer exists (its module was deleted)")
@@ -71,7 +79,7 @@ def _owned(v: Any, inputs: list[torch.Tensor]) -> Any:
 
 
 @torch.library.custom_op("dpkernels_py::tap", mutates_args=())
-def tap_op(x: torch.Tensor, params: list[torch.Tensor], layer_id: int,
+def tap_op(x: torch.Tensor, params: list[torch.Tensor], layer_id: str,
            autocast_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
     layer = _layer(layer_id)
     with _autocast(x, autocast_dtype):  # a compiled graph runs its ops outside the autocast region it traced
@@ -84,11 +92,16 @@ def tap_op(x: torch.Tensor, params: list[torch.Tensor], layer_id: int,
     # second one (retain_graph) needs them again, as eagerly (there autograd's ctx keeps them)
     _ENTRIES[serial] = (weakref.ref(rec), saved)
     weakref.finalize(rec, _ENTRIES.pop, serial, None)
+    for s, (r, recorder) in list(_PENDING.items()):  # pending ones of a batch that is gone will never join
+        if r.generation != recorder.generation:
+            del _PENDING[s]
+    if rec.pending:  # recomputed inside a compiled backward (activation checkpointing): held until it joins
+        _PENDING[serial] = (rec, layer.recorder)
     return out, torch.scalar_tensor(serial, dtype=torch.int64)
 
 
 @tap_op.register_fake
-def _(x: torch.Tensor, params: list[torch.Tensor], layer_id: int,
+def _(x: torch.Tensor, params: list[torch.Tensor], layer_id: str,
       autocast_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
     # the layer's own forward on fake tensors gives the output's shape, dtype and strides
     layer = _layer(layer_id)
@@ -122,15 +135,14 @@ def _autocast(x: torch.Tensor, dtype: torch.dtype | None) -> torch.autocast:
 
 
 @torch.library.custom_op("dpkernels_py::tap_backward", mutates_args=())
-def tap_backward_op(grad_out: torch.Tensor, token: torch.Tensor, layer_id: int, x_shape: list[int],
+def tap_backward_op(grad_out: torch.Tensor, token: torch.Tensor, layer_id: str, x_shape: list[int],
                     x_dtype: torch.dtype, need_input_grad: bool) -> torch.Tensor:
     layer = _layer(layer_id)
-    entry = _ENTRIES.get(int(token.item()))
+    serial = int(token.item())
+    entry = _ENTRIES.get(serial)
     rec: Record | None = entry[0]() if entry is not None else None
-    if rec is None or rec.spent:  # a spent record may already be gone: optimizer.step() dropped it
-        raise RuntimeError(
-            f"backward through module '{layer.name}' after optimizer.step() already used this forward pass: "
-            "its gradient would be lost. Run a new forward pass for each step")
+    layer.check_backward(rec)
+    _PENDING.pop(serial, None)  # joined its batch: the recorder holds it now
     saved = entry[1]
     G = grad_out.detach()
     grad_x = layer.input_grad(saved, G).to(x_dtype).contiguous() if need_input_grad else None
@@ -142,7 +154,7 @@ def tap_backward_op(grad_out: torch.Tensor, token: torch.Tensor, layer_id: int, 
 
 
 @tap_backward_op.register_fake
-def _(grad_out: torch.Tensor, token: torch.Tensor, layer_id: int, x_shape: list[int], x_dtype: torch.dtype,
+def _(grad_out: torch.Tensor, token: torch.Tensor, layer_id: str, x_shape: list[int], x_dtype: torch.dtype,
       need_input_grad: bool) -> torch.Tensor:
     return grad_out.new_empty(x_shape if need_input_grad else (0,), dtype=x_dtype)
 
