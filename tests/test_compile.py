@@ -311,12 +311,17 @@ def test_diffusers_unet_inductor_step_matches_eager() -> None:
     eager = unet_private_grads(lambda m: m)
     got = unet_private_grads(dpkernels.compile)
     assert got.keys() == eager.keys() and len(got) == 105
-    # 16 are zero eagerly too (a cross-attention over one context token: softmax of one score has no gradient
-    # in q and k); most of the mid block's, which the mis-ordered graph zeroed, are not
+    # 16 are zero in exact arithmetic (a cross-attention over one context token: softmax of one score has no
+    # gradient in q and k, nor in the norm before them): rounding leaves ~1e-10 in either graph (0 in some
+    # versions), 1e-7 of the others' scale, so they are compared in absolute terms on that scale. Most of the mid
+    # block's gradients, which the mis-ordered graph zeroed, are not of them.
+    scale = float(torch.stack([w.norm() for w in eager.values()]).median())
+    zero = {n for n, w in eager.items() if w.norm() < 1e-6 * scale}
+    assert len(zero) == 16, sorted(zero)
     mid = [n for n in eager if n.startswith("unet.mid_block.")]
-    assert sum(bool(eager[n].norm() > 0) for n in mid) > len(mid) // 2
+    assert sum(n not in zero for n in mid) > len(mid) // 2
     for name, want in eager.items():
-        err = float((got[name] - want).norm() / want.norm()) if want.norm() > 0 else float(got[name].norm())
+        err = float((got[name] - want).norm() / (scale if name in zero else want.norm()))
         assert err < 1e-4, (name, err)
 
 
