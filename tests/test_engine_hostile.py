@@ -688,3 +688,45 @@ def test_time_first_module_is_refused_at_make_private():
         private(PrivacyEngine(), layer)
     assert all("forward" not in vars(m) for m in layer.modules())
     assert_unchanged(layer, before)
+
+
+# --- cancelling tokens: a norm that rounding destroyed must not let an example through ------------------------
+
+def cancelling_example(kind: str, seed: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """ONE example whose token gradients nearly cancel (G_2 = -G_1 + small, on identical inputs): its true
+    gradient norm is 1000, its Gram (or direct, or id-Gram) norm in fp32 is rounding noise (0, negative, NaN)."""
+    g = torch.Generator().manual_seed(seed)
+    a, G1, u = (v / v.norm() for v in torch.randn(3, 64, generator=g))
+    Gt = torch.stack([G1, -G1 + 2e-4 * u])[None]  # loss = sum_t <out_t, Gt_t>, so G = Gt
+    if kind == "embedding":  # the same id twice: its rows' gradients cancel in the id-Gram
+        return nn.Embedding(4, 64), torch.tensor([[2, 2]]), Gt * 5e6
+    return nn.Linear(64, 64, bias=kind == "bias"), torch.stack([a, a])[None] * 5e6, Gt
+
+
+@pytest.mark.parametrize("kind,strategy", [("linear", "ghost"), ("linear", "direct"), ("bias", "ghost"),
+                                           ("embedding", None)])
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_cancelling_tokens_never_let_one_example_exceed_C(kind, strategy, backend, monkeypatch):
+    """A crafted example's update was 1000 C (c = 1 from a norm of 0) or NaN (a negative squared norm) on the
+    default backend. Now at most C, as with Opacus hooks (per-sample gradients materialised): the cancellation-free
+    bound sum_t ||G_t|| ||a_t|| replaces a norm that rounding made meaningless."""
+    import dpkernels.ops
+
+    if strategy is not None:
+        monkeypatch.setattr(dpkernels.ops, "choose_strategy", lambda T, d, p: strategy)
+    worst = 0.0
+    for seed in range(6):
+        layer, x, Gt = cancelling_example(kind, seed)
+        with torch.no_grad():
+            true = torch.einsum("tp,td->pd", Gt[0].double(), x[0].double()).norm() if kind != "embedding" else \
+                Gt[0].double().sum(0).norm()
+        assert true > 100  # the example needs clipping, by a lot
+        before = snapshot(layer)
+        model, opt, _ = private(PrivacyEngine(), layer, C=1.0, loss_reduction="sum", backend=backend)
+        opt.zero_grad()
+        (model(x) * Gt).sum().backward()
+        opt.step()
+        update = torch.cat([v.flatten() for v in updates(model, before).values()])
+        assert torch.isfinite(update).all()
+        worst = max(worst, float(update.norm()))  # lr 1: the update is the clipped gradient
+    assert worst <= 1.0 + 1e-6, worst

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpkernels import ops
+from dpkernels.layers import cancellation
 from dpkernels.layers.base import DPLayer, Record
 
 
@@ -40,7 +41,10 @@ class DPEmbedding(DPLayer):
 
     def sq_norms(self, rec, grouping, backend):
         ids, G = self.tokens(rec, grouping)
-        return {"weight": ops.embedding_norm(ids, G, backend=backend)}
+        sq = ops.embedding_norm(ids, G, backend=backend)
+        if G.shape[1] > 1:  # rows of repeated ids can cancel: see dpkernels/layers/cancellation.py
+            sq = cancellation.guard(sq, cancellation.token_norms(G).sum(1), G.dtype)
+        return {"weight": sq}
 
     def clipped_sums(self, rec, grouping, c, noise_std, noise, backend):
         ids, G = self.tokens(rec, grouping)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpkernels import ops
+from dpkernels.layers import cancellation
 from dpkernels.layers.base import DPLayer, Record
 from dpkernels.reference import as_3d, round_up4
 
@@ -24,6 +25,11 @@ def linear_sq_norms(layer: DPLayer, A: torch.Tensor, G: torch.Tensor, backend: s
         layer.strategy = ops.choose_strategy(A.shape[1], A.shape[2], G.shape[2])
         log.info("dpkernels: %s uses the %s norm (T=%d, d=%d, p=%d)", layer.name, layer.strategy, *A.shape[1:], G.shape[2])
     w, b = ops.linear_norm(A, G, with_bias, layer.strategy, backend)
+    if A.shape[1] > 1:  # tokens whose terms can cancel: norms that rounding made unreliable are replaced
+        g_tok = cancellation.token_norms(G)
+        w = cancellation.guard(w, (cancellation.token_norms(A) * g_tok).sum(1), A.dtype)
+        if with_bias:
+            b = cancellation.guard(b, g_tok.sum(1), A.dtype)
     return {"weight": w, "bias": b} if with_bias else {"weight": w}
 
 
