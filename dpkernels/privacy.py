@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections import deque
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -40,17 +41,62 @@ def sampler_generator(seed: int | None, rank: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(start)
 
 
-class Counting:
-    """A loader that tells the engine's recorder how many examples each batch it yields holds: the private layers'
-    rows are checked against it at the step (bookkeeping.check_attribution)."""
+class _Recording:
+    """A batch sampler that appends the size of each index list it yields to `sizes`."""
 
-    recorder: Any = None
+    def __init__(self, inner: Any, sizes: deque[int]):
+        self.inner, self.sizes = inner, sizes
 
     def __iter__(self) -> Iterator[Any]:
+        for indices in self.inner:
+            self.sizes.append(len(indices))
+            yield indices
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+class Counting:
+    """A loader that tells the engine's recorder how many examples each batch it yields holds: the private layers'
+    rows are checked against it at the step (bookkeeping.check_attribution). The count is the number of indices the
+    sampler drew, never a size read off the collated batch (a collate_fn that returns [T, B] tensors, as
+    pad_sequence does, or packs the tokens of all examples into one dimension, would make T look like B), and a
+    batch whose tensors do not all have that many rows first is refused: the engine attributes rows to examples by
+    the first dimension."""
+
+    recorder: Any = None
+    _sizes: deque[int] | None = None
+
+    @property
+    def _index_sampler(self) -> Any:  # what DataLoader's iterators draw index lists from
+        inner = super()._index_sampler
+        return inner if self._sizes is None or self.batch_sampler is None else _Recording(inner, self._sizes)
+
+    def __iter__(self) -> Iterator[Any]:
+        self._sizes = deque()  # index lists drawn ahead (prefetching) wait here, in order
         for batch in super().__iter__():
+            n = self._sizes.popleft() if self._sizes else _rows(batch)
+            check_batch_first(batch, n)
             if self.recorder is not None:
-                self.recorder.batch_examples = _rows(batch)
+                self.recorder.batch_examples = n
             yield batch
+
+
+def check_batch_first(batch: Any, n: int) -> None:
+    """Refuse a collated batch in which some tensor (of at least one dimension) does not have the `n` examples
+    the sampler drew as its first dimension.
+
+    Args:
+        batch: what the loader yields (tensors, nested in tuples, lists or mappings).
+        n: the examples in it.
+    """
+    firsts = sorted({t.shape[0] for t in _tensors(batch) if t.dim() > 0})
+    if firsts and firsts != [n]:
+        raise ValueError(
+            f"the private data loader drew {n} examples, but its collated batch holds tensors whose first dimensions "
+            f"are {firsts}: the engine takes the first dimension of every input as the examples, so a time-first "
+            "([T, B, ...], e.g. pad_sequence's default) or packed batch would have each row clipped as an example. "
+            "Collate batch first ([B, ...], e.g. pad_sequence(..., batch_first=True))")
 
 
 class CountingDPDataLoader(Counting, DPDataLoader):
@@ -80,6 +126,17 @@ def split_batch(batch: Any, size: int) -> list[Any]:
         raise ValueError("cannot split a batch that holds no tensor")
     starts = list(range(0, n, size)) or [0]
     return [_slice(batch, s, s + size) for s in starts]
+
+
+def _tensors(batch: Any) -> Iterator[torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        yield batch
+    elif isinstance(batch, Mapping):
+        for b in batch.values():
+            yield from _tensors(b)
+    elif isinstance(batch, (list, tuple)):
+        for b in batch:
+            yield from _tensors(b)
 
 
 def _rows(batch: Any) -> int | None:

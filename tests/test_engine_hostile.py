@@ -680,6 +680,48 @@ def test_time_first_batches_from_the_private_loader_are_refused():
     assert engine.accountant.history == []
 
 
+class TokenSum(nn.Module):
+    """Embedding -> Linear on token ids, summed over tokens: the dimension layout is whatever the batch has."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.lin = nn.Embedding(5, 4), nn.Linear(4, 1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lin(self.emb(ids))
+
+
+@pytest.mark.parametrize("layout", ["time-first", "packed", "batch-first"])
+def test_collated_batches_that_are_not_batch_first_are_refused(layout):
+    """The count of examples comes from the indices the Poisson sampler drew, never from the collated batch: a
+    collate_fn returning pad_sequence's default [T, B] (or all tokens packed in one dimension) made the batch look
+    like T examples, and ONE example's update reached T C (6 C here). Refused as the loader yields it; batch first
+    is accepted and clipped to C."""
+    from torch.nn.utils.rnn import pad_sequence
+
+    collate = {"time-first": lambda b: (pad_sequence([s for (s,) in b]),),
+               "packed": lambda b: (torch.cat([s for (s,) in b]),),
+               "batch-first": lambda b: (pad_sequence([s for (s,) in b], batch_first=True),)}[layout]
+    data = [(torch.full((6,), 2),)]  # ONE example of 6 tokens
+    engine = PrivacyEngine()
+    model = TokenSum()
+    before = snapshot(model)
+    model, opt, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0, max_grad_norm=1.0,
+        data_loader=DataLoader(data, batch_size=1, collate_fn=collate), loss_reduction="sum", seed=1)
+    batches = iter(loader)
+    if layout != "batch-first":
+        with pytest.raises(ValueError, match=r"drew 1 examples, but its collated batch .* first dimensions are \[6\]"):
+            next(batches)
+        return
+    (ids,) = next(batches)
+    opt.zero_grad()
+    (model(ids).sum() * 100).backward()
+    opt.step()
+    update = torch.cat([v.flatten() for v in updates(model, before).values()])
+    assert float(update.norm()) <= 1.0 + 1e-6
+
+
 def test_time_first_module_is_refused_at_make_private():
     layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0)  # batch_first=False, torch's default
     layer.self_attn.requires_grad_(False)
