@@ -11,6 +11,7 @@ parameter's gradient is written by one fused pass.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -20,9 +21,7 @@ from dpkernels.grouping import Grouping
 from dpkernels.layers.base import DPLayer, Record
 from dpkernels.noise import NoiseSource
 
-
-class NonFiniteGradientError(FloatingPointError):
-    """A per-sample gradient norm was NaN or infinite: the step is refused and no parameter changes."""
+log = logging.getLogger("dpkernels")
 
 
 def in_backward() -> bool:
@@ -217,7 +216,10 @@ class Clipper:
         check_attribution(batch, grouping.n, done[0][0].name)
         s = float(grouping.n) if self.loss_reduction == "mean" else 1.0
         sq = {layer: layer.sq_norms(rec, grouping, self.backend) for layer, rec in done}
+        keep = drop_non_finite(done, sq, grouping)
         factors = self.clip_factors(sq, s, scale)
+        if keep is not None:  # what a dropped example contributes: nothing
+            factors = {layer: {n: c * keep for n, c in d.items()} for layer, d in factors.items()}
         out: dict[nn.Parameter, torch.Tensor] = {}
         for layer, rec in done:
             sums = layer.clipped_sums(rec, grouping, factors[layer], noise_std if noise else 0.0,
@@ -229,10 +231,6 @@ class Clipper:
 
     def clip_factors(self, sq: dict[DPLayer, dict[str, torch.Tensor]], s: float, scale: float
                      ) -> dict[DPLayer, dict[str, torch.Tensor]]:
-        bad = [f"{layer.name}.{n}" for layer, d in sq.items() for n, v in d.items() if not torch.isfinite(v).all()]
-        if bad:
-            raise NonFiniteGradientError(
-                f"non-finite per-sample gradient in {', '.join(bad)}: step refused, no parameter was changed")
         if self.clipping == "flat":
             total = torch.stack([v for d in sq.values() for v in d.values()]).sum(0).sqrt() * s
             c = (self.total_norm / (total + 1e-6)).clamp(max=1.0) * (s * scale)
@@ -244,6 +242,36 @@ class Clipper:
                 norm = v.sqrt() * s
                 out[layer][n] = (self.thresholds[(layer, n)] / (norm + 1e-6)).clamp(max=1.0) * (s * scale)
         return out
+
+
+def drop_non_finite(done: list[tuple[DPLayer, Record]], sq: dict[DPLayer, dict[str, torch.Tensor]],
+                    grouping: Grouping) -> torch.Tensor | None:
+    """Examples whose gradient is not finite (an inf or NaN input, activation or loss) contribute nothing: their
+    rows are zeroed in every layer's record and their squared norms set to 0, in place of `sq`. Refusing the step
+    instead would make whether the step happens depend on one example's presence (a membership signal outside the
+    noise: a loop that catches the error and goes on trains a different model); dropping keeps the step DP (any
+    c_b in [0, C / ||g_b||] is). The step goes on, noise and accounting included, and the drop is logged.
+
+    Args:
+        done: the layers that ran backward and their records.
+        sq: squared per-example norms per layer and parameter ([n] each); changed in place where examples drop.
+        grouping: rows -> examples.
+
+    Returns:
+        None when every example is finite, else a float mask [n] of the examples kept (multiplies c).
+    """
+    finite = torch.stack([torch.isfinite(v) for d in sq.values() for v in d.values()]).all(0)
+    if bool(finite.all()):
+        return None
+    drop = ~finite
+    log.warning("dpkernels: %d of %d examples had a non-finite gradient: they contribute nothing to this step",
+                int(drop.sum()), drop.numel())
+    for layer, rec in done:
+        layer.drop_examples(rec, grouping, drop)
+    for d in sq.values():
+        for n, v in d.items():
+            d[n] = v.masked_fill(drop.to(v.device), 0.0)
+    return finite.to(torch.float32)
 
 
 def check_attribution(batch: Batch, examples: int, first: str) -> None:

@@ -85,6 +85,36 @@ def min_max(value: float) -> tuple[float, float]:
     return -t[1].item(), t[0].item()
 
 
+def dataset_fingerprint(dataset: Any, probes: int = 8) -> str:
+    """A hash of a few items of `dataset` (spread over its indices, always the same ones for one size): ranks that
+    hold other data, or the same data in another order, get other fingerprints. Each rank's Poisson sampler draws
+    indices into its own copy: the same index must be the same example everywhere, or an example can be in a step
+    twice (2 C).
+
+    Args:
+        dataset: a map-style data set (len and getitem); its items are tensors, numbers, or (nested) tuples of them.
+        probes: how many items are hashed.
+
+    Returns:
+        A hex digest.
+    """
+    n = len(dataset)
+    h = hashlib.sha256(str(n).encode())
+    for i in sorted({(k * (n - 1)) // max(probes - 1, 1) for k in range(probes)} if n else ()):
+        for leaf in _leaves(dataset[i]):
+            h.update(leaf.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+                     if isinstance(leaf, torch.Tensor) else repr(leaf).encode())
+    return h.hexdigest()
+
+
+def _leaves(item: Any) -> list[Any]:
+    if isinstance(item, (tuple, list)):
+        return [x for sub in item for x in _leaves(sub)]
+    if isinstance(item, dict):
+        return [x for k in sorted(item) for x in _leaves(item[k])]
+    return [item]
+
+
 def _fingerprint(value: Any) -> float:
     """A setting as a float64 that all-reduces exactly (48 bits of a hash of its repr)."""
     digest = hashlib.sha256(repr(value).encode()).digest()

@@ -125,6 +125,7 @@ class PrivacyEngine:
                 "seed=None (OS seeding) or a test seed": seed is None,
                 "the trainable parameters (names and shapes)": [
                     (n, tuple(p.shape)) for n, p in module.named_parameters() if p.requires_grad],
+                "the data set's content": distributed_mod.dataset_fingerprint(data_loader.dataset),
                 **calibration,
             })
         self.noise = NoiseSource(seed, self.secure_mode)

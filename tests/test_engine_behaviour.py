@@ -4,6 +4,7 @@ empty batches, noise, accounting, and a clear error (and an unchanged model) for
 from __future__ import annotations
 
 import copy
+import logging
 import math
 
 import pytest
@@ -15,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 import dpkernels
-from dpkernels import NonFiniteGradientError, PrivacyEngine
+from dpkernels import PrivacyEngine
 from tests import models
 
 
@@ -306,22 +307,28 @@ def test_module_called_twice_is_refused_before_any_step():
         assert torch.equal(v, state[k])
 
 
-def test_non_finite_gradient_refuses_the_step():
-    model = mlp()
-    _, model, opt, _ = make(model)
-    state = copy.deepcopy(model.state_dict())
-    x = torch.randn(4, 6, 8)
-    x[1, 2, 3] = float("inf")
-    mse(model, x, torch.randn(4, 3)).backward()
-    with pytest.raises(NonFiniteGradientError, match="non-finite"):
-        opt.step()
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, state[k])
-    assert all(p.grad is None for p in model.parameters())
-    # the engine recovers: the next finite step works
-    mse(model, torch.randn(4, 6, 8), torch.randn(4, 3)).backward()
-    opt.step()
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+@pytest.mark.parametrize("where", ["input", "target"])
+def test_non_finite_examples_contribute_nothing_and_the_step_goes_on(where, caplog):
+    """An example whose gradient is inf/NaN is dropped (c = 0, its rows zeroed): refusing the step instead would
+    make the step's happening depend on that one example (a membership signal outside the noise). The update equals
+    the one of the same batch with that example's loss removed, and the accountant steps."""
+    torch.manual_seed(3)
+    x, t = torch.randn(4, 6, 8), torch.randn(4, 3)
+    (x if where == "input" else t)[1].fill_(float("inf"))
+    losses = {}
+    for name, keep in (("dropped", [0, 1, 2, 3]), ("without", [0, 2, 3])):
+        torch.manual_seed(4)
+        engine, model, opt, _ = make(mlp(), loss_reduction="sum", C=0.5)
+        before = copy.deepcopy(model.state_dict())
+        with caplog.at_level(logging.WARNING, logger="dpkernels"):
+            ((model(x[keep]).mean(1) - t[keep]) ** 2).sum().backward()
+            opt.step()
+        losses[name] = {k: v - before[k] for k, v in model.state_dict().items()}
+        assert len(engine.accountant.history) == 1
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert "1 of 4 examples had a non-finite gradient" in caplog.text
+    for k, v in losses["dropped"].items():
+        torch.testing.assert_close(v, losses["without"][k], rtol=1e-5, atol=1e-7)
 
 
 def test_other_bad_inputs():

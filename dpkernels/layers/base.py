@@ -146,6 +146,26 @@ class DPLayer:
         """Squared per-example norm of each trainable parameter's gradient (unscaled), [n] each."""
         raise NotImplementedError
 
+    def drop_examples(self, rec: Record, grouping: Grouping, drop: torch.Tensor) -> None:
+        """Zero what examples `drop` ([n] bool) left on `rec` (output gradient, saved floating inputs, per-example
+        gradients): their clipped sum is then 0, never 0 * inf. Out of place: the saved inputs are the model's."""
+        rows = drop if grouping.inverse is None else drop.to(grouping.inverse.device)[grouping.inverse]
+
+        def zero(t: Any, mask: torch.Tensor) -> Any:
+            if not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() and t.shape[0] == len(mask)):
+                return t
+            return t.masked_fill(mask.to(t.device).view(-1, *([1] * (t.dim() - 1))), 0.0)
+
+        rec.grad_out = zero(rec.grad_out, rows)
+        for k, v in list(rec.saved.items()):  # the same dict: a compiled backward may hold it
+            rec.saved[k] = zero(v, rows)
+        samples = rec.extra.get("grad_samples", {})
+        for k, v in list(samples.items()):  # per example, [n, ...]
+            if v.shape[0] != len(drop):
+                raise RuntimeError(f"module '{self.name}': per-example gradients of {v.shape[0]} rows, {len(drop)} "
+                                   "examples")
+            samples[k] = zero(v, drop)
+
     def clipped_sums(
         self, rec: Record, grouping: Grouping, c: dict[str, torch.Tensor], noise_std: float,
         noise: NoiseSource, backend: str,
