@@ -146,6 +146,7 @@ class PrivacyEngine:
         names = {id(p): n for n, p in module.named_parameters()}
         self.optimizer = DPOptimizer(optimizer, params, recorder, clipper, self.noise, noise_multiplier,
                                      expected_batch_size, backend, names, rank, world_size)
+        self.optimizer.poisson = poisson_sampling
         self.optimizer.step_hooks.append(
             lambda opt: self.accountant.step(noise_multiplier=opt.noise_multiplier, sample_rate=sample_rate))
         self.sample_rate = sample_rate

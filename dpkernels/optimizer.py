@@ -9,6 +9,7 @@ the same fused pass.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from dpkernels import ops
-from dpkernels.bookkeeping import Clipper, Recorder
+from dpkernels.bookkeeping import Batch, Clipper, Recorder
 from dpkernels.distributed import all_reduce_sum
 from dpkernels.layers.base import DPLayer
 from dpkernels.noise import NoiseSource
@@ -48,6 +49,8 @@ class DPOptimizer(Optimizer):
         self._skip_next = False
         self._last_step_skipped = False
         self._acc: dict[nn.Parameter, torch.Tensor] = {}
+        self.poisson = False  # set by make_private: batches must come from its Poisson loader
+        self._warned_loader = False
 
     # --- the wrapped optimizer's state ------------------------------------------------------
     @property
@@ -163,10 +166,21 @@ class DPOptimizer(Optimizer):
                         "it without privacy. Set its .grad to None. Nothing was changed")
 
     # --- the private gradient ---------------------------------------------------------------
+    def _check_loader(self, batch: Batch) -> None:
+        """Warn (once) when the accountant assumes Poisson sampling but a batch did not come from the loader that
+        make_private returned (a loop over the user's own loader): its epsilon would not hold."""
+        if self.poisson and batch.records and batch.batch_examples is None and not self._warned_loader:
+            self._warned_loader = True
+            warnings.warn("dpkernels: a step's batch did not come from the private data loader that make_private "
+                          "returned, while the accountant assumes its Poisson sampling: the reported epsilon does "
+                          "not hold for batches drawn another way. Iterate the returned loader (or "
+                          "engine.virtual_batches over it)", stacklevel=3)
+
     @torch.no_grad()
     def _accumulate(self) -> None:
         """Clipped sums of the finished physical batch into the accumulator (no noise yet)."""
         batch = self.recorder.take()
+        self._check_loader(batch)
         try:
             sums = self.clipper.sums(batch, 1.0 / self.normaliser, 0.0, None)
         except Exception:
@@ -184,6 +198,7 @@ class DPOptimizer(Optimizer):
         std = self.noise_multiplier * self.clipper.total_norm / self.normaliser if self.rank == 0 else 0.0
         noise = self.noise if self.rank == 0 else None
         batch = self.recorder.take()
+        self._check_loader(batch)
         try:
             sums = self.clipper.sums(batch, 1.0 / self.normaliser, std, noise)
         except Exception:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import gc
+import itertools
+import warnings
 import weakref
 
 import opacus
@@ -772,3 +774,24 @@ def test_cancelling_tokens_never_let_one_example_exceed_C(kind, strategy, backen
         assert torch.isfinite(update).all()
         worst = max(worst, float(update.norm()))  # lr 1: the update is the clipped gradient
     assert worst <= 1.0 + 1e-6, worst
+
+
+def test_poisson_accounting_with_batches_from_another_loader_warns():
+    """poisson_sampling=True, but the loop iterates the user's own (shuffled, fixed-size) loader: the epsilon the
+    accountant reports assumes the returned Poisson loader, so the step warns (once); the returned loader does not."""
+    torch.manual_seed(21)
+    data = TensorDataset(torch.randn(32, 6, 8), torch.randn(32, 3))
+    own = DataLoader(data, batch_size=8, shuffle=True)
+    engine = PrivacyEngine()
+    model = mlp()
+    model, opt, loader = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                             data_loader=own, noise_multiplier=1.0, max_grad_norm=1.0, seed=2)
+    for batches, warns in ((loader, False), (own, True)):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            for x, t in itertools.islice(batches, 2):
+                opt.zero_grad()
+                mse(model, x, t).backward()
+                opt.step()
+        hits = [w for w in seen if "did not come from the private data loader" in str(w.message)]
+        assert len(hits) == int(warns), [str(w.message) for w in seen]
