@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import secrets
 
-from dpkernels.reference import round_up4
+from dpkernels.conventions import round_up4
 
 
 class NoiseSource:

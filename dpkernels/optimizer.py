@@ -17,6 +17,7 @@ from torch.optim import Optimizer
 
 from dpkernels import ops
 from dpkernels.bookkeeping import Clipper, Recorder
+from dpkernels.conventions import acc_dtype
 from dpkernels.distributed import all_reduce_sum
 from dpkernels.layers.base import DPLayer
 from dpkernels.noise import NoiseSource
@@ -195,7 +196,7 @@ class DPOptimizer(Optimizer):
                 g = sums[p] + self._acc[p] if p in self._acc else sums[p]
             else:  # its layer did not run in the last physical batch: noise on what was accumulated
                 g = self._acc.get(p)
-                g = torch.zeros(p.shape, dtype=_acc_dtype(p), device=p.device) if g is None else g.clone()
+                g = torch.zeros(p.shape, dtype=acc_dtype(p), device=p.device) if g is None else g.clone()
                 if noise is not None:
                     seed, offset = self.noise.take(p.numel())
                     ops.add_noise_(g, std, seed, offset, backend=self.backend)
@@ -205,7 +206,3 @@ class DPOptimizer(Optimizer):
             self.bytes_all_reduced += all_reduce_sum([grads[p] for p in self.params])
         for p, g in grads.items():
             p.grad = g.reshape(p.shape).to(p.dtype)
-
-
-def _acc_dtype(p: torch.Tensor) -> torch.dtype:
-    return torch.float64 if p.dtype == torch.float64 else torch.float32

@@ -12,25 +12,13 @@ import math
 
 import torch
 
+from dpkernels.conventions import acc_dtype, as_3d, round_up4
+
 _PHILOX_M0 = 0xD2511F53
 _PHILOX_M1 = 0xCD9E8D57
 _PHILOX_W0 = 0x9E3779B9
 _PHILOX_W1 = 0xBB67AE85
 _MASK32 = 0xFFFFFFFF
-
-
-def acc_dtype(t: torch.Tensor) -> torch.dtype:
-    """float64 stays float64; everything else accumulates in float32."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def as_3d(x: torch.Tensor) -> torch.Tensor:
-    """[B, n] -> [B, 1, n]; [B, T, n] unchanged; [B, ..., n] -> [B, T, n]."""
-    if x.dim() == 2:
-        return x.unsqueeze(1)
-    if x.dim() == 3:
-        return x
-    return x.reshape(x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1])
 
 
 def per_sample_linear_grads(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
@@ -133,10 +121,6 @@ def add_noise_(x: torch.Tensor, std: float, seed: int, offset: int) -> torch.Ten
     """x += std * philox_normal, in place."""
     x.add_(std * philox_normal(tuple(x.shape), seed, offset, x.dtype, x.device))
     return x
-
-
-def round_up4(n: int) -> int:
-    return (n + 3) // 4 * 4
 
 
 # --- Counter-based Gaussian noise (Philox4x32-10 + Box-Muller) ----------------

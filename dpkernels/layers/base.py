@@ -152,9 +152,3 @@ class DPLayer:
     ) -> dict[str, torch.Tensor]:
         """sum_b c_b g_b + N(0, noise_std^2) for each trainable parameter, in its shape."""
         raise NotImplementedError
-
-    def noise_numel(self) -> int:
-        """Counters one noised sum of this layer consumes."""
-        from dpkernels.reference import round_up4
-
-        return sum(round_up4(getattr(self.module, n).numel()) for n in self.trainable)

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpkernels import ops
+from dpkernels.conventions import as_3d, round_up4
 from dpkernels.layers.base import DPLayer, Record
-from dpkernels.reference import as_3d, round_up4
 
 log = logging.getLogger("dpkernels")
 

@@ -102,7 +102,3 @@ def check_offset(offset: int) -> int:
     if offset < 0:
         raise ValueError(f"noise offset must be >= 0, got {offset}")
     return offset
-
-
-def round_up4(n: int) -> int:
-    return (n + 3) // 4 * 4

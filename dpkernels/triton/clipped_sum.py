@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dpkernels.triton._common import INTERPRET, check_offset, configs, fp32_dot_precision, round_up4, seed_words
+from dpkernels.conventions import round_up4
+from dpkernels.triton._common import INTERPRET, check_offset, configs, fp32_dot_precision, seed_words
 from dpkernels.triton.linear_norms import linear_inputs
 from dpkernels.triton.philox import normal_at
 from dpkernels.triton.rows import rows_sum_noise

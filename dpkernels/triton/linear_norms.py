@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dpkernels.conventions import as_3d
 from dpkernels.triton._common import INTERPRET, check_dtype, configs, fp32_dot_precision
 
 MIN_BLOCK = 16 if INTERPRET else 64  # the smallest block size of any config below
@@ -127,12 +128,6 @@ def _direct_norm_kernel(
         tl.store(w_part_ptr + b * part_stride + tile, tl.sum(acc * acc))
         if WITH_BIAS:  # one d tile per p tile owns the bias
             tl.store(b_part_ptr + b * part_stride + tile, tl.where(dt == 0, tl.sum(g_sum * g_sum), 0.0))
-
-
-def as_3d(x: torch.Tensor) -> torch.Tensor:
-    if x.dim() == 2:
-        return x.unsqueeze(1)
-    return x if x.dim() == 3 else x.reshape(x.shape[0], x.shape[1:-1].numel(), x.shape[-1])  # B may be 0
 
 
 def linear_inputs(A: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
