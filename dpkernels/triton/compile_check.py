@@ -20,7 +20,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("compile_check needs TRITON_INTERPRET unset: interpreted kernels are not compiled")
 os.environ["DPK_TRITON_AUTOTUNE"] = "1"  # every config is listed; --all-configs chooses how many to compile
 
-from dpkernels.triton import embedding, linear_norms, rows
+from dpkernels.triton import affine, embedding, linear_norms, rows
 from dpkernels.triton._common import FP32_DOT_PRECISIONS
 from dpkernels.triton.clipped_sum import _clipped_sum_kernel  # the package attribute clipped_sum is the op
 
@@ -60,7 +60,7 @@ def _jobs(dt: str):
     yield rows._sq_norms_kernel, {"x_ptr": f"*{dt}", "partial_ptr": "*fp32", "N": "i32", "n_chunks": "i32",
                                   "CHUNK": "constexpr", "BLOCK": "constexpr"}, {"CHUNK": rows.CHUNK_N,
                                                                                 "BLOCK": rows.BLOCK_N}
-    yield rows._affine_kernel, {"x_ptr": f"*{dt}", "g_ptr": f"*{dt}", "out_ptr": "*fp32", "R": "i32", "S": "i32"}, {}
+    yield affine._affine_kernel, {"x_ptr": f"*{dt}", "g_ptr": f"*{dt}", "out_ptr": "*fp32", "R": "i32", "S": "i32"}, {}
 
 
 def _with_t1(dt: str):
