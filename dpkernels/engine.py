@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from dpkernels import distributed as distributed_mod
 from dpkernels import ops
 from dpkernels.bookkeeping import Clipper, Recorder
-from dpkernels.layers import RULES, DPLayer, rule_for
+from dpkernels.layers import LAYER_TYPES, DPLayer, rule_for
 from dpkernels.noise import NoiseSource
 from dpkernels.optimizer import DPOptimizer
 from dpkernels.privacy import (
@@ -88,21 +88,9 @@ class PrivacyEngine:
         if self.optimizer is not None:
             raise RuntimeError("this PrivacyEngine already made a model private; use a new engine per model")
         calibration, self._calibration = self._calibration, {}
-        if backend not in ops.BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {ops.BACKENDS}")
-        if loss_reduction not in ("mean", "sum"):
-            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
-        if getattr(module, "_dpkernels_engine", None) is not None:
-            raise RuntimeError("this module was already made private by another PrivacyEngine")
+        check_arguments(module, backend, loss_reduction)
         outer, module = module, distributed_mod.unwrap(module)
-        rank, world_size = distributed_mod.world()
-        if distributed is None:
-            distributed = world_size > 1
-        elif distributed and world_size == 1:
-            raise ValueError("distributed=True needs an initialised torch.distributed process group of more than "
-                             "one process")
-        if not distributed:
-            rank, world_size = 0, 1
+        distributed, rank, world_size = data_parallel_world(distributed)
         params = trainable_parameters(module)
         check_optimizer(optimizer, params)
         norm_guards = batch_statistics_modules(module)
@@ -128,17 +116,8 @@ class PrivacyEngine:
                 **calibration,
             })
         self.noise = NoiseSource(seed, self.secure_mode)
-        self.sampler_generator = None
         recorder = Recorder()
-        if poisson_sampling:
-            self.sampler_generator = sampler_generator(seed, rank)
-            data_loader = (distributed_mod.rank_poisson_loader(data_loader, self.sampler_generator, rank, world_size)
-                           if distributed else poisson_loader(data_loader, self.sampler_generator))
-            data_loader.recorder = recorder  # each batch's size: what the private layers' rows are checked against
-        elif distributed:
-            raise ValueError("distributed training needs poisson_sampling=True (each rank samples its share)")
-        else:
-            log.warning("dpkernels: poisson_sampling=False: the accountant's guarantee assumes Poisson sampling")
+        data_loader = self._private_loader(data_loader, poisson_sampling, distributed, seed, rank, world_size, recorder)
 
         layers = [rule_for(m)(name, m, recorder) for name, m in private_modules(module)]
         clipper = Clipper(layers, max_grad_norm, clipping, backend, loss_reduction)
@@ -148,7 +127,31 @@ class PrivacyEngine:
         self.optimizer.step_hooks.append(
             lambda opt: self.accountant.step(noise_multiplier=opt.noise_multiplier, sample_rate=sample_rate))
         self.sample_rate = sample_rate
-        for layer in layers:  # patch last: nothing is changed if a check above failed
+        self._patch(outer, module, layers, recorder, norm_guards)
+        self.layers = layers
+        return outer, self.optimizer, data_loader
+
+    def _private_loader(self, data_loader: DataLoader, poisson_sampling: bool, distributed: bool, seed: int | None,
+                        rank: int, world_size: int, recorder: Recorder) -> DataLoader:
+        """The loader the private step draws from: Opacus' Poisson loader (this rank's share when distributed), or
+        the user's own with a warning."""
+        self.sampler_generator = None
+        if poisson_sampling:
+            self.sampler_generator = sampler_generator(seed, rank)
+            data_loader = (distributed_mod.rank_poisson_loader(data_loader, self.sampler_generator, rank, world_size)
+                           if distributed else poisson_loader(data_loader, self.sampler_generator))
+            data_loader.recorder = recorder  # each batch's size: what the private layers' rows are checked against
+        elif distributed:
+            raise ValueError("distributed training needs poisson_sampling=True (each rank samples its share)")
+        else:
+            log.warning("dpkernels: poisson_sampling=False: the accountant's guarantee assumes Poisson sampling")
+        return data_loader
+
+    def _patch(self, outer: nn.Module, module: nn.Module, layers: list[DPLayer], recorder: Recorder,
+               norm_guards: list[tuple[str, nn.Module]]) -> None:
+        """Route the private layers' forwards through the engine and install the guards. Last: nothing is changed
+        if a check before it failed."""
+        for layer in layers:
             layer.module.forward = layer.forward
         for m in {id(module): module, id(outer): outer}.values():
             m._dpkernels_engine = self
@@ -156,8 +159,6 @@ class PrivacyEngine:
         module.register_forward_pre_hook(_record_input_rows(recorder), with_kwargs=True)
         for name, m in norm_guards:  # model.train() later must not bring batch statistics back
             m.register_forward_pre_hook(_refuse_batch_statistics(name))
-        self.layers = layers
-        return outer, self.optimizer, data_loader
 
     def make_private_with_epsilon(
         self,
@@ -218,6 +219,42 @@ class PrivacyEngine:
             self.sampler_generator.set_state(state["sampler"])
 
 
+def check_arguments(module: nn.Module, backend: str, loss_reduction: str) -> None:
+    """Refuse make_private arguments that no model could make right.
+
+    Args:
+        module: the model (refused if another PrivacyEngine made it private).
+        backend: must be one of `dpkernels.backends.BACKENDS`.
+        loss_reduction: "mean" or "sum".
+    """
+    if backend not in ops.BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {ops.BACKENDS}")
+    if loss_reduction not in ("mean", "sum"):
+        raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+    if getattr(module, "_dpkernels_engine", None) is not None:
+        raise RuntimeError("this module was already made private by another PrivacyEngine")
+
+
+def data_parallel_world(distributed: bool | None) -> tuple[bool, int, int]:
+    """Whether this run is data parallel, and this process's place in it.
+
+    Args:
+        distributed: make_private's argument: None means "if a group of more than one process exists".
+
+    Returns:
+        (distributed, rank, world size); (False, 0, 1) for a single process.
+    """
+    rank, world_size = distributed_mod.world()
+    if distributed is None:
+        distributed = world_size > 1
+    elif distributed and world_size == 1:
+        raise ValueError("distributed=True needs an initialised torch.distributed process group of more than "
+                         "one process")
+    if not distributed:
+        rank, world_size = 0, 1
+    return distributed, rank, world_size
+
+
 def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
     """The trainable parameters, after checking each belongs to exactly one supported module."""
     owners: dict[int, str] = {}
@@ -233,7 +270,7 @@ def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
                     "gradient would mix two uses; untie it or freeze it")
             owners[id(p)] = where
             if rule_for(m) is None:
-                supported = ", ".join(c.__name__ for c in RULES)
+                supported = ", ".join(c.__name__ for c in LAYER_TYPES)
                 raise ValueError(
                     f"module '{name}' ({type(m).__name__}) has trainable parameter '{pname}' but dpkernels has no "
                     f"per-sample rule for it (supported: {supported}); freeze it or replace the module")

@@ -9,17 +9,56 @@ clipped, noised gradient sums, computed from the saved (A, G).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from dpkernels.layers import compiled
+from dpkernels.layers import tap_ops
 
 if TYPE_CHECKING:
     from dpkernels.grouping import Grouping
     from dpkernels.noise import NoiseSource
+
+
+# module type -> the DPLayer subclass that handles it, filled by @register_layer beside each layer's math
+LAYER_TYPES: dict[type[nn.Module], type[DPLayer]] = {}
+
+
+def register_layer(*module_types: type[nn.Module]) -> Callable[[type[DPLayer]], type[DPLayer]]:
+    """Class decorator: the decorated DPLayer subclass handles these module types (as Opacus' register_grad_sampler).
+
+    A later registration for the same type replaces the earlier one.
+
+    Args:
+        *module_types: the nn.Module classes (a subclass is handled too if it keeps their forward: `rule_for`).
+
+    Returns:
+        The decorator; it returns the class unchanged.
+    """
+    def register(layer_cls: type[DPLayer]) -> type[DPLayer]:
+        for module_type in module_types:
+            LAYER_TYPES[module_type] = layer_cls
+        return layer_cls
+    return register
+
+
+def rule_for(module: nn.Module) -> type[DPLayer] | None:
+    """The registered DPLayer class for a module.
+
+    Args:
+        module: any module.
+
+    Returns:
+        The class registered for the nearest registered class in its MRO, if the module keeps that class's forward
+        (a subclass with its own forward computes something else); else None.
+    """
+    for cls in type(module).__mro__:
+        if cls in LAYER_TYPES:
+            return LAYER_TYPES[cls] if type(module).forward is cls.forward else None
+    return None
 
 
 @dataclass
@@ -77,9 +116,14 @@ class _Tap(torch.autograd.Function):
 
 
 class DPLayer:
-    """Base of the per-layer rules (one subclass per module type, in this folder)."""
+    """Base of the per-layer rules: one subclass per module type, in this folder, registered with `register_layer`.
 
-    module_type: type[nn.Module] = nn.Module
+    Args:
+        name: the module's name in the model (for messages).
+        module: the module whose forward this layer replaces.
+        recorder: the engine's `Recorder`, which collects the records of a batch.
+    """
+
     param_names: tuple[str, ...] = ()
 
     def __init__(self, name: str, module: nn.Module, recorder):
@@ -90,7 +134,7 @@ class DPLayer:
                           and getattr(module, n).requires_grad]
         self.record: Record | None = None
         self.backend = "auto"  # set by the engine's Clipper
-        self.layer_id = compiled.register(self)  # what a compiled graph names this layer by
+        self.layer_id = tap_ops.register(self)  # what a compiled graph names this layer by
         self.check_module()
 
     # --- hooked forward ----------------------------------------------------------------
@@ -101,7 +145,7 @@ class DPLayer:
         if not torch.is_grad_enabled() or not any(p.requires_grad for p in params):
             return self.compute(x, params)[0]
         if torch.compiler.is_compiling():  # dynamo cannot trace _Tap (Python side effects): opaque ops instead
-            return compiled.tap(self, x, params)
+            return tap_ops.tap(self, x, params)
         return _Tap.apply(self, x, *params)
 
     def engine_record(self, saved: dict[str, Any], rows: int) -> Record:

@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpkernels.layers.base import DPLayer, Record
+from dpkernels.layers.base import DPLayer, Record, register_layer
 from dpkernels.layers.linear import linear_clipped_sums, linear_sq_norms
 
 
+@register_layer(nn.Conv2d)
 class DPConv2d(DPLayer):
-    module_type = nn.Conv2d
     param_names = ("weight", "bias")
     strategy: str | None = None
 

@@ -7,11 +7,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpkernels import ops
-from dpkernels.layers.base import DPLayer, Record
+from dpkernels.layers.base import DPLayer, Record, register_layer
 
 
+@register_layer(nn.Embedding)
 class DPEmbedding(DPLayer):
-    module_type = nn.Embedding
     param_names = ("weight",)
 
     def check_module(self) -> None:

@@ -8,12 +8,12 @@ import torch
 from torch import nn
 
 from dpkernels import ops
-from dpkernels.layers.base import DPLayer, Record
+from dpkernels.layers.base import DPLayer, Record, register_layer
 from dpkernels.layers.rows import add_rows, rows_clipped_sums, rows_sq_norms
 
 
+@register_layer(nn.GroupNorm)
 class DPGroupNorm(DPLayer):
-    module_type = nn.GroupNorm
     param_names = ("weight", "bias")
 
     def compute(self, x, params):

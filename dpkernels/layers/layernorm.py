@@ -9,12 +9,12 @@ import torch
 from torch import nn
 
 from dpkernels import ops
-from dpkernels.layers.base import DPLayer, Record
+from dpkernels.layers.base import DPLayer, Record, register_layer
 from dpkernels.layers.rows import add_rows, rows_clipped_sums, rows_sq_norms
 
 
+@register_layer(nn.LayerNorm)
 class DPLayerNorm(DPLayer):
-    module_type = nn.LayerNorm
     param_names = ("weight", "bias")
 
     def compute(self, x, params):

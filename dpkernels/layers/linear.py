@@ -10,7 +10,7 @@ from torch import nn
 
 from dpkernels import ops
 from dpkernels.conventions import as_3d, round_up4
-from dpkernels.layers.base import DPLayer, Record
+from dpkernels.layers.base import DPLayer, Record, register_layer
 
 log = logging.getLogger("dpkernels")
 
@@ -38,8 +38,8 @@ def linear_clipped_sums(layer: DPLayer, A, G, c, noise_std, noise, backend) -> d
     return {"weight": w, "bias": b} if "bias" in layer.trainable else {"weight": w}
 
 
+@register_layer(nn.Linear)
 class DPLinear(DPLayer):
-    module_type = nn.Linear
     param_names = ("weight", "bias")
     strategy: str | None = None
 
