@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -24,7 +25,20 @@ dtriton = pytest.importorskip("dpkernels.triton")
 affine, clipped_sum, embedding, linear_norms, noise, rows = (
     importlib.import_module(f"dpkernels.triton.{m}")
     for m in ("affine", "clipped_sum", "embedding", "linear_norms", "noise", "rows"))
-pinned_config = importlib.import_module("dpkernels.triton._common").pinned_config
+
+
+@contextmanager
+def pinned_config(kernel, config) -> Iterator[None]:
+    """Launch `kernel` (a triton Autotuner) with exactly `config` inside the block (any config, also under the
+    interpreter or DPK_TRITON_AUTOTUNE=0): each config is checked against the reference, not just the fastest.
+    An autotuner with a single config launches it without benchmarking (Triton 3.6 through 3.9)."""
+    saved = kernel.configs
+    kernel.configs = [config]
+    try:
+        yield
+    finally:
+        kernel.configs = saved
+
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # name -> (the autotuned kernel, every config it may be tuned to on a GPU)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 import triton
@@ -76,19 +74,6 @@ def configs(full: list[triton.Config], small: triton.Config) -> list[triton.Conf
     if INTERPRET:
         return [small]
     return full if AUTOTUNE else full[:1]
-
-
-@contextmanager
-def pinned_config(kernel: triton.runtime.Autotuner, config: triton.Config) -> Iterator[None]:
-    """Launch `kernel` with exactly `config` inside the block (any config, also under the interpreter or
-    DPK_TRITON_AUTOTUNE=0): the tests check every config against the reference, not just the fastest.
-    An autotuner with a single config launches it without benchmarking (Triton 3.6 through 3.9)."""
-    saved = kernel.configs
-    kernel.configs = [config]
-    try:
-        yield
-    finally:
-        kernel.configs = saved
 
 
 def seed_words(seed: int) -> tuple[int, int]:
