@@ -41,6 +41,12 @@ log = logging.getLogger("dpkernels")
 
 
 class PrivacyEngine:
+    """DP-SGD for a model, the Opacus way: `make_private` patches the model, wraps the optimizer and the loader.
+
+    Args:
+        accountant: Opacus' accountant: "prv" (default), "rdp" or "gdp".
+        secure_mode: draw the noise seed from the OS at every step (no stream state is kept, none may be given).
+    """
     def __init__(self, accountant: str = "prv", secure_mode: bool = False):
         self.accountant = create_accountant(mechanism=accountant)
         self.secure_mode = secure_mode
@@ -84,6 +90,10 @@ class PrivacyEngine:
                 (dpkernels.distributed: every rank passes a loader over the whole data set; the noise is added
                 once, on rank 0; one all-reduce per step). None: when a group of more than one process exists.
                 `module` may be wrapped in DistributedDataParallel.
+
+        Returns:
+            (module, patched in place; the DPOptimizer to step; the loader to draw batches from: Opacus' Poisson
+            loader, or `data_loader` itself with poisson_sampling=False).
         """
         if self.optimizer is not None:
             raise RuntimeError("this PrivacyEngine already made a model private; use a new engine per model")
@@ -98,23 +108,9 @@ class PrivacyEngine:
 
         sample_rate = sample_rate_of(data_loader)
         expected_batch_size = int(len(data_loader.dataset) * sample_rate)
-        if distributed:  # everything the guarantee (and the one epsilon every rank reports) depends on
-            distributed_mod.check_same_settings({
-                "the data set size": len(data_loader.dataset),
-                "the sampling rate": sample_rate,
-                "noise_multiplier": float(noise_multiplier),
-                "max_grad_norm": max_grad_norm,
-                "clipping": clipping,
-                "loss_reduction": loss_reduction,
-                "poisson_sampling": poisson_sampling,
-                "the accountant": self.accountant.mechanism(),
-                "the accountant's history": self.accountant.history,
-                "secure_mode": self.secure_mode,
-                "seed=None (OS seeding) or a test seed": seed is None,
-                "the trainable parameters (names and shapes)": [
-                    (n, tuple(p.shape)) for n, p in module.named_parameters() if p.requires_grad],
-                **calibration,
-            })
+        if distributed:
+            self._check_ranks_agree(module, len(data_loader.dataset), sample_rate, noise_multiplier, max_grad_norm,
+                                    clipping, loss_reduction, poisson_sampling, seed, calibration)
         self.noise = NoiseSource(seed, self.secure_mode)
         recorder = Recorder()
         data_loader = self._private_loader(data_loader, poisson_sampling, distributed, seed, rank, world_size, recorder)
@@ -130,6 +126,28 @@ class PrivacyEngine:
         self._patch(outer, module, layers, recorder, norm_guards)
         self.layers = layers
         return outer, self.optimizer, data_loader
+
+    def _check_ranks_agree(self, module: nn.Module, dataset_size: int, sample_rate: float, noise_multiplier: float,
+                           max_grad_norm: float | list[float], clipping: str, loss_reduction: str,
+                           poisson_sampling: bool, seed: int | None, calibration: dict[str, Any]) -> None:
+        """Refuse a distributed run whose ranks differ in anything the guarantee (and the one epsilon every rank
+        reports) depends on: make_private's arguments, the accounting and the trainable parameters."""
+        distributed_mod.check_same_settings({
+            "the data set size": dataset_size,
+            "the sampling rate": sample_rate,
+            "noise_multiplier": float(noise_multiplier),
+            "max_grad_norm": max_grad_norm,
+            "clipping": clipping,
+            "loss_reduction": loss_reduction,
+            "poisson_sampling": poisson_sampling,
+            "the accountant": self.accountant.mechanism(),
+            "the accountant's history": self.accountant.history,
+            "secure_mode": self.secure_mode,
+            "seed=None (OS seeding) or a test seed": seed is None,
+            "the trainable parameters (names and shapes)": [
+                (n, tuple(p.shape)) for n, p in module.named_parameters() if p.requires_grad],
+            **calibration,
+        })
 
     def _private_loader(self, data_loader: DataLoader, poisson_sampling: bool, distributed: bool, seed: int | None,
                         rank: int, world_size: int, recorder: Recorder) -> DataLoader:
@@ -178,6 +196,9 @@ class PrivacyEngine:
             target_epsilon, target_delta: the (epsilon, delta) to spend over `epochs` passes.
             epochs: passes over the data set at the loader's sampling rate (steps = epochs / q).
             module, optimizer, data_loader, max_grad_norm, **kwargs: as in make_private.
+
+        Returns:
+            As make_private.
         """
         if not target_epsilon > 0:
             raise ValueError(f"target_epsilon must be positive, got {target_epsilon}")
@@ -194,24 +215,49 @@ class PrivacyEngine:
 
     # --- during training ----------------------------------------------------------------------
     def virtual_batches(self, data_loader, max_physical_batch_size: int):
-        """Split each logical (Poisson) batch into physical chunks; noise is added once per logical step."""
+        """Split each logical (Poisson) batch into physical chunks; noise is added once per logical step.
+
+        Args:
+            data_loader: the private loader make_private returned.
+            max_physical_batch_size: the most rows per chunk.
+
+        Returns:
+            An iterator over the chunks; step() after each (only the last chunk of a logical batch takes the step).
+        """
         if self.optimizer is None:
             raise RuntimeError("call make_private first")
         return iterate_chunks(data_loader, max_physical_batch_size, self.optimizer)
 
     def get_epsilon(self, delta: float) -> float:
+        """The privacy spent so far, by the accountant over the steps taken.
+
+        Args:
+            delta: the target delta.
+
+        Returns:
+            epsilon.
+        """
         return self.accountant.get_epsilon(delta=delta)
 
     def state_dict(self) -> dict:
         """Accountant, and where the noise and Poisson streams stand. PRIVATE: whoever reads the stream
         states can regenerate the noise; keep them with the checkpoint, never in logs or results.
-        Secure mode keeps no stream state (a resumed run draws fresh OS seeds)."""
+        Secure mode keeps no stream state (a resumed run draws fresh OS seeds).
+
+        Returns:
+            {"accountant", "noise", and "sampler" unless in secure mode or without Poisson sampling}.
+        """
         state = {"accountant": self.accountant.state_dict(), "noise": self.noise.state_dict() if self.noise else {}}
         if self.sampler_generator is not None and not self.secure_mode:
             state["sampler"] = self.sampler_generator.get_state()
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume the accountant and the streams from `state_dict`'s output (after make_private, with the same settings).
+
+        Args:
+            state: what `state_dict` returned.
+        """
         self.accountant.load_state_dict(state["accountant"])
         if self.noise is not None:
             self.noise.load_state_dict(state.get("noise", {}))
@@ -256,7 +302,14 @@ def data_parallel_world(distributed: bool | None) -> tuple[bool, int, int]:
 
 
 def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
-    """The trainable parameters, after checking each belongs to exactly one supported module."""
+    """The trainable parameters, after checking each belongs to exactly one supported module.
+
+    Args:
+        module: the model.
+
+    Returns:
+        The trainable parameters, in module order.
+    """
     owners: dict[int, str] = {}
     params = []
     for name, m in module.named_modules(remove_duplicate=False):
@@ -281,6 +334,14 @@ def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
 
 
 def private_modules(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules the engine takes over: those with a registered rule and a trainable parameter of their own.
+
+    Args:
+        module: the model.
+
+    Returns:
+        [(name, module)].
+    """
     return [(n, m) for n, m in module.named_modules()
             if rule_for(m) is not None and any(p.requires_grad for p in m.parameters(recurse=False))]
 
@@ -291,7 +352,12 @@ def batch_statistics_modules(module: nn.Module) -> list[tuple[str, nn.Module]]:
     A BatchNorm using batch statistics mixes the examples of a batch (one example's gradient depends on
     the others, so clipping no longer bounds its influence), and any norm layer tracking running
     statistics in train mode writes raw averages of private data into buffers released with the model.
-    Returns the modules to guard at every forward (model.train() may be called later).
+
+    Args:
+        module: the model.
+
+    Returns:
+        The modules to guard at every forward (model.train() may be called later), as [(name, module)].
     """
     guarded = []
     for name, m in module.named_modules():
@@ -391,6 +457,12 @@ def _refuse_batch_statistics(name: str):
 
 
 def check_optimizer(optimizer: Optimizer, params: list[nn.Parameter]) -> None:
+    """Refuse an optimizer holding a trainable parameter that is not the module's (it would train without privacy).
+
+    Args:
+        optimizer: the user's optimizer.
+        params: the module's trainable parameters.
+    """
     ours = {id(p) for p in params}
     for group in optimizer.param_groups:
         for p in group["params"]:

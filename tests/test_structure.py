@@ -5,6 +5,8 @@
   `if TYPE_CHECKING:` do not run and do not count. Importing `pkg.sub` is an edge to `pkg.sub` only (Python runs
   `pkg/__init__.py` first, but a package importing its own submodules is not a cycle).
 - No function in `dpkernels/` over ~80 lines, kernel bodies (`@triton.jit`) excepted.
+- Every public name of `dpkernels/` has a docstring, with an Args section when it takes arguments and a Returns
+  section when it returns a value ("Args and Returns: as `X`" counts: an override documented by its base).
 """
 
 from __future__ import annotations
@@ -156,3 +158,64 @@ def test_no_long_function_in_dpkernels() -> None:
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines (split them into named steps):\n" + "\n".join(long)
+
+
+def _returns_value(fn: ast.FunctionDef) -> bool:
+    """A `return <value>` in the function's own body (not in a nested def or lambda)."""
+    stack = list(fn.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+            continue
+        if isinstance(node, ast.Return) and node.value is not None and not (
+                isinstance(node.value, ast.Constant) and node.value.value is None):
+            return True
+        stack.extend(ast.iter_child_nodes(node))
+    return False
+
+
+def _decorated(node: ast.AST, *names: str) -> bool:
+    return any((isinstance(d, ast.Name) and d.id in names) or (isinstance(d, ast.Attribute) and d.attr in names)
+               for d in getattr(node, "decorator_list", []))
+
+
+def undocumented(tree: ast.Module, where: str) -> Iterator[str]:
+    """Public defs and classes (and the public methods of public classes) whose docstring misses a part.
+
+    A class documents its constructor (Args, when its __init__ takes any); a property's docstring says what it is
+    (its setter needs none)."""
+    def visit(scope: ast.AST, prefix: str) -> Iterator[str]:
+        for node in getattr(scope, "body", []):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                continue
+            if node.name.startswith("_") or _decorated(node, "setter", "deleter"):
+                continue
+            doc = ast.get_docstring(node) or ""
+            if isinstance(node, ast.ClassDef):
+                init = next((m for m in node.body if isinstance(m, ast.FunctionDef) and m.name == "__init__"), None)
+                takes = bool(init and (init.args.args[1:] or init.args.kwonlyargs or init.args.vararg))
+                returns = False
+            elif _decorated(node, "property"):
+                takes = returns = False
+            else:
+                a = node.args
+                takes = any(x.arg not in ("self", "cls") for x in a.posonlyargs + a.args + a.kwonlyargs) or bool(
+                    a.vararg or a.kwarg)
+                returns = _returns_value(node)
+            missing = [] if doc else ["docstring"]
+            missing += [part for part, needed in (("Args", takes), ("Returns", returns)) if needed and part not in doc]
+            if missing:
+                yield f"{where}:{node.lineno} {prefix}{node.name}: no {', '.join(missing)}"
+            if isinstance(node, ast.ClassDef):
+                yield from visit(node, f"{prefix}{node.name}.")
+    yield from visit(tree, "")
+
+
+def test_every_public_name_of_dpkernels_is_documented() -> None:
+    found = []
+    for path in sorted((ROOT / "dpkernels").rglob("*.py")):
+        rel = path.relative_to(ROOT)
+        if any(part.startswith("_") and part != "__init__.py" for part in rel.parts):
+            continue  # a private module (dpkernels/triton/_common.py)
+        found += undocumented(ast.parse(path.read_text(), str(path)), str(rel))
+    assert not found, "public names without a full docstring (Args/Returns, Google style):\n" + "\n".join(found)

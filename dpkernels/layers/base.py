@@ -77,7 +77,11 @@ class Record:
     versions: dict[str, int] = field(default_factory=dict)  # version counters of `saved` at forward
 
     def check_unmodified(self, layer_name: str) -> None:
-        """Raise as autograd does if a saved input was modified in place after the forward pass."""
+        """Raise as autograd does if a saved input was modified in place after the forward pass.
+
+        Args:
+            layer_name: the layer's name, for the message.
+        """
         for key, version in self.versions.items():
             t = self.saved.get(key)
             if isinstance(t, torch.Tensor) and t._version != version:
@@ -139,6 +143,14 @@ class DPLayer:
 
     # --- hooked forward ----------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """What the module's forward becomes: the layer's math, routed through the engine when a parameter trains.
+
+        Args:
+            x: the module's input (the only argument a private layer takes).
+
+        Returns:
+            The module's output.
+        """
         if args or kwargs:
             raise TypeError(f"{self.name}: dpkernels expects {type(self.module).__name__}(input) only")
         params = tuple(getattr(self.module, n) for n in self.param_names if getattr(self.module, n, None) is not None)
@@ -149,10 +161,23 @@ class DPLayer:
         return _Tap.apply(self, x, *params)
 
     def engine_record(self, saved: dict[str, Any], rows: int) -> Record:
+        """Open this call's record with the engine's recorder.
+
+        Args:
+            saved: what `compute` saved for the norms (detached tensors and plain values).
+            rows: the input's first dimension (the batch rows).
+
+        Returns:
+            The new record.
+        """
         return self.recorder.new_record(self, saved, rows)
 
     def check_backward(self, rec: Record | None) -> None:
-        """Before an output gradient reaches `rec`: refuse a spent record, let a recomputed one join its batch."""
+        """Before an output gradient reaches `rec`: refuse a spent record, let a recomputed one join its batch.
+
+        Args:
+            rec: the record of the forward this backward goes through (None: already dropped).
+        """
         if rec is not None and rec.replaced:
             self.recorder.discard()
             raise RuntimeError(
@@ -167,6 +192,11 @@ class DPLayer:
             self.recorder.join(self, rec)
 
     def params(self) -> dict[str, nn.Parameter]:
+        """The trainable parameters by name (what this layer writes a private gradient for).
+
+        Returns:
+            {parameter name in the module: parameter}.
+        """
         return {n: getattr(self.module, n) for n in self.trainable}
 
     # --- what each layer type defines ----------------------------------------------------
@@ -174,25 +204,70 @@ class DPLayer:
         """Raise ValueError for configurations this rule does not cover."""
 
     def compute(self, x: torch.Tensor, params: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, Any]]:
-        """The module's forward; returns the output and what the norms need later."""
+        """The module's forward.
+
+        Args:
+            x: the input.
+            params: the module's parameters that are not None, in `param_names` order.
+
+        Returns:
+            (the output, what the norms and the input gradient need later, by name).
+        """
         raise NotImplementedError
 
     def input_grad(self, saved: dict[str, Any], grad_out: torch.Tensor) -> torch.Tensor:
+        """The gradient of the loss with respect to the layer's input (the parameters' gradients are the engine's).
+
+        Args:
+            saved: what `compute` saved.
+            grad_out: the gradient of the layer's output, G.
+
+        Returns:
+            dL/dx, shaped like the input.
+        """
         raise NotImplementedError
 
     def on_grad(self, rec: Record, saved: dict[str, Any], grad_out: torch.Tensor) -> None:
-        """Called with each output gradient (after the input gradient). Two backward passes through one
-        forward add their G: the per-sample gradient is of the sum. Layers with small per-sample gradients
-        override this to reduce to them here and drop (A, G) early."""
+        """Called with each output gradient (after the input gradient): keep G on the record.
+
+        Two backward passes through one forward add their G: the per-sample gradient is of the sum. Layers with
+        small per-sample gradients override this to reduce to them here and drop (A, G) early.
+
+        Args:
+            rec: this call's record.
+            saved: what `compute` saved.
+            grad_out: the gradient of the layer's output, G.
+        """
         rec.grad_out = grad_out if rec.grad_out is None else rec.grad_out + grad_out
 
     def sq_norms(self, rec: Record, grouping: Grouping, backend: str) -> dict[str, torch.Tensor]:
-        """Squared per-example norm of each trainable parameter's gradient (unscaled), [n] each."""
+        """Squared per-example norm of each trainable parameter's gradient (unscaled).
+
+        Args:
+            rec: the call's record, with G.
+            grouping: which rows form one example.
+            backend: the ops' backend.
+
+        Returns:
+            {parameter name: [n examples]}.
+        """
         raise NotImplementedError
 
     def clipped_sums(
         self, rec: Record, grouping: Grouping, c: dict[str, torch.Tensor], noise_std: float,
         noise: NoiseSource, backend: str,
     ) -> dict[str, torch.Tensor]:
-        """sum_b c_b g_b + N(0, noise_std^2) for each trainable parameter, in its shape."""
+        """sum_b c_b g_b + N(0, noise_std^2) for each trainable parameter, in its shape.
+
+        Args:
+            rec: the call's record, with G.
+            grouping: which rows form one example.
+            c: clip factor per example, [n], for each trainable parameter.
+            noise_std: std of the noise (0: none).
+            noise: where the noise counters come from (one `take` per noised tensor).
+            backend: the ops' backend.
+
+        Returns:
+            {parameter name: its noisy clipped sum, in the parameter's shape}.
+        """
         raise NotImplementedError

@@ -28,7 +28,15 @@ def _affine_kernel(x_ptr, g_ptr, out_ptr, R, S, BLOCK_R: tl.constexpr, BLOCK_S: 
 
 
 def affine_grad_sample(xhat: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    """xhat, G [B, C, S] -> [B, C] fp32, sum over S of xhat * G."""
+    """Per-sample gradient of a per-channel scale: sum over S of xhat * G.
+
+    Args:
+        xhat: the normalised input, [B, C, S], fp32/fp16/bf16.
+        G: the gradient of the layer's output, same shape and dtype family.
+
+    Returns:
+        [B, C] fp32.
+    """
     check_dtype(xhat, G)
     if xhat.shape != G.shape:
         raise ValueError(f"xhat {tuple(xhat.shape)} and G {tuple(G.shape)} must have the same shape")

@@ -73,6 +73,16 @@ def _with_t1(dt: str):
 
 
 def compile_all(archs: list[int], all_configs: bool, dtypes=DTYPES) -> int:
+    """Compile every kernel variant ahead of time for NVIDIA targets (no GPU needed).
+
+    Args:
+        archs: compute capabilities, e.g. [90, 80].
+        all_configs: every autotune config (else the first, safe one).
+        dtypes: input dtypes among DTYPES.
+
+    Returns:
+        The number of variants compiled.
+    """
     n = 0
     for arch, dt in itertools.product(archs, dtypes):
         target = GPUTarget("cuda", arch, 32)
@@ -95,6 +105,7 @@ def compile_all(archs: list[int], all_configs: bool, dtypes=DTYPES) -> int:
 
 
 def main() -> None:
+    """The command line (see the module docstring)."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--arch", type=int, nargs="+", default=[90])
     ap.add_argument("--all-configs", action="store_true")

@@ -9,7 +9,17 @@ from dpkernels.triton.rows import rows_sum_noise
 
 
 def add_noise_(x: torch.Tensor, std: float, seed: int, offset: int) -> torch.Tensor:
-    """x += std * philox_normal(offset + row-major index), in place (noise drawn in fp32)."""
+    """x += std * philox_normal(offset + row-major index), in place (noise drawn in fp32).
+
+    Args:
+        x: the tensor to noise (fp32/fp16/bf16).
+        std: the noise's std.
+        seed: Philox seed, in [0, 2^63).
+        offset: counter of x's first element (>= 0).
+
+    Returns:
+        x.
+    """
     check_dtype(x)
     if std == 0.0 or x.numel() == 0:
         return x

@@ -42,7 +42,19 @@ def _rows_sum_noise_kernel(
 
 def rows_sum_noise(x: torch.Tensor | None, w: torch.Tensor | None, out: torch.Tensor, noise_std: float, seed: int,
                    offset: int) -> torch.Tensor:
-    """out (contiguous, flat view of N elements) = sum_s w_s x[s] + noise_std * philox_normal(offset ...)."""
+    """out = sum_s w_s x[s] + noise_std * philox_normal(offset + j), one pass (the reduce every noised sum ends in).
+
+    Args:
+        x: [S, N] contiguous rows, or None (pure noise).
+        w: [S] fp32 weights, or None (a plain sum).
+        out: the contiguous output, N elements (any shape); written in place.
+        noise_std: std of the noise (0: none).
+        seed: Philox seed.
+        offset: counter of out's first element.
+
+    Returns:
+        out.
+    """
     N = out.numel()
     S = 0 if x is None else x.shape[0]
     if N == 0:
@@ -71,7 +83,14 @@ def _sq_norms_kernel(x_ptr, partial_ptr, N, n_chunks, CHUNK: tl.constexpr, BLOCK
 
 
 def sq_norms(X: torch.Tensor) -> torch.Tensor:
-    """||X_b||^2 over all trailing dims, [B] fp32."""
+    """||X_b||^2 over all trailing dims.
+
+    Args:
+        X: [B, ...], fp32/fp16/bf16.
+
+    Returns:
+        [B] fp32.
+    """
     check_dtype(X)
     B = X.shape[0]
     x = X.reshape(B, X.shape[1:].numel()).contiguous()  # explicit N: reshape(0, -1) is ambiguous
@@ -85,7 +104,18 @@ def sq_norms(X: torch.Tensor) -> torch.Tensor:
 
 
 def clipped_rows_sum(X: torch.Tensor, c: torch.Tensor, noise_std: float, seed: int, offset: int) -> torch.Tensor:
-    """sum_b c_b X_b + noise, shape X.shape[1:], fp32."""
+    """sum_b c_b X_b + noise.
+
+    Args:
+        X: [B, ...], fp32/fp16/bf16.
+        c: clip factor per sample, [B].
+        noise_std: std of the noise.
+        seed: Philox seed.
+        offset: first noise counter (row-major over X.shape[1:]).
+
+    Returns:
+        shape X.shape[1:], fp32.
+    """
     check_dtype(X)
     B = X.shape[0]
     x = X.reshape(B, X.shape[1:].numel()).contiguous()
