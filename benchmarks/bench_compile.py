@@ -7,7 +7,7 @@
 Variants, each on a fresh copy of the same workload (benchmarks/models.py) and the same fixed batch:
   ours_eager      dpkernels step, model run eagerly
   ours_compiled   dpkernels step, model + loss under torch.compile with the options dpkernels.compile sets
-                  (the private layers' tap as opaque ops, dpkernels/layers/compiled.py); backward and
+                  (the private layers' tap as opaque ops, dpkernels/layers/tap_ops.py); backward and
                   optimizer.step() as usual (the step is eager)
   plain_eager / plain_compiled   the non-private step, for scale (--no-plain to skip)
 A step is zero_grad, forward, backward, optimizer.step(). After --warmup steps (compilation happens there),
@@ -46,8 +46,8 @@ def make_step(w: Workload, private: bool, compiled: bool, backend: str) -> Calla
 
     if compiled:
         # the loss is compiled with the model in it, so dpkernels.compile (which takes the module) is not used
-        # here; its inductor options are (a correct private UNet step needs them: dpkernels/compiling.py)
-        from dpkernels.compiling import INDUCTOR_OPTIONS
+        # here; its inductor options are (a correct private UNet step needs them: dpkernels/torch_compile.py)
+        from dpkernels.torch_compile import INDUCTOR_OPTIONS
 
         options = dict(INDUCTOR_OPTIONS) if private and backend == "inductor" else None
         loss_fn = torch.compile(loss_fn, backend=backend, options=options)

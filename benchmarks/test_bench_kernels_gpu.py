@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from dpkernels import ops, reference
+from dpkernels import backends, ops, reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -177,7 +177,7 @@ def test_kernel(benchmark, all_cases, index: int, backend: str, rates: dict[str,
     case = all_cases[index]
     if backend == "cuda" and not ops.extension_has("cuda"):
         pytest.skip("the dpkernels extension was built without CUDA kernels")
-    fn = ops._implementation(case.op, backend)
+    fn = backends.implementation(case.op, backend)
     args = case.args()
 
     def run():

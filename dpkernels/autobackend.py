@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from dpkernels import backends
+
 log = logging.getLogger("dpkernels")
 
 _cache: dict[tuple, str] = {}
@@ -49,10 +51,8 @@ def _example_args(op_name: str, x: torch.Tensor) -> tuple | None:
 
 
 def _candidates(dtype: torch.dtype) -> list[str]:
-    from dpkernels import ops
-
-    out = ["cuda"] if ops.extension_has("cuda") else []
-    if ops.triton_available():
+    out = ["cuda"] if backends.extension_has("cuda") else []
+    if backends.triton_available():
         from dpkernels import triton as dtriton
 
         if dtriton.supports(dtype):
@@ -73,9 +73,16 @@ def _time(fn, args: tuple, op_name: str) -> float:
 
 
 def fastest(op_name: str, x: torch.Tensor, args: tuple | None = None) -> str:
-    """The fastest working backend for `op_name` on CUDA tensors like `x` (all call args if given)."""
-    from dpkernels import ops
+    """The fastest working backend for an op on CUDA tensors, timed once per batch-free key and cached.
 
+    Args:
+        op_name: one of `dpkernels.backends.OP_NAMES`.
+        x: the call's first tensor.
+        args: all of the call's arguments, if known (else example arguments like x are timed).
+
+    Returns:
+        "cuda", "triton" or "torch" (the reference, when no GPU backend works or none is built).
+    """
     key = _key(op_name, args) if args is not None else (op_name, tuple(x.shape[1:]), x.dtype, x.device)
     if key in _cache:  # the per-call cost: no allocation, no sync
         return _cache[key]
@@ -88,7 +95,7 @@ def fastest(op_name: str, x: torch.Tensor, args: tuple | None = None) -> str:
     else:
         for name in candidates:
             try:
-                times[name] = _time(ops._implementation(op_name, name), args, op_name)
+                times[name] = _time(backends.implementation(op_name, name), args, op_name)
             except Exception as e:  # noqa: BLE001  (any failure: that backend is not chosen; say why)
                 log.warning("dpkernels: backend %s failed on %s while timing: %s", name, op_name, e)
         chosen = min(times, key=times.get) if times else "torch"

@@ -25,7 +25,11 @@ log = logging.getLogger("dpkernels")
 
 
 def in_backward() -> bool:
-    """True while autograd runs a backward pass on this thread (a forward now is a recomputation)."""
+    """Whether autograd runs a backward pass on this thread (a forward now is a recomputation).
+
+    Returns:
+        True inside a backward pass.
+    """
     return torch._C._current_graph_task_id() != -1
 
 
@@ -54,6 +58,16 @@ class Recorder:
         self.batch_examples: int | None = None
 
     def new_record(self, layer: DPLayer, saved: dict, rows: int) -> Record:
+        """Open the record of one forward call of a private layer; refuse a second forward pass before the step.
+
+        Args:
+            layer: the private layer.
+            saved: what its `compute` saved.
+            rows: the input's first dimension.
+
+        Returns:
+            The record (pending, and not yet in the batch, when opened by a recomputation inside a backward pass).
+        """
         if in_backward():
             return Record(saved=saved, rows=rows, pending=True, generation=self.generation)
         if any(r.has_grad for _, r in self.records):
@@ -80,7 +94,12 @@ class Recorder:
         return rec
 
     def join(self, layer: DPLayer, rec: Record) -> None:
-        """A record opened by a recomputation (see the class) whose backward runs: it joins the batch."""
+        """A record opened by a recomputation (see the class) whose backward runs: it joins the batch.
+
+        Args:
+            layer: the private layer.
+            rec: the recomputation's record.
+        """
         if rec.generation != self.generation:
             raise RuntimeError(
                 f"backward through module '{layer.name}' after optimizer.step() already used this forward pass: "
@@ -118,6 +137,11 @@ class Recorder:
         self.records.append((layer, rec))
 
     def take(self) -> Batch:
+        """Hand over the current physical batch and start a new one (its records are marked spent).
+
+        Returns:
+            The batch.
+        """
         out = Batch(self.records, self.rows or 0, self.example_ids, self.input_rows, self.batch_examples)
         for layer, rec in self.records:
             layer.record = None
@@ -136,7 +160,11 @@ class Recorder:
         self.batch_examples = examples
 
     def discard_layers(self, layers: set[DPLayer]) -> None:
-        """Drop the records of `layers` only (zero_grad on a part of the model); the rest stays pending."""
+        """Drop the records of `layers` only (zero_grad on a part of the model); the rest stays pending.
+
+        Args:
+            layers: the private layers whose records go.
+        """
         keep = []
         for layer, rec in self.records:
             if layer in layers:
@@ -168,7 +196,15 @@ class Batch:
 
 
 class Clipper:
-    """Turns the records of a physical batch into clipped (and, on the last one, noised) sums."""
+    """Turns the records of a physical batch into clipped (and, on the last one, noised) sums.
+
+    Args:
+        layers: the private layers.
+        max_grad_norm: C (flat), or one threshold per trainable parameter (per_layer; a single C is split evenly).
+        clipping: "flat" or "per_layer".
+        backend: the ops' backend.
+        loss_reduction: "mean" or "sum".
+    """
 
     def __init__(self, layers: list[DPLayer], max_grad_norm: float | list[float], clipping: str, backend: str,
                  loss_reduction: str):
@@ -202,7 +238,17 @@ class Clipper:
 
     def sums(self, batch: Batch, scale: float, noise_std: float, noise: NoiseSource | None
              ) -> dict[nn.Parameter, torch.Tensor]:
-        """Per parameter: scale * sum_b c_b g_b (+ N(0, noise_std^2) when noise is given) for the layers that ran."""
+        """Per parameter: scale * sum_b c_b g_b (+ N(0, noise_std^2) when noise is given) for the layers that ran.
+
+        Args:
+            batch: the physical batch.
+            scale: folded into the clip factors (1 / the expected batch size, for a mean loss).
+            noise_std: std of the noise on each sum (ignored without `noise`).
+            noise: the noise source, or None (no noise: an accumulating chunk).
+
+        Returns:
+            {parameter: its sum, in the parameter's shape}.
+        """
         done = [(layer, rec) for layer, rec in batch.records if rec.has_grad]
         if not done:
             return {}
@@ -231,6 +277,16 @@ class Clipper:
 
     def clip_factors(self, sq: dict[DPLayer, dict[str, torch.Tensor]], s: float, scale: float
                      ) -> dict[DPLayer, dict[str, torch.Tensor]]:
+        """Clip factor per example for each trainable parameter (flat: one factor over all of them).
+
+        Args:
+            sq: squared per-example norms by layer and parameter name (unscaled).
+            s: the per-example gradient's scale (examples in the batch for a mean loss, else 1).
+            scale: folded into the factors.
+
+        Returns:
+            {layer: {parameter name: [n]}}.
+        """
         if self.clipping == "flat":
             total = torch.stack([v for d in sq.values() for v in d.values()]).sum(0).sqrt() * s
             c = (self.total_norm / (total + 1e-6)).clamp(max=1.0) * (s * scale)

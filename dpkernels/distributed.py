@@ -31,14 +31,25 @@ from dpkernels.privacy import CountingDataLoader
 
 
 def world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) without an initialised process group."""
+    """This process's place in the torch.distributed process group.
+
+    Returns:
+        (rank, world size); (0, 1) without an initialised process group.
+    """
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
 def unwrap(module: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel wrapper, whose gradient synchronisation is switched off."""
+    """The module inside a DistributedDataParallel wrapper, whose gradient synchronisation is switched off.
+
+    Args:
+        module: the model, wrapped in DDP or not.
+
+    Returns:
+        The wrapped module, or `module` itself.
+    """
     if isinstance(module, nn.parallel.DistributedDataParallel):
         module.require_backward_grad_sync = False  # what no_sync() sets, for good: the engine reduces
         return module.module
@@ -46,7 +57,14 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 
 class RankPoissonSampler(Sampler[list[int]]):
-    """This rank's share of a Poisson batch: examples rank, rank + world, ... each drawn with probability q."""
+    """This rank's share of a Poisson batch: examples rank, rank + world, ... each drawn with probability q.
+
+    Args:
+        total_size: examples in the whole data set.
+        sample_rate: q.
+        rank, world_size: this process's place in the group.
+        generator: this rank's sampler generator.
+    """
 
     def __init__(self, total_size: int, sample_rate: float, rank: int, world_size: int,
                  generator: torch.Generator) -> None:
@@ -66,6 +84,16 @@ class RankPoissonSampler(Sampler[list[int]]):
 
 def rank_poisson_loader(data_loader: DataLoader, generator: torch.Generator, rank: int, world_size: int
                         ) -> DataLoader:
+    """A loader yielding this rank's share of each Poisson batch (an empty one too: every rank takes every step).
+
+    Args:
+        data_loader: the user's loader over the whole data set.
+        generator: this rank's sampler generator.
+        rank, world_size: this process's place in the group.
+
+    Returns:
+        The loader (it reports each batch's size to the engine's recorder).
+    """
     dataset = data_loader.dataset
     sampler = RankPoissonSampler(len(dataset), 1 / len(data_loader), rank, world_size, generator)
     first = dataset[0]
@@ -78,7 +106,14 @@ def rank_poisson_loader(data_loader: DataLoader, generator: torch.Generator, ran
 
 
 def min_max(value: float) -> tuple[float, float]:
-    """The smallest and the largest of `value` over all ranks (one all-reduce)."""
+    """The smallest and the largest of `value` over all ranks (one all-reduce).
+
+    Args:
+        value: this rank's value.
+
+    Returns:
+        (min, max) over the ranks.
+    """
     t = torch.tensor([value, -value], dtype=torch.float64)
     t = t.to("cuda") if dist.get_backend() == "nccl" else t
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -145,8 +180,14 @@ def check_same_settings(settings: dict[str, Any]) -> None:
 
 
 def all_reduce_sum(tensors: list[torch.Tensor]) -> int:
-    """Sum `tensors` over all ranks in place, one flat all-reduce per (dtype, device). Returns the bytes this rank
-    sends into the all-reduce (its buffer sizes)."""
+    """Sum `tensors` over all ranks in place, one flat all-reduce per (dtype, device).
+
+    Args:
+        tensors: this rank's tensors, the same list (shapes, dtypes) on every rank.
+
+    Returns:
+        The bytes this rank sends into the all-reduce (its buffer sizes).
+    """
     groups: dict[tuple[Any, Any], list[torch.Tensor]] = {}
     for t in tensors:
         groups.setdefault((t.dtype, t.device), []).append(t)

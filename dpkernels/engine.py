@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from dpkernels import distributed as distributed_mod
 from dpkernels import ops
 from dpkernels.bookkeeping import Clipper, Recorder
-from dpkernels.layers import RULES, DPLayer, rule_for
+from dpkernels.layers import LAYER_TYPES, DPLayer, rule_for
 from dpkernels.noise import NoiseSource
 from dpkernels.optimizer import DPOptimizer
 from dpkernels.privacy import (
@@ -41,6 +41,12 @@ log = logging.getLogger("dpkernels")
 
 
 class PrivacyEngine:
+    """DP-SGD for a model, the Opacus way: `make_private` patches the model, wraps the optimizer and the loader.
+
+    Args:
+        accountant: Opacus' accountant: "prv" (default), "rdp" or "gdp".
+        secure_mode: draw the noise seed from the OS at every step (no stream state is kept, none may be given).
+    """
     def __init__(self, accountant: str = "prv", secure_mode: bool = False):
         self.accountant = create_accountant(mechanism=accountant)
         self.secure_mode = secure_mode
@@ -84,25 +90,17 @@ class PrivacyEngine:
                 (dpkernels.distributed: every rank passes a loader over the whole data set; the noise is added
                 once, on rank 0; one all-reduce per step). None: when a group of more than one process exists.
                 `module` may be wrapped in DistributedDataParallel.
+
+        Returns:
+            (module, patched in place; the DPOptimizer to step; the loader to draw batches from: Opacus' Poisson
+            loader, or `data_loader` itself with poisson_sampling=False).
         """
         if self.optimizer is not None:
             raise RuntimeError("this PrivacyEngine already made a model private; use a new engine per model")
         calibration, self._calibration = self._calibration, {}
-        if backend not in ops.BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {ops.BACKENDS}")
-        if loss_reduction not in ("mean", "sum"):
-            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
-        if getattr(module, "_dpkernels_engine", None) is not None:
-            raise RuntimeError("this module was already made private by another PrivacyEngine")
+        check_arguments(module, backend, loss_reduction)
         outer, module = module, distributed_mod.unwrap(module)
-        rank, world_size = distributed_mod.world()
-        if distributed is None:
-            distributed = world_size > 1
-        elif distributed and world_size == 1:
-            raise ValueError("distributed=True needs an initialised torch.distributed process group of more than "
-                             "one process")
-        if not distributed:
-            rank, world_size = 0, 1
+        distributed, rank, world_size = data_parallel_world(distributed)
         params = trainable_parameters(module)
         check_optimizer(optimizer, params)
         norm_guards = batch_statistics_modules(module)
@@ -110,36 +108,12 @@ class PrivacyEngine:
 
         sample_rate = sample_rate_of(data_loader)
         expected_batch_size = int(len(data_loader.dataset) * sample_rate)
-        if distributed:  # everything the guarantee (and the one epsilon every rank reports) depends on
-            distributed_mod.check_same_settings({
-                "the data set size": len(data_loader.dataset),
-                "the sampling rate": sample_rate,
-                "noise_multiplier": float(noise_multiplier),
-                "max_grad_norm": max_grad_norm,
-                "clipping": clipping,
-                "loss_reduction": loss_reduction,
-                "poisson_sampling": poisson_sampling,
-                "the accountant": self.accountant.mechanism(),
-                "the accountant's history": self.accountant.history,
-                "secure_mode": self.secure_mode,
-                "seed=None (OS seeding) or a test seed": seed is None,
-                "the trainable parameters (names and shapes)": [
-                    (n, tuple(p.shape)) for n, p in module.named_parameters() if p.requires_grad],
-                "the data set's content": distributed_mod.dataset_fingerprint(data_loader.dataset),
-                **calibration,
-            })
+        if distributed:
+            self._check_ranks_agree(module, data_loader.dataset, sample_rate, noise_multiplier, max_grad_norm,
+                                    clipping, loss_reduction, poisson_sampling, seed, calibration)
         self.noise = NoiseSource(seed, self.secure_mode)
-        self.sampler_generator = None
         recorder = Recorder()
-        if poisson_sampling:
-            self.sampler_generator = sampler_generator(seed, rank)
-            data_loader = (distributed_mod.rank_poisson_loader(data_loader, self.sampler_generator, rank, world_size)
-                           if distributed else poisson_loader(data_loader, self.sampler_generator))
-            data_loader.recorder = recorder  # each batch's size: what the private layers' rows are checked against
-        elif distributed:
-            raise ValueError("distributed training needs poisson_sampling=True (each rank samples its share)")
-        else:
-            log.warning("dpkernels: poisson_sampling=False: the accountant's guarantee assumes Poisson sampling")
+        data_loader = self._private_loader(data_loader, poisson_sampling, distributed, seed, rank, world_size, recorder)
 
         layers = [rule_for(m)(name, m, recorder) for name, m in private_modules(module)]
         clipper = Clipper(layers, max_grad_norm, clipping, backend, loss_reduction)
@@ -150,7 +124,55 @@ class PrivacyEngine:
         self.optimizer.step_hooks.append(
             lambda opt: self.accountant.step(noise_multiplier=opt.noise_multiplier, sample_rate=sample_rate))
         self.sample_rate = sample_rate
-        for layer in layers:  # patch last: nothing is changed if a check above failed
+        self._patch(outer, module, layers, recorder, norm_guards)
+        self.layers = layers
+        return outer, self.optimizer, data_loader
+
+    def _check_ranks_agree(self, module: nn.Module, dataset: Any, sample_rate: float, noise_multiplier: float,
+                           max_grad_norm: float | list[float], clipping: str, loss_reduction: str,
+                           poisson_sampling: bool, seed: int | None, calibration: dict[str, Any]) -> None:
+        """Refuse a distributed run whose ranks differ in anything the guarantee (and the one epsilon every rank
+        reports) depends on: make_private's arguments, the accounting, the trainable parameters and the data (the
+        same examples at the same indices)."""
+        distributed_mod.check_same_settings({
+            "the data set size": len(dataset),
+            "the sampling rate": sample_rate,
+            "noise_multiplier": float(noise_multiplier),
+            "max_grad_norm": max_grad_norm,
+            "clipping": clipping,
+            "loss_reduction": loss_reduction,
+            "poisson_sampling": poisson_sampling,
+            "the accountant": self.accountant.mechanism(),
+            "the accountant's history": self.accountant.history,
+            "secure_mode": self.secure_mode,
+            "seed=None (OS seeding) or a test seed": seed is None,
+            "the trainable parameters (names and shapes)": [
+                (n, tuple(p.shape)) for n, p in module.named_parameters() if p.requires_grad],
+            "the data set's content": distributed_mod.dataset_fingerprint(dataset),
+            **calibration,
+        })
+
+    def _private_loader(self, data_loader: DataLoader, poisson_sampling: bool, distributed: bool, seed: int | None,
+                        rank: int, world_size: int, recorder: Recorder) -> DataLoader:
+        """The loader the private step draws from: Opacus' Poisson loader (this rank's share when distributed), or
+        the user's own with a warning."""
+        self.sampler_generator = None
+        if poisson_sampling:
+            self.sampler_generator = sampler_generator(seed, rank)
+            data_loader = (distributed_mod.rank_poisson_loader(data_loader, self.sampler_generator, rank, world_size)
+                           if distributed else poisson_loader(data_loader, self.sampler_generator))
+            data_loader.recorder = recorder  # each batch's size: what the private layers' rows are checked against
+        elif distributed:
+            raise ValueError("distributed training needs poisson_sampling=True (each rank samples its share)")
+        else:
+            log.warning("dpkernels: poisson_sampling=False: the accountant's guarantee assumes Poisson sampling")
+        return data_loader
+
+    def _patch(self, outer: nn.Module, module: nn.Module, layers: list[DPLayer], recorder: Recorder,
+               norm_guards: list[tuple[str, nn.Module]]) -> None:
+        """Route the private layers' forwards through the engine and install the guards. Last: nothing is changed
+        if a check before it failed."""
+        for layer in layers:
             layer.module.forward = layer.forward
         for m in {id(module): module, id(outer): outer}.values():
             m._dpkernels_engine = self
@@ -158,8 +180,6 @@ class PrivacyEngine:
         module.register_forward_pre_hook(_record_input_rows(recorder), with_kwargs=True)
         for name, m in norm_guards:  # model.train() later must not bring batch statistics back
             m.register_forward_pre_hook(_refuse_batch_statistics(name))
-        self.layers = layers
-        return outer, self.optimizer, data_loader
 
     def make_private_with_epsilon(
         self,
@@ -179,6 +199,9 @@ class PrivacyEngine:
             target_epsilon, target_delta: the (epsilon, delta) to spend over `epochs` passes.
             epochs: passes over the data set at the loader's sampling rate (steps = epochs / q).
             module, optimizer, data_loader, max_grad_norm, **kwargs: as in make_private.
+
+        Returns:
+            As make_private.
         """
         if not target_epsilon > 0:
             raise ValueError(f"target_epsilon must be positive, got {target_epsilon}")
@@ -195,24 +218,49 @@ class PrivacyEngine:
 
     # --- during training ----------------------------------------------------------------------
     def virtual_batches(self, data_loader, max_physical_batch_size: int):
-        """Split each logical (Poisson) batch into physical chunks; noise is added once per logical step."""
+        """Split each logical (Poisson) batch into physical chunks; noise is added once per logical step.
+
+        Args:
+            data_loader: the private loader make_private returned.
+            max_physical_batch_size: the most rows per chunk.
+
+        Returns:
+            An iterator over the chunks; step() after each (only the last chunk of a logical batch takes the step).
+        """
         if self.optimizer is None:
             raise RuntimeError("call make_private first")
         return iterate_chunks(data_loader, max_physical_batch_size, self.optimizer)
 
     def get_epsilon(self, delta: float) -> float:
+        """The privacy spent so far, by the accountant over the steps taken.
+
+        Args:
+            delta: the target delta.
+
+        Returns:
+            epsilon.
+        """
         return self.accountant.get_epsilon(delta=delta)
 
     def state_dict(self) -> dict:
         """Accountant, and where the noise and Poisson streams stand. PRIVATE: whoever reads the stream
         states can regenerate the noise; keep them with the checkpoint, never in logs or results.
-        Secure mode keeps no stream state (a resumed run draws fresh OS seeds)."""
+        Secure mode keeps no stream state (a resumed run draws fresh OS seeds).
+
+        Returns:
+            {"accountant", "noise", and "sampler" unless in secure mode or without Poisson sampling}.
+        """
         state = {"accountant": self.accountant.state_dict(), "noise": self.noise.state_dict() if self.noise else {}}
         if self.sampler_generator is not None and not self.secure_mode:
             state["sampler"] = self.sampler_generator.get_state()
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume the accountant and the streams from `state_dict`'s output (after make_private, with the same settings).
+
+        Args:
+            state: what `state_dict` returned.
+        """
         self.accountant.load_state_dict(state["accountant"])
         if self.noise is not None:
             self.noise.load_state_dict(state.get("noise", {}))
@@ -220,8 +268,51 @@ class PrivacyEngine:
             self.sampler_generator.set_state(state["sampler"])
 
 
+def check_arguments(module: nn.Module, backend: str, loss_reduction: str) -> None:
+    """Refuse make_private arguments that no model could make right.
+
+    Args:
+        module: the model (refused if another PrivacyEngine made it private).
+        backend: must be one of `dpkernels.backends.BACKENDS`.
+        loss_reduction: "mean" or "sum".
+    """
+    if backend not in ops.BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {ops.BACKENDS}")
+    if loss_reduction not in ("mean", "sum"):
+        raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+    if getattr(module, "_dpkernels_engine", None) is not None:
+        raise RuntimeError("this module was already made private by another PrivacyEngine")
+
+
+def data_parallel_world(distributed: bool | None) -> tuple[bool, int, int]:
+    """Whether this run is data parallel, and this process's place in it.
+
+    Args:
+        distributed: make_private's argument: None means "if a group of more than one process exists".
+
+    Returns:
+        (distributed, rank, world size); (False, 0, 1) for a single process.
+    """
+    rank, world_size = distributed_mod.world()
+    if distributed is None:
+        distributed = world_size > 1
+    elif distributed and world_size == 1:
+        raise ValueError("distributed=True needs an initialised torch.distributed process group of more than "
+                         "one process")
+    if not distributed:
+        rank, world_size = 0, 1
+    return distributed, rank, world_size
+
+
 def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
-    """The trainable parameters, after checking each belongs to exactly one supported module."""
+    """The trainable parameters, after checking each belongs to exactly one supported module.
+
+    Args:
+        module: the model.
+
+    Returns:
+        The trainable parameters, in module order.
+    """
     owners: dict[int, str] = {}
     params = []
     for name, m in module.named_modules(remove_duplicate=False):
@@ -235,7 +326,7 @@ def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
                     "gradient would mix two uses; untie it or freeze it")
             owners[id(p)] = where
             if rule_for(m) is None:
-                supported = ", ".join(c.__name__ for c in RULES)
+                supported = ", ".join(c.__name__ for c in LAYER_TYPES)
                 raise ValueError(
                     f"module '{name}' ({type(m).__name__}) has trainable parameter '{pname}' but dpkernels has no "
                     f"per-sample rule for it (supported: {supported}); freeze it or replace the module")
@@ -246,6 +337,14 @@ def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
 
 
 def private_modules(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules the engine takes over: those with a registered rule and a trainable parameter of their own.
+
+    Args:
+        module: the model.
+
+    Returns:
+        [(name, module)].
+    """
     return [(n, m) for n, m in module.named_modules()
             if rule_for(m) is not None and any(p.requires_grad for p in m.parameters(recurse=False))]
 
@@ -256,7 +355,12 @@ def batch_statistics_modules(module: nn.Module) -> list[tuple[str, nn.Module]]:
     A BatchNorm using batch statistics mixes the examples of a batch (one example's gradient depends on
     the others, so clipping no longer bounds its influence), and any norm layer tracking running
     statistics in train mode writes raw averages of private data into buffers released with the model.
-    Returns the modules to guard at every forward (model.train() may be called later).
+
+    Args:
+        module: the model.
+
+    Returns:
+        The modules to guard at every forward (model.train() may be called later), as [(name, module)].
     """
     guarded = []
     for name, m in module.named_modules():
@@ -356,6 +460,12 @@ def _refuse_batch_statistics(name: str):
 
 
 def check_optimizer(optimizer: Optimizer, params: list[nn.Parameter]) -> None:
+    """Refuse an optimizer holding a trainable parameter that is not the module's (it would train without privacy).
+
+    Args:
+        optimizer: the user's optimizer.
+        params: the module's trainable parameters.
+    """
     ours = {id(p) for p in params}
     for group in optimizer.param_groups:
         for p in group["params"]:

@@ -11,7 +11,12 @@ import torch
 
 
 class Grouping:
-    """Maps the `rows` rows of a batch to `n` examples. `ids=None`: every row is an example."""
+    """Maps the `rows` rows of a batch to `n` examples.
+
+    Args:
+        ids: an integer example id per row, or None (every row is an example).
+        rows: the rows of the batch.
+    """
 
     def __init__(self, ids: torch.Tensor | None, rows: int):
         self.rows = rows
@@ -40,7 +45,14 @@ class Grouping:
             self.slots = slots
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """[rows, T, f] -> [n, k*T, f]: the tokens of an example's rows, concatenated (zero padded)."""
+        """The tokens of an example's rows, concatenated (zero padded).
+
+        Args:
+            x: [rows, T, f].
+
+        Returns:
+            [n, k*T, f].
+        """
         if self.k == 1 and self.slots is None:
             return x
         if self.contiguous:
@@ -52,7 +64,14 @@ class Grouping:
         return out.reshape(self.n, self.k * x.shape[1], *x.shape[2:])
 
     def sum_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """[rows, ...] -> [n, ...]: per-example sum of per-row gradients."""
+        """Per-example sum of per-row gradients.
+
+        Args:
+            x: [rows, ...].
+
+        Returns:
+            [n, ...].
+        """
         if self.inverse is None:
             return x
         if self.contiguous:

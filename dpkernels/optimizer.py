@@ -18,12 +18,30 @@ from torch.optim import Optimizer
 
 from dpkernels import ops
 from dpkernels.bookkeeping import Batch, Clipper, Recorder
+from dpkernels.conventions import acc_dtype
 from dpkernels.distributed import all_reduce_sum
 from dpkernels.layers.base import DPLayer
 from dpkernels.noise import NoiseSource
 
 
 class DPOptimizer(Optimizer):
+    """The user's optimizer, stepping on private gradients: step() writes them (clipped sums, noise, / E), then steps.
+
+    Built by `PrivacyEngine.make_private`; the optimizer state (param_groups, state, defaults, state_dict) is the
+    wrapped optimizer's.
+
+    Args:
+        optimizer: the wrapped optimizer.
+        params: the private parameters (the model's trainable ones).
+        recorder: collects each physical batch's records.
+        clipper: turns them into clipped, noised sums.
+        noise: the noise counters.
+        noise_multiplier: sigma.
+        expected_batch_size: E = q N (the mean loss's gradient is divided by it).
+        backend: the ops' backend.
+        names: id(parameter) -> its name in the module, for error messages.
+        rank, world_size: this process's place in a data-parallel run.
+    """
     def __init__(self, optimizer: Optimizer, params: list[nn.Parameter], recorder: Recorder, clipper: Clipper,
                  noise: NoiseSource, noise_multiplier: float, expected_batch_size: int, backend: str = "auto",
                  names: dict[int, str] | None = None, rank: int = 0, world_size: int = 1):
@@ -55,6 +73,7 @@ class DPOptimizer(Optimizer):
     # --- the wrapped optimizer's state ------------------------------------------------------
     @property
     def param_groups(self):
+        """The wrapped optimizer's param_groups."""
         return self.original_optimizer.param_groups
 
     @param_groups.setter
@@ -63,6 +82,7 @@ class DPOptimizer(Optimizer):
 
     @property
     def state(self):
+        """The wrapped optimizer's state."""
         return self.original_optimizer.state
 
     @state.setter
@@ -71,6 +91,7 @@ class DPOptimizer(Optimizer):
 
     @property
     def defaults(self):
+        """The wrapped optimizer's defaults."""
         return self.original_optimizer.defaults
 
     @defaults.setter
@@ -78,9 +99,19 @@ class DPOptimizer(Optimizer):
         self.original_optimizer.defaults = value
 
     def state_dict(self):
+        """The wrapped optimizer's state_dict (the engine's own state is `PrivacyEngine.state_dict`).
+
+        Returns:
+            Its state dict.
+        """
         return self.original_optimizer.state_dict()
 
     def load_state_dict(self, state_dict) -> None:
+        """Load the wrapped optimizer's state.
+
+        Args:
+            state_dict: what `state_dict` returned.
+        """
         self.original_optimizer.load_state_dict(state_dict)
 
     def __repr__(self) -> str:
@@ -93,24 +124,40 @@ class DPOptimizer(Optimizer):
 
     # --- what the training loop calls -------------------------------------------------------
     def set_example_ids(self, ids: torch.Tensor | None) -> None:
-        """Rows with equal ids form one example (clipped together). Call between forward and step."""
+        """Rows with equal ids form one example (clipped together). Call between forward and step.
+
+        Args:
+            ids: one integer id per row of the batch, or None (every row is an example).
+        """
         self.recorder.example_ids = ids
 
     def signal_skip_step(self, do_skip: bool = True) -> None:
-        """The next step() only accumulates (the logical batch is not complete yet)."""
+        """The next step() only accumulates (the logical batch is not complete yet).
+
+        Args:
+            do_skip: whether it does.
+        """
         self._skip_next = do_skip
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop everything of the current logical step, as Opacus does: the (A, G) of a batch that ran
         backward without a step, and the clipped sums accumulated so far, unless the last step() only
-        accumulated (a physical chunk of a virtual batch)."""
+        accumulated (a physical chunk of a virtual batch).
+
+        Args:
+            set_to_none: as torch.optim.Optimizer.zero_grad.
+        """
         self.discard_batch()
         self.original_optimizer.zero_grad(set_to_none)
 
     def discard_batch(self, layers: set[DPLayer] | None = None) -> None:
-        """What zero_grad drops besides p.grad: the pending (A, G) of `layers` (None: every private layer), and what
-        was accumulated for their parameters unless the last step() only accumulated (a virtual batch's chunk).
-        Called by this optimizer's zero_grad and by any zero_grad that reaches the parameters (dpkernels.engine)."""
+        """What zero_grad drops besides p.grad: the pending (A, G) of `layers`, and what was accumulated for their
+        parameters unless the last step() only accumulated (a virtual batch's chunk). Called by this optimizer's
+        zero_grad and by any zero_grad that reaches the parameters (dpkernels.engine).
+
+        Args:
+            layers: the private layers concerned (None: every one).
+        """
         if layers is None or layers >= set(self.clipper.layers):
             self.recorder.discard()
             if not self._last_step_skipped:
@@ -123,12 +170,26 @@ class DPOptimizer(Optimizer):
                     self._acc.pop(p, None)
 
     def add_param_group(self, param_group: dict) -> None:
+        """Refused: the new parameters would train on their plain, non-private gradients.
+
+        Args:
+            param_group: ignored.
+        """
         raise RuntimeError(
             "add_param_group after make_private is refused: the new parameters would be updated with their plain, "
             "non-private gradients. Put every trainable parameter in the optimizer before make_private (frozen "
             "ones may be unfrozen only by making the model private again with a new PrivacyEngine)")
 
     def step(self, closure=None):
+        """Write the private gradients (noise on the last physical batch of a logical step), then step the wrapped
+        optimizer; a step signalled as skipped only accumulates the clipped sums.
+
+        Args:
+            closure: as torch.optim.Optimizer.step: re-evaluates the model (its backward's batch is the one stepped on).
+
+        Returns:
+            The wrapped optimizer's step result, or None for an accumulating step.
+        """
         if closure is not None:
             with torch.enable_grad():
                 closure()
@@ -210,7 +271,7 @@ class DPOptimizer(Optimizer):
                 g = sums[p] + self._acc[p] if p in self._acc else sums[p]
             else:  # its layer did not run in the last physical batch: noise on what was accumulated
                 g = self._acc.get(p)
-                g = torch.zeros(p.shape, dtype=_acc_dtype(p), device=p.device) if g is None else g.clone()
+                g = torch.zeros(p.shape, dtype=acc_dtype(p), device=p.device) if g is None else g.clone()
                 if noise is not None:
                     seed, offset = self.noise.take(p.numel())
                     ops.add_noise_(g, std, seed, offset, backend=self.backend)
@@ -220,7 +281,3 @@ class DPOptimizer(Optimizer):
             self.bytes_all_reduced += all_reduce_sum([grads[p] for p in self.params])
         for p, g in grads.items():
             p.grad = g.reshape(p.shape).to(p.dtype)
-
-
-def _acc_dtype(p: torch.Tensor) -> torch.dtype:
-    return torch.float64 if p.dtype == torch.float64 else torch.float32

@@ -19,7 +19,14 @@ __all__ = ["create_accountant", "get_noise_multiplier", "poisson_loader", "sampl
 
 
 def sample_rate_of(data_loader: DataLoader) -> float:
-    """As Opacus: one logical batch per loader step, q = 1 / len(loader)."""
+    """As Opacus: one logical batch per loader step, q = 1 / len(loader).
+
+    Args:
+        data_loader: the user's loader.
+
+    Returns:
+        The sampling rate q.
+    """
     n = len(data_loader)
     if n == 0:
         raise ValueError("the data loader is empty")
@@ -32,6 +39,13 @@ def sampler_generator(seed: int | None, rank: int = 0) -> torch.Generator:
     Never torch's global generator, nor the loader's: those are seeded from public values. torch's
     generator is not a CSPRNG (Opacus uses torchcsprng for that, which has no build for current torch).
     Each rank of a distributed run has its own stream (independent inclusions across ranks).
+
+    Args:
+        seed: None (OS seeding), or a test seed.
+        rank: this process's rank in a distributed run.
+
+    Returns:
+        A CPU torch.Generator.
     """
     if seed is None:
         start = secrets.randbits(63)
@@ -113,14 +127,30 @@ def poisson_loader(data_loader: DataLoader, generator: torch.Generator) -> DPDat
     Opacus also hands `generator` to the DataLoader, which draws a worker base seed from it whenever an iterator
     starts: the batches would then depend on where epochs begin, and a resumed run (which starts an iterator
     mid-epoch) would sample other batches than an uninterrupted one. The base seeds come from a generator of
-    their own instead (public, fixed: they only seed worker processes), so only the masks draw from `generator`."""
+    their own instead (public, fixed: they only seed worker processes), so only the masks draw from `generator`.
+
+    Args:
+        data_loader: the user's loader (its dataset, batch size, collate function, workers).
+        generator: the sampler's generator (`sampler_generator`).
+
+    Returns:
+        The Poisson loader (it reports each batch's size to the engine's recorder).
+    """
     loader = CountingDPDataLoader.from_data_loader(data_loader, generator=generator)
     loader.generator = torch.Generator().manual_seed(0)
     return loader
 
 
 def split_batch(batch: Any, size: int) -> list[Any]:
-    """Split every tensor of a (nested) batch into chunks of at most `size` rows; at least one chunk."""
+    """Split every tensor of a (nested) batch into chunks of at most `size` rows; at least one chunk.
+
+    Args:
+        batch: a tensor, or lists, tuples, named tuples and mappings of them.
+        size: the most rows per chunk.
+
+    Returns:
+        The chunks, each shaped like `batch`.
+    """
     n = _rows(batch)
     if n is None:
         raise ValueError("cannot split a batch that holds no tensor")
@@ -165,7 +195,13 @@ def _slice(batch: Any, a: int, b: int) -> Any:
 
 
 def iterate_chunks(loader, max_physical_batch_size: int, optimizer) -> Iterator[Any]:
-    """Yield physical chunks; tell the optimizer which step() calls only accumulate."""
+    """Yield physical chunks; tell the optimizer which step() calls only accumulate.
+
+    Args:
+        loader: the private (Poisson) loader.
+        max_physical_batch_size: the most rows per chunk.
+        optimizer: the DPOptimizer (its skip signal and its recorder).
+    """
     if max_physical_batch_size < 1:
         raise ValueError(f"max_physical_batch_size must be >= 1, got {max_physical_batch_size}")
     for batch in loader:

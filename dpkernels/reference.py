@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from dpkernels.conventions import acc_dtype, as_3d, round_up4
+
 _PHILOX_M0 = 0xD2511F53
 _PHILOX_M1 = 0xCD9E8D57
 _PHILOX_W0 = 0x9E3779B9
@@ -19,28 +21,31 @@ _PHILOX_W1 = 0xBB67AE85
 _MASK32 = 0xFFFFFFFF
 
 
-def acc_dtype(t: torch.Tensor) -> torch.dtype:
-    """float64 stays float64; everything else accumulates in float32."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def as_3d(x: torch.Tensor) -> torch.Tensor:
-    """[B, n] -> [B, 1, n]; [B, T, n] unchanged; [B, ..., n] -> [B, T, n]."""
-    if x.dim() == 2:
-        return x.unsqueeze(1)
-    if x.dim() == 3:
-        return x
-    return x.reshape(x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1])
-
-
 def per_sample_linear_grads(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    """g_b = G_b^T A_b, [B, p, d]."""
+    """Per-sample weight gradients of a linear layer, materialised.
+
+    Args:
+        A: the layer's input, [B, d], [B, T, d] or [B, ..., d].
+        G: the gradient of its output, same leading dims, last dim p.
+
+    Returns:
+        g_b = G_b^T A_b, [B, p, d], in the accumulation dtype.
+    """
     dt = acc_dtype(A)
     return torch.einsum("btp,btd->bpd", as_3d(G).to(dt), as_3d(A).to(dt))
 
 
 def ghost_norm(A: torch.Tensor, G: torch.Tensor, with_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Squared per-sample norms of the weight (and bias) gradient, by the Gram identity."""
+    """Squared per-sample norms of the weight (and bias) gradient, by the Gram identity.
+
+    Args:
+        A: the layer's input, [B, (T,) d].
+        G: the gradient of its output, [B, (T,) p].
+        with_bias: also the bias norms ||sum_t G_b[t]||^2.
+
+    Returns:
+        (weight norms [B], bias norms [B] or an empty tensor), in the accumulation dtype.
+    """
     dt = acc_dtype(A)
     A3, G3 = as_3d(A).to(dt), as_3d(G).to(dt)
     aa = torch.bmm(A3, A3.transpose(1, 2))
@@ -51,7 +56,16 @@ def ghost_norm(A: torch.Tensor, G: torch.Tensor, with_bias: bool) -> tuple[torch
 
 
 def direct_norm(A: torch.Tensor, G: torch.Tensor, with_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Squared per-sample norms of the weight (and bias) gradient, by materialising g_b."""
+    """Squared per-sample norms of the weight (and bias) gradient, by materialising g_b.
+
+    Args:
+        A: the layer's input, [B, (T,) d].
+        G: the gradient of its output, [B, (T,) p].
+        with_bias: also the bias norms ||sum_t G_b[t]||^2.
+
+    Returns:
+        (weight norms [B], bias norms [B] or an empty tensor), in the accumulation dtype.
+    """
     g = per_sample_linear_grads(A, G)
     w = g.pow(2).sum(dim=(1, 2))
     b = as_3d(G).to(g.dtype).sum(1).pow(2).sum(1) if with_bias else w.new_empty(0)
@@ -70,7 +84,19 @@ def clipped_sum(
     """sum_b c_b G_b^T A_b + noise [p, d]; bias sum_b c_bias_b sum_t G_b[t] + noise [p].
 
     Weight noise uses counters offset .. offset + p*d - 1; bias noise starts at
-    offset + round_up(p*d, 4). An absent c_bias gives an empty bias.
+    offset + round_up4(p*d). An absent c_bias gives an empty bias.
+
+    Args:
+        A: the layer's input, [B, (T,) d].
+        G: the gradient of its output, [B, (T,) p].
+        c: clip factor per sample, [B].
+        c_bias: clip factor per sample for the bias, [B], or None (no bias).
+        noise_std: std of the Gaussian noise.
+        seed: Philox seed.
+        offset: first noise counter.
+
+    Returns:
+        (weight sum [p, d], bias sum [p] or an empty tensor), in the accumulation dtype.
     """
     dt = acc_dtype(A)
     A3, G3 = as_3d(A).to(dt), as_3d(G).to(dt)
@@ -85,13 +111,31 @@ def clipped_sum(
 
 
 def sq_norms(X: torch.Tensor) -> torch.Tensor:
-    """||X_b||^2 over all trailing dims, [B]."""
+    """Squared norm of each sample over all its trailing dims.
+
+    Args:
+        X: [B, ...].
+
+    Returns:
+        ||X_b||^2, [B], in the accumulation dtype.
+    """
     dt = acc_dtype(X)
     return X.to(dt).reshape(X.shape[0], math.prod(X.shape[1:])).pow(2).sum(1)
 
 
 def clipped_rows_sum(X: torch.Tensor, c: torch.Tensor, noise_std: float, seed: int, offset: int) -> torch.Tensor:
-    """sum_b c_b X_b + noise, shape X.shape[1:]."""
+    """Clipped sum of per-sample tensors, plus noise.
+
+    Args:
+        X: [B, ...].
+        c: clip factor per sample, [B].
+        noise_std: std of the Gaussian noise.
+        seed: Philox seed.
+        offset: first noise counter (row-major over X.shape[1:]).
+
+    Returns:
+        sum_b c_b X_b + noise, shape X.shape[1:], in the accumulation dtype.
+    """
     dt = acc_dtype(X)
     out = torch.einsum("b,bn->n", c.to(dt), X.to(dt).reshape(X.shape[0], math.prod(X.shape[1:])))
     out = out + noise_std * philox_normal((out.numel(),), seed, offset, dt, X.device)
@@ -99,13 +143,30 @@ def clipped_rows_sum(X: torch.Tensor, c: torch.Tensor, noise_std: float, seed: i
 
 
 def affine_grad_sample(xhat: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    """Per-sample gradient of a per-channel scale: xhat, G [B, C, S] -> [B, C] = sum_s xhat * G."""
+    """Per-sample gradient of a per-channel scale (a norm layer's weight).
+
+    Args:
+        xhat: the normalised input, [B, C, S].
+        G: the gradient of the layer's output, [B, C, S].
+
+    Returns:
+        sum_s xhat * G, [B, C], in the accumulation dtype of G.
+    """
     dt = acc_dtype(G)
     return (xhat.to(dt) * G.to(dt)).sum(-1)
 
 
 def embedding_grad_sample(ids: torch.Tensor, G: torch.Tensor, num_embeddings: int) -> torch.Tensor:
-    """Per-sample gradient of an embedding table, [B, V, D] (repeated ids summed)."""
+    """Per-sample gradient of an embedding table, materialised (repeated ids summed).
+
+    Args:
+        ids: int64 ids, [B, ...].
+        G: the gradient of the looked-up rows, [B, ..., D].
+        num_embeddings: V, the table's rows.
+
+    Returns:
+        [B, V, D], in the accumulation dtype of G.
+    """
     dt = acc_dtype(G)
     B, D = ids.shape[0], G.shape[-1]
     ids2 = ids.reshape(B, ids.shape[1:].numel())
@@ -116,7 +177,15 @@ def embedding_grad_sample(ids: torch.Tensor, G: torch.Tensor, num_embeddings: in
 
 
 def embedding_norm(ids: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    """||per-sample embedding gradient||^2, [B]."""
+    """Squared norm of each sample's embedding-table gradient.
+
+    Args:
+        ids: int64 ids, [B, ...].
+        G: the gradient of the looked-up rows, [B, ..., D].
+
+    Returns:
+        [B].
+    """
     V = int(ids.max().item()) + 1 if ids.numel() else 1
     return sq_norms(embedding_grad_sample(ids, G, V))
 
@@ -124,19 +193,38 @@ def embedding_norm(ids: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
 def embedding_clipped_sum(
     ids: torch.Tensor, G: torch.Tensor, c: torch.Tensor, num_embeddings: int, noise_std: float, seed: int, offset: int
 ) -> torch.Tensor:
-    """sum_b c_b (per-sample table gradient) + noise on the whole table, [V, D]."""
+    """Clipped sum of the per-sample embedding-table gradients, noise on the whole table.
+
+    Args:
+        ids: int64 ids, [B, ...].
+        G: the gradient of the looked-up rows, [B, ..., D].
+        c: clip factor per sample, [B].
+        num_embeddings: V, the table's rows.
+        noise_std: std of the Gaussian noise.
+        seed: Philox seed.
+        offset: first noise counter (row-major over [V, D]).
+
+    Returns:
+        sum_b c_b g_b + noise, [V, D].
+    """
     g = embedding_grad_sample(ids, G, num_embeddings)
     return clipped_rows_sum(g, c, noise_std, seed, offset)
 
 
 def add_noise_(x: torch.Tensor, std: float, seed: int, offset: int) -> torch.Tensor:
-    """x += std * philox_normal, in place."""
+    """x += std * philox_normal, in place.
+
+    Args:
+        x: the tensor to noise.
+        std: the noise's std.
+        seed: Philox seed.
+        offset: counter of x's first element (row-major).
+
+    Returns:
+        x.
+    """
     x.add_(std * philox_normal(tuple(x.shape), seed, offset, x.dtype, x.device))
     return x
-
-
-def round_up4(n: int) -> int:
-    return (n + 3) // 4 * 4
 
 
 # --- Counter-based Gaussian noise (Philox4x32-10 + Box-Muller) ----------------
@@ -155,7 +243,15 @@ def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def philox4x32(counter: torch.Tensor, seed: int) -> list[torch.Tensor]:
-    """Philox4x32-10 of blocks (counter, 0, 0) with 64-bit counters; returns 4 uint32 lanes as int64."""
+    """Philox4x32-10 of the blocks (counter, 0, 0), with 64-bit counters.
+
+    Args:
+        counter: int64 block counters, any shape.
+        seed: the 64-bit key (lo and hi words).
+
+    Returns:
+        The 4 uint32 output lanes, each an int64 tensor like `counter`.
+    """
     c0 = counter & _MASK32
     c1 = (counter >> 32) & _MASK32
     c2 = torch.zeros_like(counter)
@@ -171,12 +267,30 @@ def philox4x32(counter: torch.Tensor, seed: int) -> list[torch.Tensor]:
 
 
 def uint32_to_unit(x: torch.Tensor) -> torch.Tensor:
-    """uint32 -> (0, 1), never 0 so log is finite."""
+    """uint32 -> (0, 1), never 0 so log is finite.
+
+    Args:
+        x: uint32 values held in an int64 tensor.
+
+    Returns:
+        float64 tensor in (0, 1).
+    """
     return (x.to(torch.float64) + 0.5) * (1.0 / 4294967296.0)
 
 
 def philox_normal(shape: tuple[int, ...], seed: int, offset: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """Standard normals for counters offset .. offset + numel - 1, computed in float64."""
+    """Standard normals for counters offset .. offset + numel - 1, computed in float64.
+
+    Args:
+        shape: the output's shape (counters run row-major over it).
+        seed: Philox seed.
+        offset: the first counter.
+        dtype: the output's dtype.
+        device: the output's device.
+
+    Returns:
+        A tensor of `shape`.
+    """
     n = math.prod(shape)
     idx = torch.arange(n, dtype=torch.int64) + offset
     lanes = philox4x32(idx // 4, seed)

@@ -21,7 +21,7 @@ def setup_module():
     return mod
 
 
-CU = ["csrc/cuda/ghost_norm.cu"]
+CU = ["csrc/cuda/linear_norms.cu"]
 
 
 def test_cuda_on_when_everything_is_there(setup_module):

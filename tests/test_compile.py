@@ -1,12 +1,12 @@
 """torch.compile (issue 11, item 3): a private model compiles into one graph, with no graph break at its private
-layers (their tap runs as the opaque ops of dpkernels/layers/compiled.py), and a DP step through the compiled
+layers (their tap runs as the opaque ops of dpkernels/layers/tap_ops.py), and a DP step through the compiled
 model (forward + backward compiled, optimizer.step() eager) gives the eager step's parameters.
 
 Backends: "aot_eager" (dynamo + AOTAutograd, aten ops run eagerly: quick to compile) for the behaviour tests;
 "inductor" (generated C++ kernels, the real thing) for one step parity test on a model where inductor reuses
 the buffers of dead intermediates: it fails if a record kept a graph-owned tensor instead of its own copy.
 inductor on the diffusers UNet through `dpkernels.compile`: with plain torch.compile inductor's peak-memory
-reordering gave a wrong step (see dpkernels/compiling.py).
+reordering gave a wrong step (see dpkernels/torch_compile.py).
 """
 
 from __future__ import annotations
@@ -332,13 +332,13 @@ def test_compile_refuses_a_model_that_is_not_private() -> None:
 
 def test_plain_torch_compile_of_a_private_model_warns(monkeypatch: pytest.MonkeyPatch) -> None:
     """Once: which inductor option the private step needs, and that dpkernels.compile sets it (no warning)."""
-    from dpkernels.layers import compiled
+    from dpkernels.layers import tap_ops
 
     batch = stack_batch()
     for compile_fn, warns in ((lambda m: dpkernels.compile(m, backend="aot_eager"), False),
                               (lambda m: torch.compile(m, backend="aot_eager"), True)):
         torch._dynamo.reset()
-        monkeypatch.setattr(compiled, "_warned", False)
+        monkeypatch.setattr(tap_ops, "_warned", False)
         model, _, _ = make(stack(1), batch)
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")

@@ -214,7 +214,7 @@ def test_sum_reduction_noise_is_not_divided():
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_two_backward_passes_accumulate_per_example(compiled: bool):
     """Two losses, retain_graph=True: the per-sample gradient is the sum, so is its norm (every layer type); the
-    same through a torch.compile'd model (aot_eager; dpkernels/layers/compiled.py)."""
+    same through a torch.compile'd model (aot_eager; dpkernels/layers/tap_ops.py)."""
     torch.manual_seed(4)
     base = models.AllLayers().double()
     batch = tuple(b.double() if b.is_floating_point() else b for b in models.all_layers_batch(5))

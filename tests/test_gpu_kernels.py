@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dpkernels import ops, reference
+from dpkernels.conventions import round_up4
 from tests.conftest import require_cuda_kernels
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -161,7 +162,7 @@ def test_clipped_sum_empty_batch_is_pure_noise(backend: str) -> None:
     w, b = impl(backend, "clipped_sum")(z, torch.zeros(0, 3, 70, device="cuda"), torch.zeros(0, device="cuda"),
                                         torch.zeros(0, device="cuda"), 1.3, 9, 5)
     torch.testing.assert_close(w.double(), 1.3 * noise((70, 130), 9, 5), rtol=0, atol=1.3 * NOISE_ATOL)
-    torch.testing.assert_close(b.double(), 1.3 * noise((70,), 9, 5 + reference.round_up4(70 * 130)), rtol=0,
+    torch.testing.assert_close(b.double(), 1.3 * noise((70,), 9, 5 + round_up4(70 * 130)), rtol=0,
                                atol=1.3 * NOISE_ATOL)
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -21,9 +22,23 @@ from dpkernels import reference
 
 dtriton = pytest.importorskip("dpkernels.triton")
 # the modules (the package's attributes clipped_sum etc. are the ops)
-clipped_sum, embedding, linear_norms, rows = (importlib.import_module(f"dpkernels.triton.{m}")
-                                              for m in ("clipped_sum", "embedding", "linear_norms", "rows"))
-pinned_config = importlib.import_module("dpkernels.triton._common").pinned_config
+affine, clipped_sum, embedding, linear_norms, noise, rows = (
+    importlib.import_module(f"dpkernels.triton.{m}")
+    for m in ("affine", "clipped_sum", "embedding", "linear_norms", "noise", "rows"))
+
+
+@contextmanager
+def pinned_config(kernel, config) -> Iterator[None]:
+    """Launch `kernel` (a triton Autotuner) with exactly `config` inside the block (any config, also under the
+    interpreter or DPK_TRITON_AUTOTUNE=0): each config is checked against the reference, not just the fastest.
+    An autotuner with a single config launches it without benchmarking (Triton 3.6 through 3.9)."""
+    saved = kernel.configs
+    kernel.configs = [config]
+    try:
+        yield
+    finally:
+        kernel.configs = saved
+
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # name -> (the autotuned kernel, every config it may be tuned to on a GPU)
@@ -32,7 +47,7 @@ KERNELS = {
     "ghost_norm": (linear_norms._ghost_norm_kernel, linear_norms.GHOST_CONFIGS),
     "direct_norm": (linear_norms._direct_norm_kernel, linear_norms.DIRECT_CONFIGS),
     "embedding_norm": (embedding._embedding_norm_kernel, embedding.NORM_CONFIGS),
-    "affine_grad_sample": (rows._affine_kernel, rows.AFFINE_CONFIGS),
+    "affine_grad_sample": (affine._affine_kernel, affine.AFFINE_CONFIGS),
 }
 CASES = [pytest.param(name, i, id=f"{name}-cfg{i}") for name, (_, cfgs) in KERNELS.items() for i in range(len(cfgs))]
 NORM_RTOL = 1e-4
@@ -108,7 +123,7 @@ def run_config(name: str, index: int, shape: tuple[int, int, int, int], dtype: t
 def test_every_autotuned_kernel_is_listed() -> None:
     import triton
 
-    tuned = {obj for mod in (clipped_sum, embedding, linear_norms, rows) for obj in vars(mod).values()
+    tuned = {obj for mod in (affine, clipped_sum, embedding, linear_norms, noise, rows) for obj in vars(mod).values()
              if isinstance(obj, triton.runtime.Autotuner)}
     assert tuned == {kernel for kernel, _ in KERNELS.values()}
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from dpkernels import ops, reference
+from dpkernels.conventions import round_up4
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="interpreter tests run without CUDA; the GPU tests cover CUDA machines")
@@ -134,7 +135,7 @@ def test_clipped_sum_no_bias_no_noise_and_empty_batch() -> None:
     assert b.numel() == 0
     w, b = dtriton.clipped_sum(randn(0, 7, 18), randn(0, 7, 17), torch.zeros(0), torch.zeros(0), 2.0, 4, 6)
     torch.testing.assert_close(w.double(), 2.0 * noise((17, 18), 4, 6), rtol=0, atol=2 * NOISE_ATOL)
-    torch.testing.assert_close(b.double(), 2.0 * noise((17,), 4, 6 + reference.round_up4(17 * 18)),
+    torch.testing.assert_close(b.double(), 2.0 * noise((17,), 4, 6 + round_up4(17 * 18)),
                                rtol=0, atol=2 * NOISE_ATOL)
     A0, c = torch.zeros(2, 3, 0), torch.rand(2)  # d = 0: no weight, but the bias is still summed
     b = dtriton.clipped_sum(A0, G[:, :3], c, c, 0.5, 3, 4)[1]

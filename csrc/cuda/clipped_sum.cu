@@ -6,7 +6,7 @@
 // [B*T, p] / [B*T, d] inputs, scaling row r of G by c[r / T] as it is loaded (so clipped
 // per-sample gradients never exist), and adds the Philox noise in the epilogue before the one
 // store of W. The bias (sum_b c_bias_b sum_t G_b[t] + noise from offset + round_up4(p d)) is a
-// small column-sum kernel in linear_bias.cu.
+// small column-sum kernel (namespace bias, at the end).
 #include "launchers.cuh"
 #include "noise.cuh"
 #include "tiles.cuh"
@@ -190,9 +190,59 @@ void launch_clipped_sum(const T* A, const T* G, const acc_of<T>* c, acc_of<T>* o
                                                                 noise_std, seed, offset);
 }
 
-#define DPK_INSTANTIATE(T)                                                                                  \
-  template void launch_clipped_sum<T>(const T*, const T*, const acc_of<T>*, acc_of<T>*, int64_t, int64_t, \
-                                      int64_t, int64_t, double, uint64_t, uint64_t, bool, cudaStream_t);
+// =======================================================================================
+// the clipped bias sum (clipped_sum with c_bias)
+// =======================================================================================
+namespace bias {
+namespace {
+
+constexpr int kThreads = 256;
+
+// out[j] = sum_r c[r / T] G[r, j] + noise_std * z(offset + j) over the B*T rows r.
+// Block: 32 columns x 8 row groups; the row groups meet in shared memory, then one thread per
+// column adds the noise and stores.
+constexpr int kBiasCols = 32;
+constexpr int kBiasRowGroups = kThreads / kBiasCols;
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    clipped_bias_sum_kernel(const T* __restrict__ G, const acc_of<T>* __restrict__ c,
+                            acc_of<T>* __restrict__ out, int64_t n_rows, int64_t n_tok, int64_t p,
+                            double noise_std, uint64_t seed, uint64_t offset) {
+  using acc_t = typename Elem<T>::acc_t;
+  __shared__ acc_t partial[kBiasRowGroups][kBiasCols + 1];
+  const int tx = threadIdx.x % kBiasCols, ty = threadIdx.x / kBiasCols;
+  const int64_t j = int64_t(blockIdx.x) * kBiasCols + tx;
+  acc_t s = acc_t(0);
+  if (j < p) {
+    for (int64_t r = ty; r < n_rows; r += kBiasRowGroups) s += c[r / n_tok] * Elem<T>::to_acc(G[r * p + j]);
+  }
+  partial[ty][tx] = s;
+  __syncthreads();
+  if (ty == 0 && j < p) {
+    for (int g = 1; g < kBiasRowGroups; ++g) s += partial[g][tx];
+    if (noise_std != 0.0) s += acc_t(noise_std * philox_normal(offset + uint64_t(j), seed));
+    out[j] = s;
+  }
+}
+
+}  // namespace
+}  // namespace bias
+
+template <typename T>
+void launch_clipped_bias_sum(const T* G, const acc_of<T>* c, acc_of<T>* out, int64_t B, int64_t n_tok, int64_t p,
+                             double noise_std, uint64_t seed, uint64_t offset, cudaStream_t stream) {
+  using namespace bias;
+  if (p == 0) return;
+  const unsigned int grid = static_cast<unsigned int>(tile::cdiv(p, kBiasCols));
+  clipped_bias_sum_kernel<T><<<grid, kThreads, 0, stream>>>(G, c, out, B * n_tok, n_tok, p, noise_std, seed, offset);
+}
+
+#define DPK_INSTANTIATE(T)                                                                                     \
+  template void launch_clipped_sum<T>(const T*, const T*, const acc_of<T>*, acc_of<T>*, int64_t, int64_t,    \
+                                      int64_t, int64_t, double, uint64_t, uint64_t, bool, cudaStream_t);     \
+  template void launch_clipped_bias_sum<T>(const T*, const acc_of<T>*, acc_of<T>*, int64_t, int64_t, int64_t, \
+                                           double, uint64_t, uint64_t, cudaStream_t);
 DPK_FOR_FLOATING(DPK_INSTANTIATE)
 #undef DPK_INSTANTIATE
 

@@ -1,29 +1,21 @@
-"""Per-layer rules: how to get per-sample norms and clipped sums from (A, G). One module type per file."""
+"""Per-layer rules: how to get per-sample norms and clipped sums from (A, G). One module type per file.
 
-from torch import nn
+Each rule is a `DPLayer` subclass registered for the module type it handles, beside its math (as Opacus'
+`register_grad_sampler`):
 
-from dpkernels.layers.base import DPLayer
-from dpkernels.layers.conv2d import DPConv2d
-from dpkernels.layers.embedding import DPEmbedding
-from dpkernels.layers.groupnorm import DPGroupNorm
-from dpkernels.layers.layernorm import DPLayerNorm
-from dpkernels.layers.linear import DPLinear
+    @register_layer(nn.Linear)
+    class DPLinear(DPLayer): ...
 
-RULES: dict[type[nn.Module], type[DPLayer]] = {
-    nn.Linear: DPLinear,
-    nn.Conv2d: DPConv2d,
-    nn.LayerNorm: DPLayerNorm,
-    nn.GroupNorm: DPGroupNorm,
-    nn.Embedding: DPEmbedding,
-}
+Adding a layer type: a file here with a DPLayer subclass that sets `param_names` and defines `compute` (the forward,
+and what the norms need), `input_grad`, `sq_norms` and `clipped_sums` (and `check_module` for configurations it
+refuses, `on_grad` to reduce to small per-sample gradients early: see layernorm.py); decorate it with
+`@register_layer(YourModule)`, import it below, and test it against Opacus (tests/test_engine_parity.py,
+tests/test_layer_options.py). `LAYER_TYPES` lists what is registered; the engine refuses any other module with a
+trainable parameter.
+"""
 
+# imported for their registration, in the order error messages list the supported types
+from dpkernels.layers import linear, conv2d, layernorm, groupnorm, embedding  # noqa: F401, I001
+from dpkernels.layers.base import LAYER_TYPES, DPLayer, register_layer, rule_for
 
-def rule_for(module: nn.Module) -> type[DPLayer] | None:
-    """The rule for this module, if its class is one of ours or a subclass that keeps our forward."""
-    for cls in type(module).__mro__:
-        if cls in RULES:
-            return RULES[cls] if type(module).forward is cls.forward else None
-    return None
-
-
-__all__ = ["RULES", "DPLayer", "rule_for"]
+__all__ = ["LAYER_TYPES", "DPLayer", "register_layer", "rule_for"]

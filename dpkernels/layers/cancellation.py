@@ -20,12 +20,26 @@ TRUSTED_ERROR = 1e-3  # largest relative error of a squared norm taken as it is 
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
-    """u of the accumulation: float64 stays float64, every other input accumulates in float32."""
+    """u of the accumulation: float64 stays float64, every other input accumulates in float32.
+
+    Args:
+        dtype: the layer's input dtype.
+
+    Returns:
+        The unit roundoff of the dtype its norms accumulate in.
+    """
     return 2.0**-53 if dtype == torch.float64 else 2.0**-24
 
 
 def token_norms(x: torch.Tensor) -> torch.Tensor:
-    """||x_t|| per example and token, [n, T] in float32 (float64 for float64 input), from x [n, T, f]."""
+    """||x_t|| per example and token.
+
+    Args:
+        x: [n, T, f].
+
+    Returns:
+        [n, T], float32 (float64 for float64 input).
+    """
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
     return torch.linalg.vector_norm(x, dim=-1, dtype=dt)
 

@@ -11,16 +11,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpkernels.layers.base import DPLayer, Record
+from dpkernels.layers.base import DPLayer, Record, register_layer
 from dpkernels.layers.linear import linear_clipped_sums, linear_sq_norms
 
 
+@register_layer(nn.Conv2d)
 class DPConv2d(DPLayer):
-    module_type = nn.Conv2d
+    """nn.Conv2d: a linear layer over output positions (groups: one linear per group)."""
     param_names = ("weight", "bias")
     strategy: str | None = None
 
     def check_module(self) -> None:
+        """Refuse padding='same' (or another string) with a padding mode other than zeros."""
         m = self.module
         if isinstance(m.padding, str) and m.padding != "valid" and m.padding_mode != "zeros":
             raise ValueError(f"{self.name}: padding={m.padding!r} with padding_mode={m.padding_mode!r} is not supported")
@@ -44,6 +46,10 @@ class DPConv2d(DPLayer):
         return tuple(m.padding)
 
     def compute(self, x, params):
+        """The convolution; saves the (mode-)padded input as A and the zero padding.
+
+        Args and Returns: as `DPLayer.compute`.
+        """
         m = self.module
         xp, pad = self._padded(x)
         weight = params[0]
@@ -52,6 +58,10 @@ class DPConv2d(DPLayer):
         return out, {"A": xp, "pad": pad}
 
     def input_grad(self, saved: dict, grad_out: torch.Tensor) -> torch.Tensor:
+        """The convolution's input gradient (through the padding mode's adjoint).
+
+        Args and Returns: as `DPLayer.input_grad`.
+        """
         m = self.module
         xp = saved["A"]
         w = m.weight.to(grad_out.dtype)
@@ -79,6 +89,10 @@ class DPConv2d(DPLayer):
         return [(A[..., i * fa:(i + 1) * fa], G[..., i * fg:(i + 1) * fg]) for i in range(g)]
 
     def sq_norms(self, rec, grouping, backend):
+        """Per group, `linear_sq_norms` of the unfolded input; the groups' norms add.
+
+        Args and Returns: as `DPLayer.sq_norms`.
+        """
         total: dict[str, torch.Tensor] = {}
         for A, G in self._group_tokens(rec, grouping):
             for k, v in linear_sq_norms(self, A, G, backend).items():
@@ -86,6 +100,10 @@ class DPConv2d(DPLayer):
         return total
 
     def clipped_sums(self, rec, grouping, c, noise_std, noise, backend):
+        """Per group, `linear_clipped_sums`; concatenated in the weight's shape.
+
+        Args and Returns: as `DPLayer.clipped_sums`.
+        """
         parts = [linear_clipped_sums(self, A, G, c, noise_std, noise, backend) for A, G in self._group_tokens(rec, grouping)]
         out = {}
         if "weight" in self.trainable:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 import triton
@@ -78,19 +76,6 @@ def configs(full: list[triton.Config], small: triton.Config) -> list[triton.Conf
     return full if AUTOTUNE else full[:1]
 
 
-@contextmanager
-def pinned_config(kernel: triton.runtime.Autotuner, config: triton.Config) -> Iterator[None]:
-    """Launch `kernel` with exactly `config` inside the block (any config, also under the interpreter or
-    DPK_TRITON_AUTOTUNE=0): the tests check every config against the reference, not just the fastest.
-    An autotuner with a single config launches it without benchmarking (Triton 3.6 through 3.9)."""
-    saved = kernel.configs
-    kernel.configs = [config]
-    try:
-        yield
-    finally:
-        kernel.configs = saved
-
-
 def seed_words(seed: int) -> tuple[int, int]:
     """64-bit seed -> (lo32, hi32) Philox key words."""
     if not 0 <= seed < 2**63:
@@ -102,7 +87,3 @@ def check_offset(offset: int) -> int:
     if offset < 0:
         raise ValueError(f"noise offset must be >= 0, got {offset}")
     return offset
-
-
-def round_up4(n: int) -> int:
-    return (n + 3) // 4 * 4

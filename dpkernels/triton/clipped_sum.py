@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dpkernels.triton._common import INTERPRET, check_offset, configs, fp32_dot_precision, round_up4, seed_words
+from dpkernels.conventions import round_up4
+from dpkernels.triton._common import INTERPRET, check_offset, configs, fp32_dot_precision, seed_words
 from dpkernels.triton.linear_norms import linear_inputs
 from dpkernels.triton.philox import normal_at
 from dpkernels.triton.rows import rows_sum_noise
@@ -83,8 +84,15 @@ def _clipped_sum_kernel(
 
 
 def default_splits(K: int, p: int, d: int, device: torch.device) -> int:
-    """Split the B*T reduction when (p, d) has fewer 64x64 tiles than ~2 waves of SMs; keep
-    each split >= 256 rows. A host heuristic, not a compile-time key (B never recompiles)."""
+    """Split the B*T reduction when (p, d) has fewer 64x64 tiles than ~2 waves of SMs; keep each split >= 256 rows.
+    A host heuristic, not a compile-time key (B never recompiles).
+
+    Args:
+        K: rows of the reduction (B * T); p, d: the output's shape; device: where it runs.
+
+    Returns:
+        The number of splits (1 on CPU and under the interpreter).
+    """
     if INTERPRET or device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -98,8 +106,17 @@ def clipped_sum(
     A: torch.Tensor, G: torch.Tensor, c: torch.Tensor, c_bias: torch.Tensor | None,
     noise_std: float, seed: int, offset: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """sum_b c_b G_b^T A_b + noise [p, d] fp32; bias sum_b c_bias_b sum_t G_b[t] + noise [p] (empty if
-    c_bias is None). Weight noise counters offset + i, bias noise from offset + round_up4(p*d)."""
+    """A linear layer's clipped, noised gradient sum in one fused pass.
+
+    Args:
+        A: [B, (T,) d]; G: [B, (T,) p]; fp32/fp16/bf16.
+        c: clip factor per sample, [B]; c_bias: the bias's, [B], or None (no bias).
+        noise_std: std of the noise; seed: Philox seed.
+        offset: weight noise counters offset + i; the bias's start at offset + round_up4(p*d).
+
+    Returns:
+        (sum_b c_b G_b^T A_b + noise [p, d] fp32, sum_b c_bias_b sum_t G_b[t] + noise [p] fp32 or an empty tensor).
+    """
     return clipped_sum_split(A, G, c, c_bias, noise_std, seed, offset, splits=None)
 
 
@@ -107,7 +124,15 @@ def clipped_sum_split(
     A: torch.Tensor, G: torch.Tensor, c: torch.Tensor, c_bias: torch.Tensor | None,
     noise_std: float, seed: int, offset: int, splits: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`clipped_sum` with the split-K count forced (None: `default_splits`); tests use it on CPU."""
+    """`clipped_sum` with the split-K count forced; tests use it on CPU.
+
+    Args:
+        A, G, c, c_bias, noise_std, seed, offset: as `clipped_sum`.
+        splits: reduction splits (None: `default_splits`).
+
+    Returns:
+        As `clipped_sum`.
+    """
     A3, G3 = linear_inputs(A, G)
     B, T, d = A3.shape
     p = G3.shape[2]

@@ -20,7 +20,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("compile_check needs TRITON_INTERPRET unset: interpreted kernels are not compiled")
 os.environ["DPK_TRITON_AUTOTUNE"] = "1"  # every config is listed; --all-configs chooses how many to compile
 
-from dpkernels.triton import embedding, linear_norms, rows
+from dpkernels.triton import affine, embedding, linear_norms, rows
 from dpkernels.triton._common import FP32_DOT_PRECISIONS
 from dpkernels.triton.clipped_sum import _clipped_sum_kernel  # the package attribute clipped_sum is the op
 
@@ -60,7 +60,7 @@ def _jobs(dt: str):
     yield rows._sq_norms_kernel, {"x_ptr": f"*{dt}", "partial_ptr": "*fp32", "N": "i32", "n_chunks": "i32",
                                   "CHUNK": "constexpr", "BLOCK": "constexpr"}, {"CHUNK": rows.CHUNK_N,
                                                                                 "BLOCK": rows.BLOCK_N}
-    yield rows._affine_kernel, {"x_ptr": f"*{dt}", "g_ptr": f"*{dt}", "out_ptr": "*fp32", "R": "i32", "S": "i32"}, {}
+    yield affine._affine_kernel, {"x_ptr": f"*{dt}", "g_ptr": f"*{dt}", "out_ptr": "*fp32", "R": "i32", "S": "i32"}, {}
 
 
 def _with_t1(dt: str):
@@ -73,6 +73,16 @@ def _with_t1(dt: str):
 
 
 def compile_all(archs: list[int], all_configs: bool, dtypes=DTYPES) -> int:
+    """Compile every kernel variant ahead of time for NVIDIA targets (no GPU needed).
+
+    Args:
+        archs: compute capabilities, e.g. [90, 80].
+        all_configs: every autotune config (else the first, safe one).
+        dtypes: input dtypes among DTYPES.
+
+    Returns:
+        The number of variants compiled.
+    """
     n = 0
     for arch, dt in itertools.product(archs, dtypes):
         target = GPUTarget("cuda", arch, 32)
@@ -95,6 +105,7 @@ def compile_all(archs: list[int], all_configs: bool, dtypes=DTYPES) -> int:
 
 
 def main() -> None:
+    """The command line (see the module docstring)."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--arch", type=int, nargs="+", default=[90])
     ap.add_argument("--all-configs", action="store_true")

@@ -56,7 +56,15 @@ def _inputs(ids: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def embedding_norm(ids: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    """||per-sample embedding gradient||^2 (repeated ids summed first), fp32 [B]."""
+    """||per-sample embedding gradient||^2 (repeated ids summed first).
+
+    Args:
+        ids: int ids, [B, ...].
+        G: the gradient of the looked-up rows, [B, ..., D], fp32/fp16/bf16.
+
+    Returns:
+        [B] fp32.
+    """
     ids2, G3 = _inputs(ids, G)
     B, T, D = G3.shape
     n_programs = triton.cdiv(T, MIN_BLOCK_T)
@@ -87,6 +95,18 @@ def embedding_clipped_sum(ids: torch.Tensor, G: torch.Tensor, c: torch.Tensor, n
     """sum_b c_b (per-sample table gradient) + noise on the whole [V, D] table, fp32.
 
     Rows with ids outside [0, V) are ignored (the caller's embedding forward would have failed).
+
+    Args:
+        ids: int ids, [B, ...].
+        G: the gradient of the looked-up rows, [B, ..., D], fp32/fp16/bf16.
+        c: clip factor per sample, [B].
+        num_embeddings: V.
+        noise_std: std of the noise.
+        seed: Philox seed.
+        offset: first noise counter (row-major over [V, D]).
+
+    Returns:
+        [V, D] fp32.
     """
     ids2, G3 = _inputs(ids, G)
     B, T, D = G3.shape

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dpkernels.conventions import as_3d
 from dpkernels.triton._common import INTERPRET, check_dtype, configs, fp32_dot_precision
 
 MIN_BLOCK = 16 if INTERPRET else 64  # the smallest block size of any config below
@@ -28,7 +29,19 @@ MAX_GRID_Y = 65535  # CUDA's limit on grid axes y and z (axis x allows 2^31 - 1)
 @triton.jit
 def gram_tile(base, rows_i, rows_j, T, n, UPCAST: tl.constexpr, DOT: tl.constexpr, BLOCK_T: tl.constexpr,
               BLOCK_K: tl.constexpr):
-    """X[rows_i] @ X[rows_j]^T of one sample's X [T, n] (row-major at base), fp32 [BLOCK_T, BLOCK_T]."""
+    """X[rows_i] @ X[rows_j]^T of one sample's X [T, n] (row-major at base).
+
+    Args:
+        base: pointer to the sample's X.
+        rows_i, rows_j: the two row tiles (masked against T).
+        T, n: X's rows and columns.
+        UPCAST: load half inputs as fp32 (the interpreter computes bf16/fp16 dots wrongly).
+        DOT: tl.dot's input_precision.
+        BLOCK_T, BLOCK_K: tile rows, and columns per step.
+
+    Returns:
+        fp32 [BLOCK_T, BLOCK_T].
+    """
     acc = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
     for k0 in range(0, n, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
@@ -129,14 +142,15 @@ def _direct_norm_kernel(
             tl.store(b_part_ptr + b * part_stride + tile, tl.where(dt == 0, tl.sum(g_sum * g_sum), 0.0))
 
 
-def as_3d(x: torch.Tensor) -> torch.Tensor:
-    if x.dim() == 2:
-        return x.unsqueeze(1)
-    return x if x.dim() == 3 else x.reshape(x.shape[0], x.shape[1:-1].numel(), x.shape[-1])  # B may be 0
-
-
 def linear_inputs(A: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Checked, contiguous [B, T, d] and [B, T, p] of one dtype."""
+    """Checked, contiguous token views of a linear layer's input and output gradient, in one dtype.
+
+    Args:
+        A: [B, (..,) d]; G: [B, (..,) p], with the same leading dims.
+
+    Returns:
+        (A [B, T, d], G [B, T, p]).
+    """
     check_dtype(A, G)
     A3, G3 = as_3d(A), as_3d(G)
     if A3.shape[:2] != G3.shape[:2]:
@@ -146,7 +160,14 @@ def linear_inputs(A: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def direct_grid(B: int, n_tiles: int) -> tuple[int, int]:
-    """(p, d) tiles on axis x (limit 2^31 - 1), samples on axis y, capped at its limit of 65535."""
+    """The direct-norm launch grid: (p, d) tiles on axis x (limit 2^31 - 1), samples on axis y (capped at 65535).
+
+    Args:
+        B: samples; n_tiles: (p, d) tiles.
+
+    Returns:
+        (grid x, grid y).
+    """
     return n_tiles, min(B, MAX_GRID_Y)
 
 
@@ -172,10 +193,26 @@ def _norms(A: torch.Tensor, G: torch.Tensor, with_bias: bool, direct: bool):
 
 
 def ghost_norm(A: torch.Tensor, G: torch.Tensor, with_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Squared per-sample weight (and bias) gradient norms by the tiled Gram identity, fp32 [B]."""
+    """Squared per-sample weight (and bias) gradient norms by the tiled Gram identity.
+
+    Args:
+        A: [B, (T,) d]; G: [B, (T,) p]; fp32/fp16/bf16.
+        with_bias: also the bias norms.
+
+    Returns:
+        (weight norms [B] fp32, bias norms [B] fp32 or an empty tensor).
+    """
     return _norms(A, G, with_bias, direct=False)
 
 
 def direct_norm(A: torch.Tensor, G: torch.Tensor, with_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Squared per-sample weight (and bias) gradient norms from register tiles of G_b^T A_b, fp32 [B]."""
+    """Squared per-sample weight (and bias) gradient norms from register tiles of G_b^T A_b.
+
+    Args:
+        A: [B, (T,) d]; G: [B, (T,) p]; fp32/fp16/bf16.
+        with_bias: also the bias norms.
+
+    Returns:
+        (weight norms [B] fp32, bias norms [B] fp32 or an empty tensor).
+    """
     return _norms(A, G, with_bias, direct=True)

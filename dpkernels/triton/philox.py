@@ -28,7 +28,14 @@ USE_LIBDEVICE = tl.constexpr(not INTERPRET)
 
 @triton.jit
 def philox4x32_10(c0, c1, c2, c3, k0, k1):
-    """Ten Philox rounds on uint32 tensors (Random123's Philox4x32-10)."""
+    """Ten Philox rounds on uint32 tensors (Random123's Philox4x32-10).
+
+    Args:
+        c0, c1, c2, c3: the counter words; k0, k1: the key words.
+
+    Returns:
+        The four output words.
+    """
     for _ in tl.static_range(10):
         hi0 = tl.umulhi(c0, PHILOX_M0)
         lo0 = c0 * PHILOX_M0  # uint32 wraps: the low word of the 64-bit product
@@ -42,7 +49,14 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
 
 @triton.jit
 def normal_at(n, seed_lo, seed_hi):
-    """Standard normal (fp32) for int64 counters n >= 0; seed_lo, seed_hi are the key words."""
+    """Standard normal (fp32) for int64 counters n >= 0: the stream of `dpkernels.reference.philox_normal`.
+
+    Args:
+        n: int64 counters; seed_lo, seed_hi: the key words.
+
+    Returns:
+        fp32 normals shaped like n.
+    """
     block = n // 4
     lane = n % 4
     c0 = block.to(tl.uint32)  # truncation keeps the low word

@@ -1,5 +1,7 @@
-"""Row-wise ops: squared norms of samples, clipped (weighted) sums of rows + noise, add_noise_,
-and the per-sample gradient of a per-channel affine scale (LayerNorm / GroupNorm weight)."""
+"""Row-wise ops on per-sample tensors [B, ...]: squared norms of samples, clipped (weighted) sums of rows + noise.
+
+`rows_sum_noise` is also the noise epilogue of add_noise_ (noise.py), the split-K reduce of clipped_sum and the
+noise of the embedding table."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dpkernels.triton._common import INTERPRET, check_dtype, check_offset, configs, seed_words
+from dpkernels.triton._common import INTERPRET, check_dtype, check_offset, seed_words
 from dpkernels.triton.philox import normal_at
 
 BLOCK_N = 256 if INTERPRET else 1024  # elements per program of the memory-bound kernels
@@ -40,7 +42,19 @@ def _rows_sum_noise_kernel(
 
 def rows_sum_noise(x: torch.Tensor | None, w: torch.Tensor | None, out: torch.Tensor, noise_std: float, seed: int,
                    offset: int) -> torch.Tensor:
-    """out (contiguous, flat view of N elements) = sum_s w_s x[s] + noise_std * philox_normal(offset ...)."""
+    """out = sum_s w_s x[s] + noise_std * philox_normal(offset + j), one pass (the reduce every noised sum ends in).
+
+    Args:
+        x: [S, N] contiguous rows, or None (pure noise).
+        w: [S] fp32 weights, or None (a plain sum).
+        out: the contiguous output, N elements (any shape); written in place.
+        noise_std: std of the noise (0: none).
+        seed: Philox seed.
+        offset: counter of out's first element.
+
+    Returns:
+        out.
+    """
     N = out.numel()
     S = 0 if x is None else x.shape[0]
     if N == 0:
@@ -69,7 +83,14 @@ def _sq_norms_kernel(x_ptr, partial_ptr, N, n_chunks, CHUNK: tl.constexpr, BLOCK
 
 
 def sq_norms(X: torch.Tensor) -> torch.Tensor:
-    """||X_b||^2 over all trailing dims, [B] fp32."""
+    """||X_b||^2 over all trailing dims.
+
+    Args:
+        X: [B, ...], fp32/fp16/bf16.
+
+    Returns:
+        [B] fp32.
+    """
     check_dtype(X)
     B = X.shape[0]
     x = X.reshape(B, X.shape[1:].numel()).contiguous()  # explicit N: reshape(0, -1) is ambiguous
@@ -83,57 +104,21 @@ def sq_norms(X: torch.Tensor) -> torch.Tensor:
 
 
 def clipped_rows_sum(X: torch.Tensor, c: torch.Tensor, noise_std: float, seed: int, offset: int) -> torch.Tensor:
-    """sum_b c_b X_b + noise, shape X.shape[1:], fp32."""
+    """sum_b c_b X_b + noise.
+
+    Args:
+        X: [B, ...], fp32/fp16/bf16.
+        c: clip factor per sample, [B].
+        noise_std: std of the noise.
+        seed: Philox seed.
+        offset: first noise counter (row-major over X.shape[1:]).
+
+    Returns:
+        shape X.shape[1:], fp32.
+    """
     check_dtype(X)
     B = X.shape[0]
     x = X.reshape(B, X.shape[1:].numel()).contiguous()
     out = torch.empty(X.shape[1:], dtype=torch.float32, device=X.device)
     w = c.to(device=X.device, dtype=torch.float32).contiguous()
     return rows_sum_noise(x if B else None, w if B else None, out, noise_std, seed, offset)
-
-
-def add_noise_(x: torch.Tensor, std: float, seed: int, offset: int) -> torch.Tensor:
-    """x += std * philox_normal(offset + row-major index), in place (noise drawn in fp32)."""
-    check_dtype(x)
-    if std == 0.0 or x.numel() == 0:
-        return x
-    flat = x if x.is_contiguous() else x.contiguous()
-    rows_sum_noise(flat.view(1, -1), None, flat.view(-1), std, seed, offset)
-    if flat is not x:
-        x.copy_(flat)
-    return x
-
-
-AFFINE_CONFIGS = [triton.Config({"BLOCK_R": 1, "BLOCK_S": 1024}, num_warps=4)]
-
-
-@triton.autotune(configs=configs(AFFINE_CONFIGS, triton.Config({"BLOCK_R": 4, "BLOCK_S": 32})), key=["S"])
-@triton.jit
-def _affine_kernel(x_ptr, g_ptr, out_ptr, R, S, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
-    """out[r] = sum_s x[r, s] * g[r, s] for rows r = (b, c) of [B*C, S]."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    acc = tl.zeros([BLOCK_R, BLOCK_S], dtype=tl.float32)
-    for start in range(0, S, BLOCK_S):
-        cols = start + tl.arange(0, BLOCK_S)
-        mask = (rows[:, None] < R) & (cols[None, :] < S)
-        idx = rows[:, None] * S + cols[None, :]
-        x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        acc += x * g
-    tl.store(out_ptr + rows, tl.sum(acc, axis=1), mask=rows < R)
-
-
-def affine_grad_sample(xhat: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    """xhat, G [B, C, S] -> [B, C] fp32, sum over S of xhat * G."""
-    check_dtype(xhat, G)
-    if xhat.shape != G.shape:
-        raise ValueError(f"xhat {tuple(xhat.shape)} and G {tuple(G.shape)} must have the same shape")
-    out = torch.empty(G.shape[:-1], dtype=torch.float32, device=G.device)
-    R, S = out.numel(), G.shape[-1]
-    if R == 0:
-        return out
-    if S == 0:
-        return out.zero_()
-    x, g = xhat.contiguous(), G.contiguous()
-    _affine_kernel[lambda meta: (triton.cdiv(R, meta["BLOCK_R"]),)](x, g, out, R, S)
-    return out

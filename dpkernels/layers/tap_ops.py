@@ -54,7 +54,14 @@ def register(layer: DPLayer) -> str:
     A string, not an int: dynamo turns an int that differs between two compilations of the same code (a second
     private model of the same class, or a recompile after a trace that raised) into a SymInt ("automatic
     dynamic"), which the fake kernel could not look up ("unhashable type: non-nested SymInt"); strings stay
-    constants."""
+    constants.
+
+    Args:
+        layer: the private layer.
+
+    Returns:
+        Its id.
+    """
     layer_id = f"dpkernels-layer-{next(_layer_ids)}"
     _LAYERS[layer_id] = layer
     return layer_id
@@ -81,6 +88,17 @@ def _owned(v: Any, inputs: list[torch.Tensor]) -> Any:
 @torch.library.custom_op("dpkernels_py::tap", mutates_args=())
 def tap_op(x: torch.Tensor, params: list[torch.Tensor], layer_id: str,
            autocast_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """dpkernels_py::tap: the layer's forward, opening its record (at run time, in graph order).
+
+    Args:
+        x: the layer's input.
+        params: its parameters (as `DPLayer.compute` takes them).
+        layer_id: `register`'s id of the layer.
+        autocast_dtype: the autocast dtype the graph was traced under, or None.
+
+    Returns:
+        (the output, a 0-d int64 token naming the record for the backward).
+    """
     layer = _layer(layer_id)
     with _autocast(x, autocast_dtype):  # a compiled graph runs its ops outside the autocast region it traced
         out, saved = layer.compute(x, tuple(params))
@@ -116,6 +134,11 @@ _options_set: weakref.WeakSet[DPLayer] = weakref.WeakSet()  # layers compiled th
 
 
 def mark_options_set(layers: Iterable[DPLayer]) -> None:
+    """Layers compiled through dpkernels.compile: their fake kernel does not warn.
+
+    Args:
+        layers: the private layers of the compiled model.
+    """
     _options_set.update(layers)
 
 
@@ -137,6 +160,18 @@ def _autocast(x: torch.Tensor, dtype: torch.dtype | None) -> torch.autocast:
 @torch.library.custom_op("dpkernels_py::tap_backward", mutates_args=())
 def tap_backward_op(grad_out: torch.Tensor, token: torch.Tensor, layer_id: str, x_shape: list[int],
                     x_dtype: torch.dtype, need_input_grad: bool) -> torch.Tensor:
+    """dpkernels_py::tap_backward: hands G to the record of the token's forward and returns the input gradient.
+
+    Args:
+        grad_out: the gradient of the layer's output.
+        token: the forward's token.
+        layer_id: `register`'s id of the layer.
+        x_shape, x_dtype: the input's shape and dtype.
+        need_input_grad: whether autograd wants dL/dx.
+
+    Returns:
+        dL/dx, or an empty tensor when it is not wanted.
+    """
     layer = _layer(layer_id)
     serial = int(token.item())
     entry = _ENTRIES.get(serial)
@@ -182,7 +217,16 @@ for _op in (torch.ops.dpkernels_py.tap.default, torch.ops.dpkernels_py.tap_backw
 
 
 def tap(layer: DPLayer, x: torch.Tensor, params: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """What `DPLayer.forward` calls while dynamo traces (the autocast state is read at trace time)."""
+    """What `DPLayer.forward` calls while dynamo traces (the autocast state is read at trace time).
+
+    Args:
+        layer: the private layer.
+        x: its input.
+        params: its parameters (as `DPLayer.compute` takes them).
+
+    Returns:
+        The layer's output.
+    """
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     return torch.ops.dpkernels_py.tap(x, list(params), layer.layer_id, dtype)[0]

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dpkernels.layers import compiled
+from dpkernels.layers import tap_ops
 
 # what the private step needs from inductor; a user's own `options` entry wins (explicitly)
 INDUCTOR_OPTIONS: dict[str, Any] = {"reorder_for_peak_memory": False}
@@ -48,5 +48,5 @@ def compile(model: nn.Module, *, backend: str = "inductor", options: dict[str, A
         if not hasattr(inductor_config, "reorder_for_peak_memory"):  # older torch: the pass is absent
             options.pop("reorder_for_peak_memory")
     # no warning from the ops' fake kernels for these layers: what the backend needs is set
-    compiled.mark_options_set(layer for e in engines.values() for layer in e.layers)
+    tap_ops.mark_options_set(layer for e in engines.values() for layer in e.layers)
     return torch.compile(model, backend=backend, options=options or None, **kwargs)
