@@ -419,8 +419,8 @@ def start_mode(resume: bool, fresh: bool, out: Path, rank: int, world: int, run_
     ranks = checkpoint_ranks(out)
     if found is None:
         if ranks:
-            return REFUSE, (f"--resume: rank {rank} holds no checkpoint in {out}, but rank(s) {ranks} do: it was written "
-                            "by a job with another number of ranks (resume with that job), or pass --fresh")
+            return REFUSE, (f"--resume: rank {rank} holds no checkpoint in {out}, but rank(s) {ranks} do: it was "
+                            "written by a job with another number of ranks (resume with that job), or pass --fresh")
         started = started_run_args(out)
         if started is None:
             return REFUSE, f"--resume: no unfinished checkpoint in {out}"
@@ -437,7 +437,8 @@ def start_mode(resume: bool, fresh: bool, out: Path, rank: int, world: int, run_
                         + "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items()))
     # each rank's sampler and RNG streams live in its own checkpoint: another number of ranks cannot continue them
     written_by = meta.get("world") or max(ranks) + 1  # older checkpoints did not record it
-    how = "plain `python -m dpldm.train" if written_by == 1 else f"`torchrun --nproc_per_node {written_by} -m dpldm.train"
+    how = ("plain `python -m dpldm.train" if written_by == 1
+           else f"`torchrun --nproc_per_node {written_by} -m dpldm.train")
     if written_by != world:
         return REFUSE, (f"--resume: the checkpoint in {out} was written by a job of {written_by} rank(s), and this "
                         f"job has {world}: each rank's noise and sampling streams continue only on as many ranks. "

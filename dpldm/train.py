@@ -614,7 +614,7 @@ def load_base(cfg: dict[str, Any], opts: TrainOptions, job: Job
 
 
 @dataclass
-class Private:
+class PrivateTraining:
     """What make_private() returns: the engine's wrapped model, optimizer and loader, and the run's size.
 
     Attributes:
@@ -634,7 +634,8 @@ class Private:
     total_steps: int
 
 
-def make_private(cfg: dict[str, Any], opts: TrainOptions, job: Job, vae: Any, model: ConditionalUNet) -> Private:
+def make_private(cfg: dict[str, Any], opts: TrainOptions, job: Job, vae: Any, model: ConditionalUNet
+                 ) -> PrivateTraining:
     """Encode the private images once (the frozen public autoencoder is a fixed per-example map), freeze all but the
     trainable set, and hand model, optimizer and loader to dpkernels.PrivacyEngine.
 
@@ -646,7 +647,7 @@ def make_private(cfg: dict[str, Any], opts: TrainOptions, job: Job, vae: Any, mo
         model: the LDM.
 
     Returns:
-        The Private training objects.
+        The PrivateTraining objects.
     """
     from dpkernels import PrivacyEngine
 
@@ -666,12 +667,12 @@ def make_private(cfg: dict[str, Any], opts: TrainOptions, job: Job, vae: Any, mo
             max_grad_norm=opts.max_grad_norm, poisson_sampling=True, backend=opts.backend, seed=engine_seed(opts))
     except ValueError as e:  # unknown backend, non-positive clipping norm, unsupported trainable module
         fail(str(e))
-    dp = Private(model, opt, loader, engine, n_trainable, opts.epochs * len(loader))
+    dp = PrivateTraining(model, opt, loader, engine, n_trainable, opts.epochs * len(loader))
     log_setup(opts, job.log, dp)
     return dp
 
 
-def log_setup(opts: TrainOptions, log: RunLog, dp: Private) -> None:
+def log_setup(opts: TrainOptions, log: RunLog, dp: PrivateTraining) -> None:
     """Log what the run trains and with which privacy parameters, before its first step.
 
     Args:
@@ -696,7 +697,7 @@ def log_setup(opts: TrainOptions, log: RunLog, dp: Private) -> None:
 # --- resume ------------------------------------------------------------------------------------------------------
 
 
-def resume(opts: TrainOptions, job: Job, dp: Private) -> int:
+def resume(opts: TrainOptions, job: Job, dp: PrivateTraining) -> int:
     """Restore the checkpoint start_run chose (model, optimizer, engine, RNG state) for a resumed run; otherwise,
     on several ranks, give each rank its own diffusion timesteps and noise (the model init was shared).
 
@@ -729,7 +730,7 @@ def resume(opts: TrainOptions, job: Job, dp: Private) -> int:
 # --- dp_loop ------------------------------------------------------------------------------------------------------
 
 
-def dp_loop(cfg: dict[str, Any], opts: TrainOptions, job: Job, dp: Private, step: int) -> int:
+def dp_loop(cfg: dict[str, Any], opts: TrainOptions, job: Job, dp: PrivateTraining, step: int) -> int:
     """Logical Poisson steps from `step` to the end of the run or --max-steps, a checkpoint every --checkpoint-every
     steps and at the stop. With --noise-multiplicity k each image is used with k diffusion noises; its k rows share
     one example id, so the k losses are averaged before clipping.
@@ -783,8 +784,8 @@ def dp_loop(cfg: dict[str, Any], opts: TrainOptions, job: Job, dp: Private, step
 # --- finish: epsilon; save, sample, evaluate ------------------------------------------------------------------------
 
 
-def finish(cfg: dict[str, Any], opts: TrainOptions, job: Job, dp: Private, vae: Any, base_dirs: tuple[Path, Path],
-           step: int, t_start: float) -> tuple[dict[str, Any], ConditionalUNet]:
+def finish(cfg: dict[str, Any], opts: TrainOptions, job: Job, dp: PrivateTraining, vae: Any,
+           base_dirs: tuple[Path, Path], step: int, t_start: float) -> tuple[dict[str, Any], ConditionalUNet]:
     """Report the epsilon spent; a finished run's rank 0 then saves the model (and deletes every private
     checkpoint), samples, evaluates and writes result.json. A run stopped by --max-steps keeps its checkpoint.
 
