@@ -17,7 +17,6 @@ fine-tuning's DP guarantee (see dpldm/README.md, "Evaluation").
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from dpldm.calibration import noise_multiplier
 from dpldm.classifiers import SmallCNN, accuracy, epochs_for, selected_cnn
 
 # Held-out fraction of the public data that picks the public CNN's epoch (also the Frechet feature space's).
@@ -72,14 +72,18 @@ def nonprivate(train: Tensors, num_classes: int, epochs: int, holdout_fraction: 
 
 def calibrate(target: DPTarget, hp: dict[str, Any], n: int) -> float:
     """Sigma that spends target.epsilon over hp['epochs'] passes at q = 1/ceil(n / batch_size) (the loader's q).
-    ValueError when unreachable. Computed once for (b) and (b2): the PRV search takes seconds."""
-    from dpkernels.privacy import get_noise_multiplier
+    ValueError when unreachable. Computed once for (b) and (b2): the PRV search takes seconds.
 
-    with warnings.catch_warnings():  # Opacus' PRV sizes its domain with an RDP bound and warns about its alphas
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        return get_noise_multiplier(target_epsilon=target.epsilon, target_delta=target.delta,
-                                    sample_rate=1.0 / math.ceil(n / hp["batch_size"]), epochs=hp["epochs"],
-                                    accountant=target.accountant)
+    Args:
+        target: the (epsilon, delta, accountant) to spend.
+        hp: the baseline's hyper-parameters (batch_size, epochs).
+        n: the number of private training examples.
+
+    Returns:
+        The noise multiplier (dpldm.calibration.noise_multiplier).
+    """
+    return noise_multiplier(target.epsilon, target.delta, n, hp["batch_size"], hp["epochs"], target.accountant,
+                            quiet=True)
 
 
 def dpsgd(train: Tensors, num_classes: int, target: DPTarget, hp: dict[str, Any], init: SmallCNN | None = None,

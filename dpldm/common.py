@@ -35,7 +35,12 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config entry, e.g. --set pretrain.steps=200 (repeatable)")
     p.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="cache / run root (default ./runs)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=default_device())
+
+
+def default_device() -> str:
+    """The --device default: "cuda" when a GPU is visible, else "cpu"."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def config_from(args: argparse.Namespace) -> dict[str, Any]:

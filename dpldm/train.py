@@ -20,19 +20,28 @@ init, diffusion timesteps/noise, sampling, evaluation. --deterministic-noise see
     python -m dpldm.train --resume                          # continue a killed run
 """
 
+
+# The recipe, as run() reads top to bottom:
+#   prepare      options, private data, sigma, the run folder (dpldm.checkpoint.start_run: new, resume or refuse)
+#   load_base    the public autoencoder and LDM (pre-trained if missing), the private label set
+#   make_private the private latents, the trainable set, dpkernels.PrivacyEngine
+#   resume       the checkpoint's model, optimizer, engine and RNG state (a resumed run)
+#   dp_loop      logical Poisson steps, checkpointed
+#   finish       epsilon; save, sample, evaluate, result.json (rank 0)
+# A library call (dpldm.compartments) builds TrainOptions and gets TrainError; only main() exits.
+
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
-import os
-import shutil
 import sys
-import tempfile
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -47,16 +56,32 @@ from dpldm import sample as sample_stage
 from dpldm.base import BaseNotFound, base_record, check_layout, verified_base
 from dpldm.baselines import DPTarget
 from dpldm.baselines import table as baselines_table
+from dpldm.calibration import noise_multiplier, sample_rate
 from dpldm.checkpoint import (
-    at_step,
-    discard_interrupted_writes,
+    RESTART,
+    RESUME,
+    RESUME_KEYS,
+    Start,
+    StartRefused,
+    checkpoint_dir,
+    discard_private_checkpoints,
     discard_train_state,
-    intact_checkpoints,
-    latest_checkpoint,
     load_train_state,
     save_train_state,
+    start_run,
+    unwritable,
 )
-from dpldm.common import add_config_args, config_from, images_tensor, load_private, load_public, public_dir, seed_all
+from dpldm.common import (
+    DEFAULT_RUNS,
+    add_config_args,
+    config_from,
+    default_device,
+    images_tensor,
+    load_private,
+    load_public,
+    public_dir,
+    seed_all,
+)
 from dpldm.diffusion import diffusion_loss, encode, train_scheduler
 from dpldm.export import plain_copy
 from dpldm.models import (
@@ -73,18 +98,105 @@ from dpldm.trainable import select_trainable
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-# Arguments that define the private computation: a resumed run must use the same ones.
-RESUME_KEYS = ("data", "target_epsilon", "delta", "epochs", "batch_size", "max_grad_norm", "noise_multiplicity",
-               "trainable", "ablation", "lora_rank", "accountant", "lr", "config", "set", "secure_mode",
-               "deterministic_noise")
-
 DETERMINISTIC_NOISE_WARNING = (
     "--deterministic-noise: the DP noise and the Poisson sampling are seeded from --seed. Anyone who knows the "
     "seed can regenerate the noise and subtract it, and reruns with the same seed share it: this run has NO "
     "privacy guarantee. Use it for tests only.")
 
 
+class TrainError(ValueError):
+    """A run refused (bad options or data, an unreachable epsilon, a run folder it cannot start in, a missing or
+    mismatched base): the message says why and what to pass instead. main() prints it as `error: ...`."""
+
+
+@dataclass
+class TrainOptions:
+    """Everything a DP fine-tuning is told: one field per command-line flag, same name, same default (None: the
+    config's `train` section, filled by resolved()). Built by main() from the command line and by
+    dpldm.compartments for each shard."""
+
+    config: str = "mnist"
+    set: list[str] = field(default_factory=list)
+    runs: Path = DEFAULT_RUNS
+    seed: int = 0
+    device: str = field(default_factory=default_device)
+    data: str | None = None
+    pretrained: Path | None = None
+    autoencoder: Path | None = None
+    base: str | None = None
+    no_base: bool = False
+    out: Path | None = None
+    target_epsilon: float | None = None
+    delta: float | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    max_physical_batch_size: int | None = None
+    max_grad_norm: float | None = None
+    noise_multiplicity: int | None = None
+    trainable: str | None = None
+    ablation: int | None = None
+    lora_rank: int | None = None
+    lr: float | None = None
+    accountant: str = "prv"
+    backend: str = "auto"
+    precision: str = "fp32"
+    secure_mode: bool = False
+    deterministic_noise: bool = False
+    resume: bool = False
+    fresh: bool = False
+    checkpoint_every: int = 20
+    max_steps: int | None = None
+    no_sample: bool = False
+    no_eval: bool = False
+    no_baselines: bool = False
+    per_class: int | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TrainOptions:
+        """The options of parsed command-line arguments.
+
+        Args:
+            args: parser().parse_args(...)'s answer.
+
+        Returns:
+            The same values, typed.
+        """
+        return cls(**vars(args))
+
+    def resolved(self, cfg: dict[str, Any]) -> TrainOptions:
+        """A copy with every unset option the config's `train` section has filled in, and the run folder's default
+        (<runs>/<config>/dp-<trainable>-eps<epsilon>).
+
+        Args:
+            cfg: the config (dpldm.config.load_config).
+
+        Returns:
+            The filled copy (this one is left as it is).
+        """
+        names = {f.name for f in dataclasses.fields(self)}
+        opts = dataclasses.replace(self, set=list(self.set), **{
+            k: v for k, v in cfg["train"].items() if k in names and getattr(self, k) is None})
+        if opts.out is None:
+            opts.out = Path(opts.runs) / cfg["name"] / f"dp-{opts.trainable}-eps{opts.target_epsilon:g}"
+        return opts
+
+    def run_args(self) -> dict[str, Any]:
+        """The settings that define the private computation (RESUME_KEYS), as logged and checkpointed: a resume
+        must match them. Paths as strings.
+
+        Returns:
+            {option: value}, in the options' order.
+        """
+        return {f.name: (str(v) if isinstance(v, Path) else v) for f in dataclasses.fields(self)
+                if f.name in RESUME_KEYS for v in [getattr(self, f.name)]}
+
+
 def parser() -> argparse.ArgumentParser:
+    """The command line of `python -m dpldm.train` (TrainOptions.from_args turns its answer into options).
+
+    Returns:
+        The parser.
+    """
     p = argparse.ArgumentParser(prog="python -m dpldm.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
@@ -135,145 +247,94 @@ def parser() -> argparse.ArgumentParser:
 
 
 def default_delta(n: int) -> float:
-    """1/N rounded down to a power of ten, at most 1e-5."""
+    """1/N rounded down to a power of ten, at most 1e-5.
+
+    Args:
+        n: the number of private training examples.
+
+    Returns:
+        delta.
+    """
     return min(1e-5, 10.0 ** math.floor(math.log10(1.0 / n)))
 
 
-def fill_defaults(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
-    for key, value in cfg["train"].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    if args.out is None:
-        args.out = Path(args.runs) / cfg["name"] / f"dp-{args.trainable}-eps{args.target_epsilon:g}"
-
-
-def fail(msg: str) -> None:
-    raise SystemExit(f"error: {msg}")
-
-
-# How a run starts, decided on every rank and agreed on by all (the smallest wins: one refusal stops every rank).
-REFUSE, RESTART, RESUME, NEW = 0, 1, 2, 3
-
-
-def unwritable(out: Path) -> str | None:
-    """Why the run folder cannot be written (None: it can): it, or its nearest existing parent, must be a folder in
-    which a file can be created. Nothing is left behind by the check."""
-    at = Path(out).absolute()
-    while not at.exists() and at != at.parent:
-        at = at.parent
-    if not at.is_dir():
-        return f"the run folder {out} cannot be created: {at} is not a folder (pass --out to a writable folder)"
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".dpldm-write-check-", dir=at)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        return f"the run folder {out} cannot be written: {at}: {e.strerror or e} (pass --out to a writable folder)"
-    return None
-
-
-def started_run_args(out: Path) -> dict[str, Any] | None:
-    """The settings of a DP fine-tuning that was started in `out` and never finished (it left a train log but no
-    model): what its log's first train record holds; None when `out` holds no such run."""
-    log = out / "log.jsonl"
-    if (out / "ldm").exists() or (out / "result.json").exists() or not log.is_file():
-        return None
-    for line in log.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by the kill
-            continue
-        if isinstance(rec, dict) and rec.get("stage") == "train" and "target_epsilon" in rec:
-            return {k: rec.get(k) for k in RESUME_KEYS}
-    return None
-
-
-def start_mode(args: argparse.Namespace, out: Path, rank: int, world: int, run_args: dict[str, Any],
-               found: Path | None, meta: dict[str, Any] | None, refused: list[str]) -> tuple[int, str | None]:
-    """How this rank would start the run in `out` (REFUSE, RESTART, RESUME or NEW) and, for REFUSE, why.
-
-    RESTART: --resume of a run killed before its first checkpoint. Nothing of it was kept (no model, no noise
-    seed; its training losses are not covered by DP anyway), so it starts again from step 0.
+def fail(msg: str) -> NoReturn:
+    """Refuse the run.
 
     Args:
-        args: the run's arguments. out: the run folder. rank, world: this process's rank and the job's size.
-        run_args: the settings a resume must share (RESUME_KEYS). found, meta, refused: latest_checkpoint's answer
-            for this rank's checkpoint folder.
+        msg: why, and what to pass instead.
+
+    Raises:
+        TrainError: always.
     """
-    unfinished = meta is not None and not meta.get("finished")
-    if not args.resume:
-        if unfinished and not args.fresh:
-            return REFUSE, (f"{out} holds an unfinished run (step {meta['step']}); pass --resume to continue it or "
-                            "--fresh to discard it")
-        return NEW, None
-    if found is None and refused:
-        return REFUSE, f"--resume: no intact checkpoint in {out}: " + "; ".join(refused)
-    ranks = parallel.checkpoint_ranks(out)
-    if found is None:
-        if ranks:
-            return REFUSE, (f"--resume: rank {rank} holds no checkpoint in {out}, but rank(s) {ranks} do: it was written "
-                            "by a job with another number of ranks (resume with that job), or pass --fresh")
-        started = started_run_args(out)
-        if started is None:
-            return REFUSE, f"--resume: no unfinished checkpoint in {out}"
-        diff = {k: (started.get(k), v) for k, v in run_args.items() if started.get(k) != v}
-        if diff:
-            return REFUSE, (f"--resume: the run in {out} was started with other settings: "
-                            + "; ".join(f"{k}: then {a!r}, now {b!r}" for k, (a, b) in diff.items()))
-        return RESTART, None
-    if not unfinished:
-        return REFUSE, f"--resume: no unfinished checkpoint in {out}"
-    diff = {k: (meta["args"].get(k), v) for k, v in run_args.items() if meta["args"].get(k) != v}
-    if diff:
-        return REFUSE, (f"--resume: the checkpoint in {found} was made with other settings: "
-                        + "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items()))
-    # each rank's sampler and RNG streams live in its own checkpoint: another number of ranks cannot continue them
-    written_by = meta.get("world") or max(ranks) + 1  # older checkpoints did not record it
-    how = "plain `python -m dpldm.train" if written_by == 1 else f"`torchrun --nproc_per_node {written_by} -m dpldm.train"
-    if written_by != world:
-        return REFUSE, (f"--resume: the checkpoint in {out} was written by a job of {written_by} rank(s), and this "
-                        f"job has {world}: each rank's noise and sampling streams continue only on as many ranks. "
-                        f"Resume with {how} ... --resume`, or pass --fresh to discard it")
-    extra = [r for r in ranks if r >= world]
-    if rank == 0 and extra:
-        return REFUSE, (f"--resume: {out} holds the private checkpoints of rank(s) {extra}, which a job of {world} "
-                        "rank(s) does not have (an earlier job with more ranks wrote them): pass --fresh to discard "
-                        "every rank's checkpoint and start over")
-    return RESUME, None
+    raise TrainError(msg)
 
 
-def noise_seeding(args: argparse.Namespace) -> str:
-    """How the private streams are seeded, for logs and results (never the seed itself)."""
-    if args.deterministic_noise:
+def noise_seeding(opts: TrainOptions) -> str:
+    """How the private streams are seeded, for logs and results (never the seed itself).
+
+    Args:
+        opts: the run's options.
+
+    Returns:
+        A short description.
+    """
+    if opts.deterministic_noise:
         return "deterministic (--seed, not private)"
-    return "os, fresh every step (secure mode)" if args.secure_mode else "os"
+    return "os, fresh every step (secure mode)" if opts.secure_mode else "os"
 
 
-def engine_seed(args: argparse.Namespace) -> int | None:
-    """The seed make_private gets for the noise and the Poisson sampler: None = drawn from the OS by the engine."""
-    if not args.deterministic_noise:
+def engine_seed(opts: TrainOptions) -> int | None:
+    """The seed make_private gets for the noise and the Poisson sampler (warning that --deterministic-noise voids
+    the guarantee).
+
+    Args:
+        opts: the run's options.
+
+    Returns:
+        --seed with --deterministic-noise; else None: drawn from the OS by the engine.
+    """
+    if not opts.deterministic_noise:
         return None
     warnings.warn(DETERMINISTIC_NOISE_WARNING, UserWarning, stacklevel=2)
-    return args.seed
+    return opts.seed
 
 
 def accounted_steps(engine: Any) -> int:
+    """The logical steps the engine's accountant has recorded.
+
+    Args:
+        engine: a dpkernels.PrivacyEngine.
+
+    Returns:
+        The number of steps.
+    """
     return int(sum(h[2] for h in engine.accountant.history))
 
 
-def base_parts(args: argparse.Namespace, cfg: dict[str, Any], name: str, log: RunLog) -> tuple[Path, Path]:
+def base_parts(opts: TrainOptions, cfg: dict[str, Any], name: str, log: RunLog) -> tuple[Path, Path]:
     """The shipped base's autoencoder and LDM folders, verified against its SHA256SUMS; --autoencoder or
-    --pretrained, when given, replaces its part. Never pre-trains: a base that is not installed is an error."""
+    --pretrained, when given, replaces its part. Never pre-trains: a base that is not installed is an error.
+
+    Args:
+        opts: the run's options.
+        cfg: the config.
+        name: the base, a name or a folder.
+        log: where to record which base was used.
+
+    Returns:
+        (autoencoder folder, LDM folder).
+    """
     try:
         folder = verified_base(name)
     except BaseNotFound as e:
-        named_by = "--base" if args.base else f"config {cfg['name']}"
-        fail(f"{named_by}: {e} Or pass --no-base to use (or pre-train into) {public_dir(args, cfg)}, or "
+        named_by = "--base" if opts.base else f"config {cfg['name']}"
+        fail(f"{named_by}: {e} Or pass --no-base to use (or pre-train into) {public_dir(opts, cfg)}, or "
              "--autoencoder/--pretrained folders.")
-    if args.pretrained is None:
+    if opts.pretrained is None:
         check_layout(folder, cfg)  # its architecture is checked when loaded
-    ae_dir, ldm_dir = args.autoencoder or folder / "autoencoder", args.pretrained or folder / "ldm"
-    for flag, given in (("--autoencoder", args.autoencoder), ("--pretrained", args.pretrained)):
+    ae_dir, ldm_dir = opts.autoencoder or folder / "autoencoder", opts.pretrained or folder / "ldm"
+    for flag, given in (("--autoencoder", opts.autoencoder), ("--pretrained", opts.pretrained)):
         if given is not None and not given.exists():
             fail(f"{flag} {given}: no such folder")
     public = base_record(folder).get("public", {})
@@ -282,221 +343,425 @@ def base_parts(args: argparse.Namespace, cfg: dict[str, Any], name: str, log: Ru
     return ae_dir, ldm_dir
 
 
-def ensure_pretrained(args: argparse.Namespace, cfg: dict[str, Any], log: RunLog) -> tuple[Path, Path]:
-    base = None if args.no_base else (args.base or cfg.get("base"))
-    if base and not (args.autoencoder and args.pretrained):
-        return base_parts(args, cfg, str(base), log)
-    pub = public_dir(args, cfg)
-    ae_dir = args.autoencoder or pub / "autoencoder"
-    ldm_dir = args.pretrained or pub / "ldm"
-    if args.pretrained is not None and not ldm_dir.exists():
+def ensure_pretrained(opts: TrainOptions, cfg: dict[str, Any], log: RunLog) -> tuple[Path, Path]:
+    """The (autoencoder, LDM) folders a run fine-tunes from: the shipped base's (see base_parts), else the public
+    cache <runs>/<config>/public, pre-trained on the config's public data if missing; --autoencoder and
+    --pretrained override either.
+
+    Args:
+        opts: the run's options (base, no_base, autoencoder, pretrained, runs; seed and device to pre-train).
+        cfg: the config.
+        log: where to say what was chosen or pre-trained.
+
+    Returns:
+        (autoencoder folder, LDM folder).
+    """
+    base = None if opts.no_base else (opts.base or cfg.get("base"))
+    if base and not (opts.autoencoder and opts.pretrained):
+        return base_parts(opts, cfg, str(base), log)
+    pub = public_dir(opts, cfg)
+    ae_dir = opts.autoencoder or pub / "autoencoder"
+    ldm_dir = opts.pretrained or pub / "ldm"
+    if opts.pretrained is not None and not ldm_dir.exists():
         fail(f"--pretrained {ldm_dir}: no such folder")
     if not (ae_dir.exists() and ldm_dir.exists()) and not cfg["data"].get("public"):
         fail(f"no pre-trained model at {ldm_dir} and config {cfg['name']} names no public data to build one: pass "
              "--pretrained/--autoencoder folders, or public data with --set data.public=PATH")
     # a cache pre-trained on other public data (e.g. before the preset changed) is refused, never reused or erased
     public = cfg["data"].get("public")
-    for folder, given in ((ae_dir, args.autoencoder), (ldm_dir, args.pretrained)):
+    for folder, given in ((ae_dir, opts.autoencoder), (ldm_dir, opts.pretrained)):
         source = trained_on(folder) if given is None else None
         if public and source is not None and source != str(Path(public)):
             fail(f"the cached model {folder} was pre-trained on public data {source!r}, but config {cfg['name']} names "
                  f"{public!r}: move {pub} away to pre-train again, or pass --autoencoder/--pretrained "
                  "to use it anyway")
     if not ae_dir.exists():
-        if args.autoencoder is not None:
+        if opts.autoencoder is not None:
             fail(f"--autoencoder {ae_dir}: no such folder")
         log.print(f"no cached autoencoder at {ae_dir}: pre-training one on public data ({cfg['data']['public']})")
-        ae_stage.run(cfg, ae_dir, args.seed, args.device)
+        ae_stage.run(cfg, ae_dir, opts.seed, opts.device)
     if not ldm_dir.exists():
         log.print(f"no cached LDM at {ldm_dir}: pre-training one on public data ({cfg['data']['public']})")
-        pretrain_stage.run(cfg, ae_dir, ldm_dir, args.seed, args.device)
+        pretrain_stage.run(cfg, ae_dir, ldm_dir, opts.seed, opts.device)
     return ae_dir, ldm_dir
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parser().parse_args(argv)
+    """The command line: parse, run, and turn a refusal into `error: ...` on stderr and exit status 1.
+
+    Args:
+        argv: the arguments (default: sys.argv[1:]).
+
+    Returns:
+        result.json's content.
+    """
+    opts = TrainOptions.from_args(parser().parse_args(argv))
     try:
-        cfg = config_from(args)
-    except ValueError as e:
-        fail(str(e))
-    fill_defaults(args, cfg)
-    try:
-        return run(cfg, args)[0]
+        try:
+            cfg = config_from(opts)
+        except ValueError as e:
+            fail(str(e))
+        return run(cfg, opts)[0]
+    except TrainError as e:
+        raise SystemExit(f"error: {e}") from e
     finally:
         parallel.teardown()
 
 
-def run(cfg: dict[str, Any], args: argparse.Namespace, private: data_mod.DataSet | None = None
+def run(cfg: dict[str, Any], opts: TrainOptions, private: data_mod.DataSet | None = None
         ) -> tuple[dict[str, Any], ConditionalUNet]:
-    """DP fine-tune, then (unless args say not to) sample and evaluate; returns result.json's content and the
-    fine-tuned model as trained (LoRA adapters still separate).
+    """DP fine-tune, then (unless opts say not to) sample and evaluate.
 
     Args:
         cfg: the config (dpldm.config.load_config).
-        args: parser() arguments with fill_defaults applied.
-        private: the private data set, already loaded (dpldm.compartments passes one shard); default: args.data,
+        opts: the run's options; unset ones are taken from the config (TrainOptions.resolved, on a copy).
+        private: the private data set, already loaded (dpldm.compartments passes one shard); default: opts.data,
             else the config's private data.
+
+    Returns:
+        (result.json's content, the fine-tuned model as trained: LoRA adapters still separate).
+
+    Raises:
+        TrainError: the run was refused; nothing was trained.
     """
     t_start = time.time()
-    rank, world = parallel.setup(args)
-    lead = rank == 0
-    if args.secure_mode and args.deterministic_noise:
-        fail("--secure-mode and --deterministic-noise contradict each other: pass one of them")
-    if args.base and args.no_base:
-        fail("--base and --no-base contradict each other: pass one of them")
-    out: Path = args.out
-    ckpt = parallel.checkpoint_dir(out, rank)  # every rank keeps its own sampler and RNG state
+    opts = opts.resolved(cfg)
+    job = prepare(cfg, opts, private)
+    vae, model, base_dirs = load_base(cfg, opts, job)
+    dp = make_private(cfg, opts, job, vae, model)
+    step = resume(opts, job, dp)
+    step = dp_loop(cfg, opts, job, dp, step)
+    return finish(cfg, opts, job, dp, vae, base_dirs, step, t_start)
 
-    # --- refuse early: bad data, unreachable epsilon, inconsistent resume ---------------------------------------
-    if private is None and not (args.data or cfg["data"].get("private")):
+
+# --- prepare: options, private data, sigma, the run folder ---------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """What prepare() settled before anything is loaded or trained.
+
+    Attributes:
+        out: the run folder.
+        rank: this process's rank.
+        world: the job's number of ranks.
+        private: the private data set.
+        public: the evaluation's public data (loaded up front, on rank 0, when the run evaluates), else None.
+        sigma: the noise multiplier.
+        run_args: the settings a resume must share (TrainOptions.run_args).
+        start: how the run starts (dpldm.checkpoint.start_run).
+        log: the run's log (rank 0; a silent one on the others).
+    """
+
+    out: Path
+    rank: int
+    world: int
+    private: data_mod.DataSet
+    public: data_mod.DataSet | None
+    sigma: float
+    run_args: dict[str, Any]
+    start: Start
+    log: RunLog
+
+    @property
+    def lead(self) -> bool:
+        """Rank 0: the one that logs, saves, samples and evaluates."""
+        return self.rank == 0
+
+    @property
+    def ckpt(self) -> Path:
+        """This rank's checkpoint folder (every rank keeps its own sampler and RNG state)."""
+        return checkpoint_dir(self.out, self.rank)
+
+
+def prepare(cfg: dict[str, Any], opts: TrainOptions, private: data_mod.DataSet | None) -> Job:
+    """Refuse early, before anything is loaded or trained: contradicting options, bad private data, an unreachable
+    epsilon, an unwritable run folder, missing evaluation data, an inconsistent resume. Then clear or keep the run
+    folder (dpldm.checkpoint.start_run) and open its log.
+
+    Args:
+        cfg: the config.
+        opts: the resolved options; opts.delta is set here when None (default_delta of the private set's size).
+        private: the private data set, if the caller loaded it.
+
+    Returns:
+        The Job.
+    """
+    rank, world = parallel.setup(opts)
+    if opts.secure_mode and opts.deterministic_noise:
+        fail("--secure-mode and --deterministic-noise contradict each other: pass one of them")
+    if opts.base and opts.no_base:
+        fail("--base and --no-base contradict each other: pass one of them")
+    out: Path = opts.out
+    private = private_data(cfg, opts, private)
+    sigma = calibrate(opts, len(private.train.labels))
+    run_args = opts.run_args()
+    public, missing = None, unwritable(out)
+    if missing is None and rank == 0 and not (opts.no_sample or opts.no_eval) and cfg["data"].get("public"):
+        public, missing = evaluation_public_data(cfg)
+    try:
+        start = start_run(out, rank, world, opts.resume, opts.fresh, run_args, refuse=missing)
+    except StartRefused as e:
+        fail(str(e))
+    log = RunLog(out, "train") if rank == 0 else parallel.SilentLog(out, "train")
+    if start.mode == RESTART:
+        log.print(f"--resume: the run in {out} was stopped before its first checkpoint, so nothing of it was kept: "
+                  "starting again from step 0")
+    log.print(f"private data: {private.source}, {len(private.train.labels)} train / {len(private.test.labels)} test "
+              f"examples; run folder {out}", **{k: v for k, v in run_args.items()})
+    return Job(out, rank, world, private, public, sigma, run_args, start, log)
+
+
+def private_data(cfg: dict[str, Any], opts: TrainOptions, private: data_mod.DataSet | None) -> data_mod.DataSet:
+    """The private data set: the one given, else --data, else the config's private data; never a default one.
+
+    Args:
+        cfg: the config.
+        opts: the run's options.
+        private: the private data set, if the caller loaded it.
+
+    Returns:
+        The data set.
+    """
+    if private is None and not (opts.data or cfg["data"].get("private")):
         fail(f"config {cfg['name']} names no private data set: pass --data PATH (.npz or folder of class folders)")
     try:
         if private is None:
-            private = load_private(args.data or cfg["data"]["private"], cfg)
+            private = load_private(opts.data or cfg["data"]["private"], cfg)
     except data_mod.DataError as e:
         fail(str(e))
-    n = len(private.train.labels)  # the one thing read off the private data: N (sampling rate, default delta)
-    if args.delta is None:
-        args.delta = default_delta(n)
-    if args.batch_size > n:
-        fail(f"--batch-size {args.batch_size} is larger than the private training set ({n} examples)")
-    sample_rate = 1.0 / math.ceil(n / args.batch_size)  # what the engine reads off the loader (1 / len(loader))
-    from dpkernels import PrivacyEngine
-    from dpkernels.privacy import get_noise_multiplier
+    return private
 
-    if not args.target_epsilon > 0:
-        fail(f"--target-epsilon must be positive, got {args.target_epsilon}")
+
+def calibrate(opts: TrainOptions, n: int) -> float:
+    """Sigma for the target epsilon over --epochs passes at the loader's rate (dpldm.calibration). N, the private
+    training set's size, is the one thing read off the private data (the sampling rate, the default delta).
+
+    Args:
+        opts: the resolved options; opts.delta is set to default_delta(n) when None.
+        n: the number of private training examples.
+
+    Returns:
+        The noise multiplier.
+    """
+    if opts.delta is None:
+        opts.delta = default_delta(n)
+    if opts.batch_size > n:
+        fail(f"--batch-size {opts.batch_size} is larger than the private training set ({n} examples)")
+    if not opts.target_epsilon > 0:
+        fail(f"--target-epsilon must be positive, got {opts.target_epsilon}")
     try:
-        sigma = get_noise_multiplier(target_epsilon=args.target_epsilon, target_delta=args.delta,
-                                     sample_rate=sample_rate, epochs=args.epochs, accountant=args.accountant)
+        return noise_multiplier(opts.target_epsilon, opts.delta, n, opts.batch_size, opts.epochs, opts.accountant)
     except ValueError as e:
-        fail(f"target epsilon {args.target_epsilon} is unreachable with delta {args.delta:g}, {args.epochs} epochs "
-             f"and sampling rate {sample_rate:.4g} ({e}). Raise --target-epsilon, or lower --epochs or --batch-size.")
-    run_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k in RESUME_KEYS}
-    # every other input the run needs, checked now (seconds) rather than when it is reached (minutes later)
-    public, missing = None, unwritable(out)
-    if missing is None and lead and not (args.no_sample or args.no_eval) and cfg["data"].get("public"):
-        try:  # the evaluation's baseline (a) and Frechet features; loaded once, here
-            public = load_public(cfg)
-        except data_mod.DataError as e:
-            missing = (f"the evaluation needs the public data {cfg['data']['public']!r} (baseline (a), Frechet "
-                       f"features), which cannot be loaded: {e} (checked before training; --no-eval skips it)")
-    discard_interrupted_writes(ckpt)  # a killed writer's temporary folder: private, and never used again
-    found, meta, refused = latest_checkpoint(ckpt)
-    mode, why = (REFUSE, missing) if missing else start_mode(args, out, rank, world, run_args, found, meta, refused)
-    lo, hi = parallel.min_max_int(mode, world)  # every rank takes the same road, or all refuse
-    if lo == REFUSE:
-        fail(why or f"{'--resume' if args.resume else 'the run'} was refused on another rank (its error says why); "
-             f"nothing in {out} was changed")
-    if lo != hi:
-        fail(f"--resume: the ranks found different states in {out} (some hold a checkpoint, some none): it was "
-             "written by a job with another number of ranks, or a rank's checkpoint was removed; resume with the "
-             "job that wrote it, or pass --fresh")
-    resuming = mode == RESUME
-    if resuming and not parallel.same_on_all_ranks(meta["step"], world):
-        # a job killed while its ranks were checkpointing: resume them all at the newest step every rank holds
-        common = parallel.oldest(meta["step"], world)
-        held = [m["step"] for _, m in intact_checkpoints(ckpt)[0]]
-        found, meta = at_step(ckpt, common)
-        if not parallel.on_all_ranks(found is not None, world):
-            fail(f"--resume: the ranks' checkpoints have no step in common (this rank holds steps {held}, the "
-                 f"furthest behind is at step {common}): pass --fresh")
-        for path, m in intact_checkpoints(ckpt)[0]:  # the newer ones belong to a timeline no rank continues
-            if m["step"] > common:
-                shutil.rmtree(path)
-    if not resuming and out.exists():
-        discard_train_state(ckpt)
-        if lead:  # ranks this job does not have: an earlier job's private state, of no use to a new run
-            parallel.discard_private_checkpoints(out, from_rank=world)
-        for stale in ("ldm", "log.jsonl") if lead else ():
-            p = out / stale
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    parallel.barrier(world)
+        fail(f"target epsilon {opts.target_epsilon} is unreachable with delta {opts.delta:g}, {opts.epochs} epochs "
+             f"and sampling rate {sample_rate(n, opts.batch_size):.4g} ({e}). Raise --target-epsilon, or lower "
+             "--epochs or --batch-size.")
 
-    log = RunLog(out, "train") if lead else parallel.SilentLog(out, "train")
-    if mode == RESTART:
-        log.print(f"--resume: the run in {out} was stopped before its first checkpoint, so nothing of it was kept: "
-                  "starting again from step 0")
-    log.print(f"private data: {private.source}, {n} train / {len(private.test.labels)} test examples; "
-              f"run folder {out}", **{k: v for k, v in run_args.items()})
+
+def evaluation_public_data(cfg: dict[str, Any]) -> tuple[data_mod.DataSet | None, str | None]:
+    """The evaluation's baseline (a) and Frechet features need the public data: loaded once, before training
+    (seconds) rather than when the evaluation reaches it (minutes later).
+
+    Args:
+        cfg: the config (its data.public).
+
+    Returns:
+        (the public data set, None), or (None, why it cannot be loaded).
+    """
     try:
-        if not lead:  # rank 0 pre-trains a missing cache first; the others then find it
-            parallel.barrier(world)
-        ae_dir, ldm_dir = ensure_pretrained(args, cfg, log)
-        if lead:
-            parallel.barrier(world)
+        return load_public(cfg), None
+    except data_mod.DataError as e:
+        return None, (f"the evaluation needs the public data {cfg['data']['public']!r} (baseline (a), Frechet "
+                      f"features), which cannot be loaded: {e} (checked before training; --no-eval skips it)")
+
+
+# --- load_base: the public autoencoder and LDM --------------------------------------------------------------------
+
+
+def load_base(cfg: dict[str, Any], opts: TrainOptions, job: Job
+              ) -> tuple[Any, ConditionalUNet, tuple[Path, Path]]:
+    """The public autoencoder and LDM the run starts from (rank 0 pre-trains a missing cache first; the others then
+    find it); a fresh class embedder when the config gives the private data another label set.
+
+    Args:
+        cfg: the config.
+        opts: the run's options.
+        job: prepare()'s answer.
+
+    Returns:
+        (the autoencoder, the LDM, (autoencoder folder, LDM folder)).
+    """
+    try:
+        if not job.lead:
+            parallel.barrier(job.world)
+        ae_dir, ldm_dir = ensure_pretrained(opts, cfg, job.log)
+        if job.lead:
+            parallel.barrier(job.world)
         vae = load_autoencoder(ae_dir, cfg)
         model, _ = load_ldm(ldm_dir, cfg)
     except CheckpointError as e:
         fail(str(e))
-    seed_all(args.seed)  # before any initialisation: --seed controls everything but the private streams
-    if private.num_classes != model.class_embedder.num_classes:
+    seed_all(opts.seed)  # before any initialisation: --seed controls everything but the private streams
+    if job.private.num_classes != model.class_embedder.num_classes:
         # a configured label set other than the public one (data.private_num_classes): a fresh class embedder
         # (trained privately in attention/all modes)
-        model.class_embedder = ClassEmbedder(private.num_classes, cfg["unet"]["cross_attention_dim"])
-        log.print(f"the config gives the private data {private.num_classes} classes: new class embedder")
+        model.class_embedder = ClassEmbedder(job.private.num_classes, cfg["unet"]["cross_attention_dim"])
+        job.log.print(f"the config gives the private data {job.private.num_classes} classes: new class embedder")
+    return vae, model, (ae_dir, ldm_dir)
 
-    # --- private latents: the frozen public autoencoder is a fixed per-example map --------------------------------
-    z = (encode(vae, images_tensor(private.train, cfg)) * vae.config.scaling_factor).contiguous()
-    y = torch.from_numpy(private.train.labels)
+
+# --- make_private: latents, trainable set, engine -----------------------------------------------------------------
+
+
+@dataclass
+class PrivateTraining:
+    """What make_private() returns: the engine's wrapped model, optimizer and loader, and the run's size.
+
+    Attributes:
+        model: the model (wrapped by the engine).
+        opt: the DP optimizer.
+        loader: the Poisson loader of the private latents.
+        engine: the dpkernels.PrivacyEngine (accountant, noise and sampler streams).
+        n_trainable: the number of trainable parameters.
+        total_steps: epochs * len(loader) logical steps.
+    """
+
+    model: Any
+    opt: Any
+    loader: Any
+    engine: Any
+    n_trainable: int
+    total_steps: int
+
+
+def make_private(cfg: dict[str, Any], opts: TrainOptions, job: Job, vae: Any, model: ConditionalUNet
+                 ) -> PrivateTraining:
+    """Encode the private images once (the frozen public autoencoder is a fixed per-example map), freeze all but the
+    trainable set, and hand model, optimizer and loader to dpkernels.PrivacyEngine.
+
+    Args:
+        cfg: the config.
+        opts: the run's options.
+        job: prepare()'s answer.
+        vae: the autoencoder.
+        model: the LDM.
+
+    Returns:
+        The PrivateTraining objects.
+    """
+    from dpkernels import PrivacyEngine
+
+    z = (encode(vae, images_tensor(job.private.train, cfg)) * vae.config.scaling_factor).contiguous()
+    y = torch.from_numpy(job.private.train.labels)
     try:
-        n_trainable = select_trainable(model, args.trainable, args.ablation, args.lora_rank)
+        n_trainable = select_trainable(model, opts.trainable, opts.ablation, opts.lora_rank)
     except ValueError as e:
         fail(str(e))
-    model.to(args.device).train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
-    loader = DataLoader(TensorDataset(z, y), batch_size=args.batch_size)
-    engine = PrivacyEngine(accountant=args.accountant, secure_mode=args.secure_mode)
+    model.to(opts.device).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=opts.lr, weight_decay=0.0)
+    loader = DataLoader(TensorDataset(z, y), batch_size=opts.batch_size)
+    engine = PrivacyEngine(accountant=opts.accountant, secure_mode=opts.secure_mode)
     try:
         model, opt, loader = engine.make_private(
-            module=model, optimizer=opt, data_loader=loader, noise_multiplier=sigma, max_grad_norm=args.max_grad_norm,
-            poisson_sampling=True, backend=args.backend, seed=engine_seed(args))
+            module=model, optimizer=opt, data_loader=loader, noise_multiplier=job.sigma,
+            max_grad_norm=opts.max_grad_norm, poisson_sampling=True, backend=opts.backend, seed=engine_seed(opts))
     except ValueError as e:  # unknown backend, non-positive clipping norm, unsupported trainable module
         fail(str(e))
-    total_steps = args.epochs * len(loader)
-    log.print(f"trainable parameters: {n_trainable:,} ({args.trainable}"
-              + (f", ablation {args.ablation}" if args.trainable == "attention" else "")
-              + (f", rank {args.lora_rank}" if args.trainable == "lora" else "") + ")", trainable_params=n_trainable)
-    log.print(f"sigma (noise multiplier) {opt.noise_multiplier:.4f}, sample rate {engine.sample_rate:.5f}, "
-              f"{total_steps} steps, target epsilon {args.target_epsilon} at delta {args.delta:g}, "
-              f"C {opt.max_grad_norm}, k {args.noise_multiplicity}", sigma=opt.noise_multiplier,
-              sample_rate=engine.sample_rate, total_steps=total_steps, delta=args.delta,
-              max_grad_norm=opt.max_grad_norm, expected_batch_size=opt.expected_batch_size)
-    log.print(f"DP noise and Poisson sampling seeded: {noise_seeding(args)}", noise_seeding=noise_seeding(args))
-    if args.deterministic_noise:
-        log.print("WARNING " + DETERMINISTIC_NOISE_WARNING)
-    step = 0
-    if resuming:
-        for why in refused:
-            log.print(f"WARNING checkpoint refused, {why}: falling back to {found}")
-        try:
-            step = load_train_state(found, model, opt, engine)
-        except ValueError as e:
-            fail(str(e))
-        if accounted_steps(engine) != step:
-            fail(f"{found}: accountant history has {accounted_steps(engine)} steps but the checkpoint says {step}")
-        log.print(f"resumed from {found} at step {step}, epsilon so far {engine.get_epsilon(args.delta):.4f}",
-                  resumed_step=step)
-    meta = {"args": run_args, "sigma": opt.noise_multiplier, "total_steps": total_steps, "finished": False,
-            "world": world}  # a resume needs the same number of ranks
-    if world > 1 and not resuming:  # each rank its own diffusion timesteps and noise (the model init was shared)
-        torch.manual_seed(args.seed * 1_000_003 + rank)
+    dp = PrivateTraining(model, opt, loader, engine, n_trainable, opts.epochs * len(loader))
+    log_setup(opts, job.log, dp)
+    return dp
 
-    # --- DP training loop -------------------------------------------------------------------------------------
+
+def log_setup(opts: TrainOptions, log: RunLog, dp: PrivateTraining) -> None:
+    """Log what the run trains and with which privacy parameters, before its first step.
+
+    Args:
+        opts: the run's options.
+        log: the run's log.
+        dp: make_private()'s training objects.
+    """
+    log.print(f"trainable parameters: {dp.n_trainable:,} ({opts.trainable}"
+              + (f", ablation {opts.ablation}" if opts.trainable == "attention" else "")
+              + (f", rank {opts.lora_rank}" if opts.trainable == "lora" else "") + ")", trainable_params=dp.n_trainable)
+    opt, engine = dp.opt, dp.engine
+    log.print(f"sigma (noise multiplier) {opt.noise_multiplier:.4f}, sample rate {engine.sample_rate:.5f}, "
+              f"{dp.total_steps} steps, target epsilon {opts.target_epsilon} at delta {opts.delta:g}, "
+              f"C {opt.max_grad_norm}, k {opts.noise_multiplicity}", sigma=opt.noise_multiplier,
+              sample_rate=engine.sample_rate, total_steps=dp.total_steps, delta=opts.delta,
+              max_grad_norm=opt.max_grad_norm, expected_batch_size=opt.expected_batch_size)
+    log.print(f"DP noise and Poisson sampling seeded: {noise_seeding(opts)}", noise_seeding=noise_seeding(opts))
+    if opts.deterministic_noise:
+        log.print("WARNING " + DETERMINISTIC_NOISE_WARNING)
+
+
+# --- resume ------------------------------------------------------------------------------------------------------
+
+
+def resume(opts: TrainOptions, job: Job, dp: PrivateTraining) -> int:
+    """Restore the checkpoint start_run chose (model, optimizer, engine, RNG state) for a resumed run; otherwise,
+    on several ranks, give each rank its own diffusion timesteps and noise (the model init was shared).
+
+    Args:
+        opts: the run's options.
+        job: prepare()'s answer.
+        dp: make_private()'s answer.
+
+    Returns:
+        The number of logical steps already done (0 unless resumed).
+    """
+    start = job.start
+    if start.mode != RESUME:
+        if job.world > 1:
+            torch.manual_seed(opts.seed * 1_000_003 + job.rank)
+        return 0
+    for why in start.refused:
+        job.log.print(f"WARNING checkpoint refused, {why}: falling back to {start.found}")
+    try:
+        step = load_train_state(start.found, dp.model, dp.opt, dp.engine)
+    except ValueError as e:
+        fail(str(e))
+    if accounted_steps(dp.engine) != step:
+        fail(f"{start.found}: accountant history has {accounted_steps(dp.engine)} steps but the checkpoint says {step}")
+    job.log.print(f"resumed from {start.found} at step {step}, epsilon so far {dp.engine.get_epsilon(opts.delta):.4f}",
+                  resumed_step=step)
+    return step
+
+
+# --- dp_loop ------------------------------------------------------------------------------------------------------
+
+
+def dp_loop(cfg: dict[str, Any], opts: TrainOptions, job: Job, dp: PrivateTraining, step: int) -> int:
+    """Logical Poisson steps from `step` to the end of the run or --max-steps, a checkpoint every --checkpoint-every
+    steps and at the stop. With --noise-multiplicity k each image is used with k diffusion noises; its k rows share
+    one example id, so the k losses are averaged before clipping.
+
+    Args:
+        cfg: the config.
+        opts: the run's options.
+        job: prepare()'s answer.
+        dp: make_private()'s answer.
+        step: the logical steps already done.
+
+    Returns:
+        The logical steps done when the loop stops.
+    """
+    model, opt, loader, engine, total_steps = dp.model, dp.opt, dp.loader, dp.engine, dp.total_steps
+    meta = {"args": job.run_args, "sigma": opt.noise_multiplier, "total_steps": total_steps, "finished": False,
+            "world": job.world}  # a resume needs the same number of ranks
     sched = train_scheduler(cfg)
-    k = args.noise_multiplicity
-    stop_at = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
-    bar = progress(total_steps, "DP fine-tune", initial=step, disable=not lead)
+    k = opts.noise_multiplicity
+    stop_at = total_steps if opts.max_steps is None else min(total_steps, opts.max_steps)
+    bar = progress(total_steps, "DP fine-tune", initial=step, disable=not job.lead)
     losses: list[float] = []
     while step < stop_at:
-        for zb, yb in engine.virtual_batches(loader, args.max_physical_batch_size):
+        for zb, yb in engine.virtual_batches(loader, opts.max_physical_batch_size):
             opt.zero_grad(set_to_none=True)
             if len(zb):
-                rows_z, rows_y = zb.repeat_interleave(k, 0).to(args.device), yb.repeat_interleave(k, 0).to(args.device)
-                with torch.autocast(torch.device(args.device).type, dtype=PRECISIONS[args.precision] or torch.bfloat16,
-                                    enabled=args.precision != "fp32"):
+                rows_z, rows_y = zb.repeat_interleave(k, 0).to(opts.device), yb.repeat_interleave(k, 0).to(opts.device)
+                with torch.autocast(torch.device(opts.device).type, dtype=PRECISIONS[opts.precision] or torch.bfloat16,
+                                    enabled=opts.precision != "fp32"):
                     loss = diffusion_loss(model, sched, rows_z, rows_y, cfg["train"].get("label_dropout", 0.0))
-                opt.set_example_ids(torch.arange(len(zb), device=args.device).repeat_interleave(k))
+                opt.set_example_ids(torch.arange(len(zb), device=opts.device).repeat_interleave(k))
                 loss.backward()
                 losses.append(loss.item())
             opt.step()  # an empty Poisson batch still steps: the update is pure noise
@@ -505,57 +770,119 @@ def run(cfg: dict[str, Any], args: argparse.Namespace, private: data_mod.DataSet
             step = accounted_steps(engine)
             bar.update()
             if losses:
-                log.log(step=step, loss=float(np.mean(losses)))
+                job.log.log(step=step, loss=float(np.mean(losses)))
                 bar.set_postfix(loss=f"{np.mean(losses):.4f}")
                 losses = []
-            if step < total_steps and (step % args.checkpoint_every == 0 or step >= stop_at):
-                save_train_state(ckpt, model, opt, engine, step, meta)
+            if step < total_steps and (step % opts.checkpoint_every == 0 or step >= stop_at):
+                save_train_state(job.ckpt, model, opt, engine, step, meta)
             if step >= stop_at:
                 break
     bar.close()
-    epsilon = engine.get_epsilon(args.delta)
-    log.print(f"epsilon spent: {epsilon:.4f} (delta {args.delta:g}, {step}/{total_steps} steps, accountant "
-              f"{args.accountant})", epsilon=epsilon, steps=step)
-    result: dict[str, Any] = {"epsilon": epsilon, "delta": args.delta, "sigma": opt.noise_multiplier, "steps": step,
-                              "total_steps": total_steps, "trainable_params": n_trainable,
-                              "noise_seeding": noise_seeding(args), "run": str(out),
-                              # (sigma, sample rate, steps): what composes this run with others on the same data
-                              "accountant_history": [list(h) for h in engine.accountant.history]}
-    if step < total_steps:
-        log.print(f"stopped at step {step} of {total_steps} (--max-steps): continue with --resume --out {out}")
-        return result, model
-    if not lead:  # rank 0 saves, samples and evaluates
-        discard_train_state(ckpt)
-        return result, model
+    return step
 
-    plain = plain_copy(model, cfg)
-    save_ldm(plain, out / "ldm", {"stage": "train", "epsilon": epsilon, "delta": args.delta,
-                                  "autoencoder": str(ae_dir), "pretrained": str(ldm_dir)})
-    discard_train_state(ckpt)  # only for resuming: a finished run keeps no noise seeds
-    parallel.discard_private_checkpoints(out)  # nor any rank's (each deletes its own too; whoever is first wins)
-    log.print(f"fine-tuned LDM saved to {out / 'ldm'}")
-    if not args.no_sample:
-        npz, grid = sample_stage.run(cfg, plain, vae, out, args.per_class, seed=args.seed, device=args.device)
-        result.update(samples=str(npz), grid=str(grid))
-        if not args.no_eval:
-            synthetic = data_mod.from_npz(npz, plain.class_embedder.num_classes)
-            # the DP-SGD baselines spend the same (epsilon, delta) again, separately: comparison only, never released
-            target = DPTarget(args.target_epsilon, args.delta, args.accountant)
-            ev = evaluate_stage.run(cfg, synthetic, private, public, out, seed=args.seed,
-                                    baselines_on=not args.no_baselines, target=target, backend=args.backend,
-                                    noise_seed=args.seed if args.deterministic_noise else None)
-            result.update(ev)
+
+# --- finish: epsilon; save, sample, evaluate ------------------------------------------------------------------------
+
+
+def finish(cfg: dict[str, Any], opts: TrainOptions, job: Job, dp: PrivateTraining, vae: Any,
+           base_dirs: tuple[Path, Path], step: int, t_start: float) -> tuple[dict[str, Any], ConditionalUNet]:
+    """Report the epsilon spent; a finished run's rank 0 then saves the model (and deletes every private
+    checkpoint), samples, evaluates and writes result.json. A run stopped by --max-steps keeps its checkpoint.
+
+    Args:
+        cfg: the config.
+        opts: the run's options.
+        job: prepare()'s answer.
+        dp: make_private()'s answer.
+        vae: the autoencoder (to decode samples).
+        base_dirs: the (autoencoder, LDM) folders the run started from, recorded with the model.
+        step: the logical steps done.
+        t_start: when the run started (time.time()).
+
+    Returns:
+        (result.json's content, the fine-tuned model as trained).
+    """
+    epsilon = dp.engine.get_epsilon(opts.delta)
+    job.log.print(f"epsilon spent: {epsilon:.4f} (delta {opts.delta:g}, {step}/{dp.total_steps} steps, accountant "
+                  f"{opts.accountant})", epsilon=epsilon, steps=step)
+    result: dict[str, Any] = {"epsilon": epsilon, "delta": opts.delta, "sigma": dp.opt.noise_multiplier,
+                              "steps": step, "total_steps": dp.total_steps, "trainable_params": dp.n_trainable,
+                              "noise_seeding": noise_seeding(opts), "run": str(job.out),
+                              # (sigma, sample rate, steps): what composes this run with others on the same data
+                              "accountant_history": [list(h) for h in dp.engine.accountant.history]}
+    if step < dp.total_steps:
+        job.log.print(f"stopped at step {step} of {dp.total_steps} (--max-steps): continue with --resume --out "
+                      f"{job.out}")
+        return result, dp.model
+    if not job.lead:  # rank 0 saves, samples and evaluates
+        discard_train_state(job.ckpt)
+        return result, dp.model
+    plain = save_model(cfg, opts, job, dp.model, epsilon, base_dirs)
+    if not opts.no_sample:
+        result.update(sample_and_evaluate(cfg, opts, job, plain, vae))
     result["wall_s"] = time.time() - t_start
-    (out / "result.json").write_text(json.dumps(result, indent=1))
-    summary = f"done in {result['wall_s'] / 60:.1f} min: epsilon {epsilon:.3f} (delta {args.delta:g})"
+    (job.out / "result.json").write_text(json.dumps(result, indent=1))
+    summary = f"done in {result['wall_s'] / 60:.1f} min: epsilon {epsilon:.3f} (delta {opts.delta:g})"
     if "cnn_test_acc" in result:
         summary += f", CNN accuracy on real test data {result['cnn_test_acc']:.4f}"
     if "grid" in result:
         summary += f", grid: {result['grid']}"
-    log.print(summary, **{k: v for k, v in result.items() if not isinstance(v, str)})
+    job.log.print(summary, **{k: v for k, v in result.items() if not isinstance(v, str)})
     if any(k.startswith("baseline_") for k in result):
-        log.print(baselines_table(result))
-    return result, model
+        job.log.print(baselines_table(result))
+    return result, dp.model
+
+
+def save_model(cfg: dict[str, Any], opts: TrainOptions, job: Job, model: Any, epsilon: float,
+               base_dirs: tuple[Path, Path]) -> ConditionalUNet:
+    """Save the fine-tuned LDM (a plain copy: LoRA merged, engine hooks gone) in <out>/ldm, then delete every
+    rank's private checkpoint: a finished run keeps no noise seeds.
+
+    Args:
+        cfg: the config.
+        opts: the run's options.
+        job: prepare()'s answer.
+        model: the trained model (engine-wrapped).
+        epsilon: the epsilon spent, recorded with the model.
+        base_dirs: the (autoencoder, LDM) folders the run started from, recorded with the model.
+
+    Returns:
+        The plain copy.
+    """
+    ae_dir, ldm_dir = base_dirs
+    plain = plain_copy(model, cfg)
+    save_ldm(plain, job.out / "ldm", {"stage": "train", "epsilon": epsilon, "delta": opts.delta,
+                                      "autoencoder": str(ae_dir), "pretrained": str(ldm_dir)})
+    discard_train_state(job.ckpt)  # only for resuming
+    discard_private_checkpoints(job.out)  # nor any rank's (each deletes its own too; whoever is first wins)
+    job.log.print(f"fine-tuned LDM saved to {job.out / 'ldm'}")
+    return plain
+
+
+def sample_and_evaluate(cfg: dict[str, Any], opts: TrainOptions, job: Job, plain: ConditionalUNet, vae: Any
+                        ) -> dict[str, Any]:
+    """Sample the fine-tuned model and, unless --no-eval, evaluate the samples beside the baselines.
+
+    Args:
+        cfg: the config.
+        opts: the run's options (per_class, no_eval, no_baselines, seeds, backend).
+        job: prepare()'s answer (the run folder, the private and public data).
+        plain: the saved model.
+        vae: the autoencoder.
+
+    Returns:
+        What they add to result.json (samples, grid, the evaluation's numbers).
+    """
+    npz, grid = sample_stage.run(cfg, plain, vae, job.out, opts.per_class, seed=opts.seed, device=opts.device)
+    result: dict[str, Any] = {"samples": str(npz), "grid": str(grid)}
+    if not opts.no_eval:
+        synthetic = data_mod.from_npz(npz, plain.class_embedder.num_classes)
+        # the DP-SGD baselines spend the same (epsilon, delta) again, separately: comparison only, never released
+        target = DPTarget(opts.target_epsilon, opts.delta, opts.accountant)
+        result.update(evaluate_stage.run(cfg, synthetic, job.private, job.public, job.out, seed=opts.seed,
+                                         baselines_on=not opts.no_baselines, target=target, backend=opts.backend,
+                                         noise_seed=opts.seed if opts.deterministic_noise else None))
+    return result
 
 
 if __name__ == "__main__":

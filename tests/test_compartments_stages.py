@@ -3,6 +3,7 @@ add, per-shard accounting, and bad input that must change nothing."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -364,13 +365,12 @@ def killed_run(tiny_runs: Path, tiny_private: Path, tmp_path_factory: pytest.Tem
     from dpldm import train as train_stage
 
     out = tmp_path_factory.mktemp("cdm") / "killed"
-    real, real_parser = train_stage.save_train_state, train_stage.parser
+    real, real_run = train_stage.save_train_state, train_stage.run
     saved = []
 
-    def every_step() -> object:  # a checkpoint after every step: the kill lands between two of them
-        p = real_parser()
-        p.set_defaults(checkpoint_every=1)
-        return p
+    def every_step(cfg: dict, opts: train_stage.TrainOptions, private: object = None) -> object:
+        # a checkpoint after every step: the kill lands between two of them
+        return real_run(cfg, dataclasses.replace(opts, checkpoint_every=1), private=private)
 
     def save_then_die(folder: Path, *a: object, **k: object) -> None:
         real(folder, *a, **k)
@@ -383,7 +383,7 @@ def killed_run(tiny_runs: Path, tiny_private: Path, tmp_path_factory: pytest.Tem
     argv = train_argv(tiny_runs, tiny_private, out, "--shard-by", "class", "--num-shards", "2")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train_stage, "save_train_state", save_then_die)
-        mp.setattr(train_stage, "parser", every_step)
+        mp.setattr(train_stage, "run", every_step)
         with pytest.raises(Killed), pytest.warns(UserWarning, match="NO privacy"):
             ctrain.main(argv)
     assert (out / "work" / "1" / "checkpoint" / "state.pt").is_file()

@@ -232,13 +232,14 @@ def rights_shards(rights: Path, user: str) -> list[str]:
 
 
 def cli(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], Any], argv: list[str] | None) -> Any:
-    """A stage's main: parse, run, and turn a refusal (RunError, a shard, data or checkpoint error) into the
-    one-line error the other stages print."""
+    """A stage's main: parse, run, and turn a refusal (RunError, a shard, data, checkpoint or dpldm.train error)
+    into the one-line error the other stages print."""
     from dpldm.compartments.shards import ShardError
+    from dpldm.train import TrainError
 
     try:
         return run(parser.parse_args(argv))
-    except (RunError, ShardError, DataError, CheckpointError) as e:
+    except (RunError, ShardError, DataError, CheckpointError, TrainError) as e:
         raise SystemExit(f"error: {e}") from e
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dpldm.base import sha256_file
+from dpldm.calibration import noise_multiplier
 from dpldm.models import CheckpointError, atomic_dir
 
 WEIGHTS = "router.safetensors"
@@ -95,13 +95,20 @@ def train_router(z: torch.Tensor, shard: torch.Tensor, num_shards: int, sched: A
 
 
 def router_sigma(target_epsilon: float, delta: float, n: int, hp: dict[str, Any], accountant: str) -> float:
-    from dpkernels.privacy import get_noise_multiplier
+    """The router's noise multiplier: target_epsilon over hp['epochs'] passes over n latents in batches of
+    hp['batch_size'] (dpldm.calibration.noise_multiplier).
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        return get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                    sample_rate=1.0 / math.ceil(n / hp["batch_size"]), epochs=hp["epochs"],
-                                    accountant=accountant)
+    Args:
+        target_epsilon: the router's budget.
+        delta: the run's delta.
+        n: the number of private training latents (all shards').
+        hp: the router's hyper-parameters (router_hp).
+        accountant: the run's accountant.
+
+    Returns:
+        Sigma.
+    """
+    return noise_multiplier(target_epsilon, delta, n, hp["batch_size"], hp["epochs"], accountant, quiet=True)
 
 
 class RouterError(CheckpointError):

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import shutil
 import sys
 import time
@@ -46,7 +45,8 @@ import torch
 
 from dpldm import data as data_mod
 from dpldm import train as train_stage
-from dpldm.checkpoint import latest_checkpoint
+from dpldm.calibration import batches_per_epoch, noise_multiplier, sample_rate
+from dpldm.checkpoint import checkpoint_dir, latest_checkpoint
 from dpldm.common import add_config_args, config_from, images_tensor, private_classes
 from dpldm.compartments import registry
 from dpldm.compartments.accounting import composed_epsilon, privacy_report
@@ -73,7 +73,6 @@ from dpldm.compartments.store import (
 )
 from dpldm.diffusion import encode, train_scheduler
 from dpldm.models import load_autoencoder
-from dpldm.parallel import checkpoint_dir
 from dpldm.runlog import RunLog
 
 # dpldm.train options a compartment passes through unchanged (same meaning, per shard)
@@ -86,6 +85,11 @@ RATE_TOLERANCE = 0.1  # a shard's sampling rate this far (relative) from the who
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
+    """The options `train` and `add` share: the config, and how each compartment is DP-trained.
+
+    Args:
+        p: the parser to add them to.
+    """
     add_config_args(p)
     g = p.add_argument_group("DP training of each compartment (as in python -m dpldm.train)")
     g.add_argument("--target-epsilon", type=float)
@@ -115,6 +119,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command line of `python -m dpldm.compartments train`.
+
+    Returns:
+        The parser.
+    """
     p = argparse.ArgumentParser(prog="python -m dpldm.compartments train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="private data (default: the config's): .npz or a folder of class folders")
@@ -136,6 +145,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def add_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m dpldm.compartments add`.
+
+    Returns:
+        The parser.
+    """
     p = argparse.ArgumentParser(prog="python -m dpldm.compartments add",
                                 description="DP-train a compartment for a new shard (new data), leaving the others "
                                             "untouched. Options default to the run's. Data already in one of the "
@@ -156,37 +170,70 @@ class HeldLog(RunLog):
         self.stage, self.t0, self.records = stage, time.time(), []
 
     def log(self, **fields: Any) -> None:
+        """Keep a record until into() writes it."""
         self.records.append(fields)
 
     def into(self, log: RunLog) -> RunLog:
+        """Write the records kept so far to `log`.
+
+        Args:
+            log: the run's log, now that its folder may be written.
+
+        Returns:
+            `log`, to log on.
+        """
         for fields in self.records:
             log.log(**fields)
         return log
 
 
-def shard_argv(args: argparse.Namespace, out: Path, batch_size: int, delta: float, ae_dir: Path, ldm_dir: Path,
-               resume: bool = False) -> list[str]:
-    """dpldm.train arguments for one compartment: the options above plus the run's base, delta, batch size;
-    --resume continues the checkpoint in `out`, else --fresh discards whatever a killed run left there."""
-    argv = ["--config", str(args.config), "--runs", str(args.runs), "--seed", str(args.seed), "--device", args.device,
-            "--out", str(out), "--no-sample", "--resume" if resume else "--fresh", "--batch-size", str(batch_size),
-            "--delta", repr(delta), "--autoencoder", str(ae_dir), "--pretrained", str(ldm_dir)]
-    for s in args.set:
-        argv += ["--set", s]
-    for key in PASS_THROUGH:
-        if getattr(args, key) is not None:
-            argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    return argv + [f"--{f.replace('_', '-')}" for f in FLAGS if getattr(args, f)]
+def shard_options(args: argparse.Namespace, out: Path, batch_size: int, delta: float, ae_dir: Path, ldm_dir: Path,
+                  resume: bool = False) -> train_stage.TrainOptions:
+    """dpldm.train options for one compartment: the options above plus the run's base, delta, batch size.
+
+    Args:
+        args: the shard's options (shard_args).
+        out: the shard's dpldm.train run folder (<run>/work/<shard>).
+        batch_size: the shard's expected batch size (batch_for).
+        delta: the run's delta.
+        ae_dir: the base's autoencoder folder.
+        ldm_dir: the base's LDM folder.
+        resume: continue the checkpoint in `out`; else discard whatever a killed run left there (--fresh).
+
+    Returns:
+        The options (unset ones are the config's: dpldm.train fills them).
+    """
+    given = {key: getattr(args, key) for key in PASS_THROUGH if getattr(args, key) is not None}
+    return train_stage.TrainOptions(
+        config=str(args.config), set=list(args.set), runs=Path(args.runs), seed=args.seed, device=args.device,
+        out=out, no_sample=True, resume=resume, fresh=not resume, batch_size=batch_size, delta=delta,
+        autoencoder=ae_dir, pretrained=ldm_dir, **given, **{f: True for f in FLAGS if getattr(args, f)})
 
 
 def options_of(args: argparse.Namespace) -> dict[str, Any]:
-    """The options a shard is trained with, as recorded for --resume (paths absolute)."""
+    """The options a shard is trained with, as recorded for --resume (paths absolute).
+
+    Args:
+        args: parser() or add_parser() arguments.
+
+    Returns:
+        {option: value} for OPTIONS.
+    """
     opts = {k: getattr(args, k, None) for k in OPTIONS}
     opts["config"], opts["runs"] = absolute(opts["config"]), absolute(opts["runs"])
     return opts
 
 
 def shard_args(options: dict[str, Any], device: str) -> argparse.Namespace:
+    """The arguments a shard is trained with, from the options it was registered with.
+
+    Args:
+        options: the registered options (options_of); those missing are None.
+        device: where to train.
+
+    Returns:
+        The arguments shard_options and public_compartment read.
+    """
     return argparse.Namespace(**{**{k: None for k in OPTIONS}, **options, "device": device})
 
 
@@ -200,18 +247,28 @@ def batch_for(size: int, full_batch: int, n: int) -> int:
         size: the shard's number of training examples.
         full_batch: the expected batch of one model on all the data (--batch-size).
         n: the number of training examples of all the data (the run's N).
+
+    Returns:
+        b.
     """
-    m = math.ceil(n / full_batch)
+    m = batches_per_epoch(n, full_batch)
     if size <= m:
         return 1
     # ceil(size/b) == m exactly for size/m <= b < size/(m-1): search around that interval
     lo, hi = max(1, size // m - 1), min(size, size // max(1, m - 1) + 2)
     return min(range(lo, hi + 1),
-               key=lambda b: (abs(1 / math.ceil(size / b) - 1 / m), abs(b - full_batch * size / n)))
+               key=lambda b: (abs(sample_rate(size, b) - 1 / m), abs(b - full_batch * size / n)))
 
 
 def data_digest(data: data_mod.DataSet) -> str:
-    """sha256 over a shard's training examples (images and labels, in order): the same data, or not."""
+    """sha256 over a shard's training examples (images and labels, in order): the same data, or not.
+
+    Args:
+        data: the shard's data.
+
+    Returns:
+        The hex digest.
+    """
     h = hashlib.sha256()
     for e, y in zip(example_hashes(data.train), data.train.labels.tolist(), strict=True):
         h.update(f"{e}:{y};".encode())
@@ -219,7 +276,14 @@ def data_digest(data: data_mod.DataSet) -> str:
 
 
 def stored_compartment(folder: Path) -> dict[str, Any] | None:
-    """The meta of a complete compartment in `folder` (weights matching their sha256), else None."""
+    """The meta of a complete compartment in `folder` (weights matching their sha256), else None.
+
+    Args:
+        folder: <run>/compartments/<shard>.
+
+    Returns:
+        Its compartment.json, or None.
+    """
     return read_meta(folder) if stored(folder) else None
 
 
@@ -228,7 +292,27 @@ def train_compartment(cfg: dict[str, Any], args: argparse.Namespace, run: Path, 
                       base: dict[str, Any], log: RunLog) -> dict[str, Any]:
     """One DP fine-tuning on the shard alone (--no-dp: plain training, for public shards); keeps the trained
     tensors and the accountant history. Continues what a killed run left in <run>/work/<name>: its checkpoint
-    (resumed), or a compartment already stored (kept)."""
+    (resumed), or a compartment already stored (kept).
+
+    Args:
+        cfg: the config.
+        args: the shard's options (shard_args).
+        run: the run folder.
+        name: the shard.
+        classes: the shard's classes (class key), else None.
+        data: the shard's data.
+        batch_size: its expected batch size (batch_for).
+        delta: the run's delta.
+        base: the run's base (resolve_base).
+        log: the run's log.
+
+    Returns:
+        The stored compartment's meta (its accounting included).
+
+    Raises:
+        RunError: the shard's data changed since its training started.
+        dpldm.train.TrainError: dpldm.train refused the shard's training.
+    """
     folder, work = run / "compartments" / name, run / "work" / name
     done = stored_compartment(folder)
     if done is not None:  # killed after storing it, before the registry said so
@@ -252,9 +336,8 @@ def train_compartment(cfg: dict[str, Any], args: argparse.Namespace, run: Path, 
     earlier = []
     if not resume and (work / "result.json").is_file():
         earlier = json.loads((work / "result.json").read_text()).get("accountant_history") or []
-    targs = train_stage.parser().parse_args(shard_argv(args, work, batch_size, delta, Path(base["autoencoder"]),
-                                                       Path(base["ldm"]), resume))
-    train_stage.fill_defaults(targs, cfg)
+    targs = shard_options(args, work, batch_size, delta, Path(base["autoencoder"]), Path(base["ldm"]),
+                          resume).resolved(cfg)
     log.print(f"compartment {name}: {len(data.train.labels)} examples, expected batch {batch_size}"
               + (f", resumed from {found.name} at step {ckpt['step']}" if resume else "")
               + (", trained again: the killed run's spending is kept in its accounting" if earlier else ""))
@@ -276,6 +359,22 @@ def train_compartment(cfg: dict[str, Any], args: argparse.Namespace, run: Path, 
 def public_compartment(cfg: dict[str, Any], args: argparse.Namespace, run: Path, name: str,
                        classes: list[int] | None, data: data_mod.DataSet, batch_size: int, base: dict[str, Any],
                        log: RunLog) -> dict[str, Any]:
+    """A non-private compartment (--no-dp), for a shard of PUBLIC data: plain training, no accounting.
+
+    Args:
+        cfg: the config.
+        args: the shard's options.
+        run: the run folder.
+        name: the shard.
+        classes: the shard's classes, else None.
+        data: the shard's (public) data.
+        batch_size: its batch size.
+        base: the run's base.
+        log: the run's log.
+
+    Returns:
+        The stored compartment's meta.
+    """
     hp = {k: getattr(args, k) if getattr(args, k, None) is not None else cfg["train"][k]
           for k in ("trainable", "ablation", "lora_rank", "epochs", "lr")}
     hp["batch_size"] = batch_size
@@ -288,11 +387,21 @@ def public_compartment(cfg: dict[str, Any], args: argparse.Namespace, run: Path,
 
 
 def resolve_base(cfg: dict[str, Any], args: argparse.Namespace, log: RunLog) -> dict[str, Any]:
-    targs = train_stage.parser().parse_args(["--config", str(args.config), "--runs", str(args.runs)]
-                                            + (["--base", args.base] if args.base else [])
-                                            + (["--pretrained", str(args.pretrained)] if args.pretrained else [])
-                                            + (["--autoencoder", str(args.autoencoder)] if args.autoencoder else []))
-    targs.set = args.set
+    """The base every compartment starts from, as dpldm.train chooses it (dpldm.train.ensure_pretrained), recorded
+    by path and hash.
+
+    Args:
+        cfg: the config.
+        args: parser() arguments (config, set, runs, base, pretrained, autoencoder).
+        log: where to say what was chosen.
+
+    Returns:
+        {"autoencoder", "ldm": absolute folders, "id", "autoencoder_id": their hashes}.
+    """
+    # dpldm.train's own choice of base folders (a cache is pre-trained with dpldm.train's default seed and device)
+    targs = train_stage.TrainOptions(config=str(args.config), runs=Path(args.runs), set=args.set,
+                                     base=args.base or None, pretrained=args.pretrained or None,
+                                     autoencoder=args.autoencoder or None)
     ae_dir, ldm_dir = train_stage.ensure_pretrained(targs, cfg, log)
     return {"autoencoder": str(Path(ae_dir).resolve()), "ldm": str(Path(ldm_dir).resolve()), "id": ldm_id(ldm_dir),
             "autoencoder_id": autoencoder_id(ae_dir)}
@@ -300,11 +409,23 @@ def resolve_base(cfg: dict[str, Any], args: argparse.Namespace, log: RunLog) -> 
 
 def absolute(path: str | Path | None) -> str | None:
     """A path as recorded in the run: absolute when it exists (forget and evaluate read it again, maybe from
-    another directory); a built-in data set's name as is."""
+    another directory); a built-in data set's name as is.
+
+    Args:
+        path: a path or a data set's name, or None.
+
+    Returns:
+        The string recorded, or None.
+    """
     return None if path is None else str(Path(path).resolve()) if Path(path).exists() else str(path)
 
 
 def check_config(cfg: dict[str, Any]) -> None:
+    """Refuse a config whose private label set is not the base's (compartments share its class embedder).
+
+    Args:
+        cfg: the config.
+    """
     if private_classes(cfg) != cfg["data"]["num_classes"]:
         raise RunError("compartments share the base's class embedder: the private label set must be the base's "
                        "(data.private_num_classes is set)")
@@ -314,21 +435,31 @@ def plan_shard(cfg: dict[str, Any], args: argparse.Namespace, name: str, size: i
                delta: float, checked: set[float] | None = None) -> dict[str, Any]:
     """A shard's batch size and sampling rate, checked before anything is trained: the target epsilon must be
     reachable at the shard's own rate (sigma is calibrated for it). `checked`: rates already found reachable
-    (a calibration takes seconds; shards mostly share one rate)."""
+    (a calibration takes seconds; shards mostly share one rate).
+
+    Args:
+        cfg: the config.
+        args: the run's arguments (target_epsilon, epochs, accountant, no_dp).
+        name: the shard.
+        size: its number of training examples.
+        full_batch: the expected batch of one model on all the data.
+        n: the number of training examples of all the data.
+        delta: the run's delta.
+        checked: rates found reachable so far (added to).
+
+    Returns:
+        {"n", "batch_size", "sample_rate"}.
+    """
     batch = batch_for(size, full_batch, n)
-    rate = 1.0 / math.ceil(size / batch)  # what dpldm.train's loader gives (1 / len(loader))
+    rate = sample_rate(size, batch)  # what dpldm.train's loader gives (1 / len(loader))
     checked = set() if checked is None else checked
     if not args.no_dp and rate not in checked:
-        from dpkernels.privacy import get_noise_multiplier
-
         eps = args.target_epsilon or cfg["train"]["target_epsilon"]
         epochs = args.epochs or cfg["train"]["epochs"]
         try:
             with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
                 warnings.filterwarnings("ignore", message="divide by zero", category=RuntimeWarning)  # PRV, q = 1
-                get_noise_multiplier(target_epsilon=eps, target_delta=delta, sample_rate=rate, epochs=epochs,
-                                     accountant=args.accountant)
+                noise_multiplier(eps, delta, size, batch, epochs, args.accountant, quiet=True)
         except ValueError as e:
             raise RunError(f"shard {name} ({size} examples, sampling rate {rate:.4g}): target epsilon {eps} is "
                            f"unreachable at delta {delta:g} in {epochs} epochs ({e}); nothing was trained. Raise "
@@ -338,8 +469,17 @@ def plan_shard(cfg: dict[str, Any], args: argparse.Namespace, name: str, size: i
 
 
 def rate_notes(plans: dict[str, dict[str, Any]], full_batch: int, n: int) -> list[str]:
-    """The shards whose sampling rate is more than RATE_TOLERANCE off one model's on all the data, and why."""
-    whole = 1.0 / math.ceil(n / full_batch)
+    """The shards whose sampling rate is more than RATE_TOLERANCE off one model's on all the data, and why.
+
+    Args:
+        plans: plan_shard's answer for each shard.
+        full_batch: the expected batch of one model on all the data.
+        n: the number of training examples of all the data.
+
+    Returns:
+        One note per such shard.
+    """
+    whole = sample_rate(n, full_batch)
     return [f"shard {name}: {p['n']} examples, sampling rate {p['sample_rate']:.4g} instead of the whole data's "
             f"{whole:.4g} (no batch size gives a shard this small that rate): its noise is calibrated for its own "
             "rate, so it spends the same epsilon in fewer, noisier steps"
@@ -352,6 +492,9 @@ def run(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     Args:
         cfg: the config (dpldm.config.load_config).
         args: parser() arguments (args.resume is not handled here: see resume()).
+
+    Returns:
+        The privacy report (report_of).
     """
     check_config(cfg)
     args.trainable, args.accountant = args.trainable or "lora", args.accountant or "prv"
@@ -406,7 +549,13 @@ def run(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 
 def register_folders(lineage: dict[str, Any], name: str, event: str) -> None:
     """Every folder a shard's training writes, recorded before it is written: a kill at any point leaves nothing
-    that `forget` cannot trace (work/ holds the private checkpoint)."""
+    that `forget` cannot trace (work/ holds the private checkpoint).
+
+    Args:
+        lineage: the run's lineage.
+        name: the shard.
+        event: what registers it ("train", "add").
+    """
     for folder in (f"work/{name}", f"compartments/{name}", f"logs/compartment-{name}"):
         registry.record(lineage, folder, [name], event)
 
@@ -414,7 +563,20 @@ def register_folders(lineage: dict[str, Any], name: str, event: str) -> None:
 def train_pending(cfg: dict[str, Any], run: Path, reg: dict[str, Any], lineage: dict[str, Any], log: RunLog,
                   device: str, keyed: tuple[data_mod.DataSet, list[Shard]] | None = None) -> dict[str, Any]:
     """Train every registered shard not trained yet, in order, then the router if the run has one and it is not
-    trained on exactly the current shards; the registry is saved after each. Returns the privacy report."""
+    trained on exactly the current shards; the registry is saved after each.
+
+    Args:
+        cfg: the config.
+        run: the run folder.
+        reg: the registry.
+        lineage: the lineage.
+        log: the run's log.
+        device: where to train.
+        keyed: the private data and its shards, when the caller has them (else rebuilt from the registry).
+
+    Returns:
+        The privacy report (report_of).
+    """
     for name in registry.pending(reg):
         info = reg["shards"][name]
         if info.get("data"):  # added later: its own data, all of it training data
@@ -456,6 +618,9 @@ def resume(out: Path, device: str) -> dict[str, Any]:
     Args:
         out: the run folder.
         device: where to train (the one setting a resumed run may change).
+
+    Returns:
+        The privacy report (report_of).
     """
     reg, lineage = registry.load(out)
     if registry.complete(reg, out):
@@ -476,6 +641,15 @@ def resume(out: Path, device: str) -> dict[str, Any]:
 
 
 def new_shard_data(path: str, cfg: dict[str, Any]) -> data_mod.DataSet:
+    """The data of a shard added later: all of it training data.
+
+    Args:
+        path: an .npz or a folder of class folders.
+        cfg: the config.
+
+    Returns:
+        The data set (an empty test split).
+    """
     d = cfg["data"]
     p = Path(path)
     if not p.exists():
@@ -491,6 +665,9 @@ def add(args: argparse.Namespace) -> dict[str, Any]:
 
     Args:
         args: add_parser() arguments.
+
+    Returns:
+        The privacy report (report_of).
     """
     reg, lineage = registry.load(args.run)
     if not registry.complete(reg, args.run):
@@ -535,7 +712,14 @@ def add(args: argparse.Namespace) -> dict[str, Any]:
 def report_of(run: Path) -> dict[str, Any]:
     """Per-shard and overall epsilon of the trained shards: each compartment's history, composed with every
     router training its shard took part in (a router trained again after add/forget spends again: the old one may
-    have been seen)."""
+    have been seen).
+
+    Args:
+        run: the run folder.
+
+    Returns:
+        dpldm.compartments.accounting.privacy_report's answer, with each shard's sampling rate.
+    """
     reg, _ = registry.load(run)
     metas = {name: read_meta(Path(run) / "compartments" / name) for name in registry.trained(reg)}
     report = privacy_report(metas, reg["delta"], reg["accountant"], reg.get("router_runs", []))
@@ -546,7 +730,16 @@ def report_of(run: Path) -> dict[str, Any]:
 def shard_data(reg: dict[str, Any], cfg: dict[str, Any], names: list[str] | None = None
                ) -> dict[str, data_mod.DataSet]:
     """The training data of the run's shards `names` (default: the trained ones), rebuilt from the key (same data,
-    key, seed, manifest) and, for shards added later, from their own data. Forgotten shards are never read."""
+    key, seed, manifest) and, for shards added later, from their own data. Forgotten shards are never read.
+
+    Args:
+        reg: the registry.
+        cfg: the config.
+        names: the shards (default: the trained ones).
+
+    Returns:
+        {shard: its training data}.
+    """
     names = registry.trained(reg) if names is None else names
     out: dict[str, data_mod.DataSet] = {}
     if any(not reg["shards"][n].get("data") for n in names):
@@ -562,7 +755,19 @@ def fit_router(cfg: dict[str, Any], run: Path, reg: dict[str, Any], lineage: dic
                data: dict[str, data_mod.DataSet], log: RunLog) -> dict[str, Any]:
     """DP-train the router on the private latents of `data`'s shards; saved in <run>/router, lineage: all of them.
     Its spending is recorded (and the registry saved) before the router is written: a kill in between can only
-    over-count."""
+    over-count.
+
+    Args:
+        cfg: the config.
+        run: the run folder.
+        reg: the registry.
+        lineage: the lineage.
+        data: {shard: its training data}.
+        log: the run's log.
+
+    Returns:
+        The router's meta (its shards, shares, accounting, sigma).
+    """
     hp, names = {**router_hp(cfg), "epsilon": reg["router"]["epsilon"]}, list(data)
     vae = load_autoencoder(Path(reg["base"]["autoencoder"]), cfg)
     zs = [encode(vae, images_tensor(d.train, cfg)) * vae.config.scaling_factor for d in data.values()]
@@ -583,6 +788,14 @@ def fit_router(cfg: dict[str, Any], run: Path, reg: dict[str, Any], lineage: dic
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """`python -m dpldm.compartments train`: a refusal exits with `error: ...`.
+
+    Args:
+        argv: the arguments (default: sys.argv[1:]).
+
+    Returns:
+        The privacy report.
+    """
     args = parser().parse_args(argv)
     if args.resume:
         if args.out is None:
@@ -597,6 +810,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def main_add(argv: list[str] | None = None) -> dict[str, Any]:
+    """`python -m dpldm.compartments add`: a refusal exits with `error: ...`.
+
+    Args:
+        argv: the arguments (default: sys.argv[1:]).
+
+    Returns:
+        The privacy report.
+    """
     return registry.cli(add_parser(), add, argv)
 
 
