@@ -36,6 +36,8 @@ import argparse
 import dataclasses
 import json
 import math
+import os
+import shutil
 import sys
 import time
 import warnings
@@ -851,10 +853,17 @@ def save_model(cfg: dict[str, Any], opts: TrainOptions, job: Job, model: Any, ep
     """
     ae_dir, ldm_dir = base_dirs
     plain = plain_copy(model, cfg)
-    save_ldm(plain, job.out / "ldm", {"stage": "train", "epsilon": epsilon, "delta": opts.delta,
-                                      "autoencoder": str(ae_dir), "pretrained": str(ldm_dir)})
+    # the model goes in place only once the seeds are gone: a kill in between never leaves a releasable model
+    # beside the noise seeds that would let whoever has both subtract the noise (a kill before the rename leaves
+    # the staged copy, which a resumed run writes again)
+    staged = job.out / ".ldm.staged"
+    save_ldm(plain, staged, {"stage": "train", "epsilon": epsilon, "delta": opts.delta,
+                             "autoencoder": str(ae_dir), "pretrained": str(ldm_dir)})
     discard_train_state(job.ckpt)  # only for resuming
     discard_private_checkpoints(job.out)  # nor any rank's (each deletes its own too; whoever is first wins)
+    if (job.out / "ldm").exists():
+        shutil.rmtree(job.out / "ldm")
+    os.replace(staged, job.out / "ldm")
     job.log.print(f"fine-tuned LDM saved to {job.out / 'ldm'}")
     return plain
 

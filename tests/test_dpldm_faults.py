@@ -32,7 +32,8 @@ ARGS = ["--epochs", "2", "--deterministic-noise", "--checkpoint-every", "1", "--
 # Runs dpldm.train (argv[2:]) and SIGKILLs itself at the point argv[1] names: [save, point], the `save`-th call of
 # save_train_state in this process, at `point` ("enter": before it writes anything; "rename1": its first os.replace,
 # the new checkpoint complete in its temporary folder; "rename2": its second, the current one already moved to
-# .prev), or ["save_ldm", 1]: when training is over and the model is being saved.
+# .prev), ["save_ldm", 1]: when training is over and the model is being saved, or ["saved_ldm", 1]: just after it
+# was written, before the checkpoints are deleted.
 DRIVER = r"""
 import json, os, signal, sys
 from dpldm import checkpoint, train
@@ -64,7 +65,9 @@ real_save_ldm = train.save_ldm
 def save_ldm(*a, **k):
     if target == "save_ldm":
         die()
-    return real_save_ldm(*a, **k)
+    real_save_ldm(*a, **k)
+    if target == "saved_ldm":
+        die()
 
 train.save_train_state, train.save_ldm, checkpoint.os = save, save_ldm, Renames()
 train.main(sys.argv[2:])
@@ -137,6 +140,10 @@ def test_sigkill_in_every_window_then_resume_equals_uninterrupted(tiny_runs: Pat
     # after training: the model being saved, the last checkpoint (step 7) still on disk
     killed(launch(tiny_runs, tiny_private, out, ("save_ldm", 1), "--resume"))
     assert latest_step(out) == 7
+    # the model written, its checkpoints not yet deleted: it is not in place, so no releasable model ever sits
+    # beside the noise seeds (a rerun is refused, and --resume saves it again)
+    killed(launch(tiny_runs, tiny_private, out, ("saved_ldm", 1), "--resume"))
+    assert latest_step(out) == 7 and not (out / "ldm").exists()
     done = launch(tiny_runs, tiny_private, out, None, "--resume")
     assert done.returncode == 0, done.stderr[-2000:]
 
