@@ -71,14 +71,16 @@ def case_same_update(rank: int, out: Path, wrap: bool) -> None:
 
 def case_noise(rank: int, out: Path) -> None:
     big = nn.Linear(200, 500)
-    _, module, opt, _ = make(big, 1.0, TensorDataset(torch.randn(N, 200), torch.zeros(N)), seed=11)
+    g = torch.Generator().manual_seed(2)  # every rank holds the same data set (make_private compares them)
+    _, module, opt, _ = make(big, 1.0, TensorDataset(torch.randn(N, 200, generator=g), torch.zeros(N)), seed=11)
     opt.zero_grad()
     opt.step()  # an empty batch on every rank: the update is the noise alone
     torch.save({"grad": module.weight.grad.clone()}, out / f"rank{rank}.pt")
 
 
 def case_epoch(rank: int, out: Path) -> None:
-    ds = TensorDataset(torch.randn(6, 8), torch.randint(0, 3, (6,)))  # 3 examples a rank: empty local batches
+    g = torch.Generator().manual_seed(3)  # the same data set on every rank; 3 examples a rank: empty local batches
+    ds = TensorDataset(torch.randn(6, 8, generator=g), torch.randint(0, 3, (6,), generator=g))
     engine, module, opt, loader = make(model(), 1.0, ds, batch=2, seed=rank + 20)  # q = 1/3
     sizes = []
     for _ in range(3):
