@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dpldm.files import SHA256SUMS, read_sha256sums, sha256_file
+
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FMNIST_HINT = "apt-get install -y dataset-fashion-mnist"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -31,7 +33,6 @@ SPLIT_SEED = 1234  # fixed: the private train/test split never changes between r
 # Public data shipped with the package (dpldm/datasets/), each file listed in SHA256SUMS there: the same data on
 # every machine, without the system packages it was made from (fonts are needed only to rebuild fontdigits.npz).
 SHIPPED_DIR = Path(__file__).parent / "datasets"
-SHA256SUMS = "SHA256SUMS"
 FONTDIGITS_FILE = "fontdigits.npz"
 FONTDIGITS_N = 20_000
 REBUILD_HINT = "python -m dpldm.font_digits --check (with the fonts installed; its --help says how)"
@@ -144,17 +145,19 @@ def render_fontdigits() -> tuple[np.ndarray, np.ndarray]:
 
 
 def shipped_sums() -> dict[str, str]:
-    """SHIPPED_DIR's SHA256SUMS as {file name: sha256}."""
+    """The package's list of the public data it ships.
+
+    Returns:
+        SHIPPED_DIR's SHA256SUMS as {file name: sha256}.
+
+    Raises:
+        DataError: the file is missing.
+    """
     path = SHIPPED_DIR / SHA256SUMS
     if not path.is_file():
         raise DataError(f"{path} is missing: the package's shipped public data cannot be verified; reinstall the "
                         "package")
-    sums = {}
-    for line in path.read_text().splitlines():
-        digest, sep, name = line.partition("  ")
-        if line.strip() and sep:
-            sums[name] = digest
-    return sums
+    return read_sha256sums(path, strict=False)  # our own file: looked up by name
 
 
 def shipped_file(name: str) -> Path:
@@ -163,8 +166,6 @@ def shipped_file(name: str) -> Path:
     Args:
         name: its file name in SHIPPED_DIR (e.g. fontdigits.npz).
     """
-    from dpldm.base import sha256_file
-
     path, want = SHIPPED_DIR / name, shipped_sums().get(name)
     rebuild = f"reinstall the package, or rebuild it from fonts: {REBUILD_HINT}"
     if want is None:

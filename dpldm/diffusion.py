@@ -42,15 +42,64 @@ def diffusion_loss(model: ConditionalUNet, sched: DDPMScheduler, z0: torch.Tenso
 
 @torch.no_grad()
 def encode(vae: AutoencoderKL, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Posterior means (unscaled) of images x in [-1, 1]."""
+    """The autoencoder's own latents (unscaled): what its scaling factor is measured on. The LDM's latents are
+    encode_latents'.
+
+    Args:
+        vae: the autoencoder (put in eval mode).
+        x: images in [-1, 1], [N, C, H, W].
+        batch_size: images per forward.
+
+    Returns:
+        The posterior means, [N, c, h, w].
+    """
     vae.eval()
     return torch.cat([vae.encode(x[i : i + batch_size]).latent_dist.mode() for i in range(0, len(x), batch_size)])
 
 
 @torch.no_grad()
 def decode(vae: AutoencoderKL, z: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Images from the autoencoder's own (unscaled) latents; decode_latents takes the LDM's.
+
+    Args:
+        vae: the autoencoder (put in eval mode).
+        z: unscaled latents, [N, c, h, w].
+        batch_size: latents per forward.
+
+    Returns:
+        Images in about [-1, 1], [N, C, H, W].
+    """
     vae.eval()
     return torch.cat([vae.decode(z[i : i + batch_size]).sample for i in range(0, len(z), batch_size)])
+
+
+def encode_latents(vae: AutoencoderKL, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Images to the latent space the LDM is trained and sampled in: posterior means times the autoencoder's
+    scaling_factor (measured on the public latents at pre-training, so that they have unit variance, as in LDM).
+
+    Args:
+        vae: the frozen autoencoder.
+        x: images in [-1, 1], [N, C, H, W] (dpldm.common.images_tensor makes them).
+        batch_size: images per forward.
+
+    Returns:
+        Contiguous latents [N, c, h, w], on x's device.
+    """
+    return (encode(vae, x, batch_size) * vae.config.scaling_factor).contiguous()
+
+
+def decode_latents(vae: AutoencoderKL, z: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Images from the LDM's latents (what sampling returns): the inverse of encode_latents.
+
+    Args:
+        vae: the frozen autoencoder.
+        z: latents in the LDM's (scaled) space, [N, c, h, w].
+        batch_size: latents per forward.
+
+    Returns:
+        Images in about [-1, 1], [N, C, H, W] (dpldm.data.from_model_tensor turns them into uint8).
+    """
+    return decode(vae, z / vae.config.scaling_factor, batch_size)
 
 
 @torch.no_grad()

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from dpldm.files import SHA256SUMS, read_sha256sums, write_sha256sums
+
 FONT_ROOT = Path(os.environ.get("DPLDM_FONTS") or "/usr/share/fonts")
 HANDWRITING_PACKAGES = (
     "fonts-bwht", "fonts-comic-neue", "fonts-dancingscript", "fonts-kaushanscript", "fonts-breip",
@@ -171,7 +173,6 @@ def build(out: Path) -> dict[str, Any]:
         out: the folder to write (created if needed); dpldm/datasets is the package's.
     """
     from dpldm import data
-    from dpldm.base import sha256_file
 
     images, labels = data.render_fontdigits()
     out = Path(out)
@@ -181,13 +182,13 @@ def build(out: Path) -> dict[str, Any]:
     json_name = Path(data.FONTDIGITS_FILE).with_suffix(".json").name
     (out / json_name).write_text(json.dumps(rec, indent=1) + "\n")
     names = sorted({data.FONTDIGITS_FILE, json_name} | set(_listed(out)))
-    (out / data.SHA256SUMS).write_text("".join(f"{sha256_file(out / n)}  {n}\n" for n in names if (out / n).is_file()))
+    write_sha256sums(out, [n for n in names if (out / n).is_file()])
     return rec
 
 
 def _listed(folder: Path) -> list[str]:
-    path = Path(folder) / "SHA256SUMS"
-    return [line.partition("  ")[2] for line in path.read_text().splitlines() if "  " in line] if path.is_file() else []
+    path = Path(folder) / SHA256SUMS
+    return list(read_sha256sums(path, strict=False)) if path.is_file() else []
 
 
 def check() -> tuple[bool, str]:

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from dpldm.base import autoencoder_hashes, command_line, run_record
 from dpldm.common import (
     add_config_args,
     config_from,
@@ -27,8 +26,10 @@ from dpldm.common import (
     seed_all,
     warmup_cosine,
 )
-from dpldm.diffusion import diffusion_loss, encode, train_scheduler
-from dpldm.models import build_unet, existing_dir, load_autoencoder, save_ldm
+from dpldm.diffusion import diffusion_loss, encode_latents, train_scheduler
+from dpldm.files import existing_dir
+from dpldm.models import build_unet, load_autoencoder, save_ldm
+from dpldm.provenance import autoencoder_hashes, command_line, run_record
 from dpldm.runlog import RunLog, progress
 
 
@@ -55,7 +56,7 @@ def run(cfg: dict[str, Any], ae_dir: Path, out: Path, seed: int = 0, device: str
     vae = load_autoencoder(ae_dir, cfg).to(device)
     ae_hashes = autoencoder_hashes(existing_dir(ae_dir))  # the latents below are this autoencoder's
     public = load_public(cfg)
-    z = (encode(vae, images_tensor(public.train, cfg).to(device)) * vae.config.scaling_factor).cpu()
+    z = encode_latents(vae, images_tensor(public.train, cfg).to(device)).cpu()
     y = torch.from_numpy(public.train.labels)
     model = build_unet(cfg).to(device)
     sched = train_scheduler(cfg)

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dpldm.base import command_line, run_record
 from dpldm.common import (
     add_config_args,
     config_from,
@@ -27,6 +26,7 @@ from dpldm.common import (
 )
 from dpldm.diffusion import encode
 from dpldm.models import build_autoencoder, save_autoencoder
+from dpldm.provenance import command_line, run_record
 from dpldm.runlog import RunLog, progress
 
 

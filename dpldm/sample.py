@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from dpldm.base import config_base
+from dpldm.base_models import config_base
 from dpldm.common import add_config_args, config_from, public_dir, seed_all
 from dpldm.data import from_model_tensor
-from dpldm.diffusion import ddim_sample, decode
+from dpldm.diffusion import ddim_sample, decode_latents
 from dpldm.models import ConditionalUNet, load_autoencoder, load_ldm
 from dpldm.runlog import RunLog, progress
 
@@ -90,7 +90,7 @@ def run(cfg: dict[str, Any], model: ConditionalUNet, vae: Any, out: Path, per_cl
     for i in range(0, len(labels), batch_size):
         y = labels[i : i + batch_size]
         z = ddim_sample(model, cfg, y.to(device), ddim_steps, guidance_scale, generator=gen)
-        x = decode(vae, z / vae.config.scaling_factor)
+        x = decode_latents(vae, z)
         images.append(from_model_tensor(x, cfg["data"]["image_size"]))
         bar.update(len(y))
     bar.close()

@@ -26,18 +26,10 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import load_file
 
 from dpldm import data as data_mod
-from dpldm.base import (
-    BASES_DIR,
-    CARD,
-    MANIFEST,
-    RECORD,
-    autoencoder_hashes,
-    command_line,
-    files_in,
-    sha256_file,
-    verify_base,
-)
-from dpldm.models import CheckpointError, ClassEmbedder, ConditionalUNet, atomic_dir, save_autoencoder, save_ldm
+from dpldm.base_models import BASES_DIR, CARD, MANIFEST, RECORD, files_in, verify_base
+from dpldm.files import atomic_dir, read_json_or_empty, sha256_file, write_sha256sums
+from dpldm.models import CheckpointError, ClassEmbedder, ConditionalUNet, save_autoencoder, save_ldm
+from dpldm.provenance import autoencoder_hashes, command_line
 
 SIZE_BUDGET_MB = 20.0  # issue 9: a base small enough to live in the package
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -57,10 +49,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float16", help="stored weight dtype (default float16)")
     p.add_argument("--force", action="store_true", help="replace an existing base of that name")
     return p
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def check_public_pair(ae_dir: Path, ldm_dir: Path, ae_meta: dict[str, Any], ldm_meta: dict[str, Any]) -> None:
@@ -88,7 +76,7 @@ def read_pair(ae_dir: Path, ldm_dir: Path, dtype: torch.dtype) -> tuple[Autoenco
             raise CheckpointError(f"{f}: missing; --autoencoder and --ldm take the folders the pre-training stages write")
     vae = AutoencoderKL.from_pretrained(ae_dir, torch_dtype=dtype)
     unet = UNet2DConditionModel.from_pretrained(ldm_dir / "unet", torch_dtype=dtype)
-    meta = read_json(ldm_dir / "class_embedder" / "config.json")
+    meta = read_json_or_empty(ldm_dir / "class_embedder" / "config.json")
     emb = ClassEmbedder(meta["num_classes"], meta["ctx_dim"])
     emb.embedding.weight.data.copy_(load_file(ldm_dir / "class_embedder" / "model.safetensors")["weight"])
     model = ConditionalUNet(unet, emb.to(dtype))
@@ -182,9 +170,7 @@ def write_base(folder: Path, vae: AutoencoderKL, model: ConditionalUNet, ae_meta
     (folder / RECORD).write_text(json.dumps(rec, indent=1))
     files = {rel: ((folder / rel).stat().st_size, sha256_file(folder / rel)) for rel in files_in(folder)}
     (folder / CARD).write_text(card_text(rec, ae_meta, ldm_meta, files))
-    # the manifest covers every file, the card included, in `sha256sum -c` format
-    lines = [f"{sha256_file(folder / rel)}  {rel}" for rel in sorted(files_in(folder))]
-    (folder / MANIFEST).write_text("\n".join(lines) + "\n")
+    write_sha256sums(folder, sorted(files_in(folder)))  # every file, the card included
 
 
 def ship(ae_dir: Path, ldm_dir: Path, name: str, dest: Path = BASES_DIR, command: str | None = None,
@@ -196,7 +182,7 @@ def ship(ae_dir: Path, ldm_dir: Path, name: str, dest: Path = BASES_DIR, command
     if folder.exists() and not force:
         raise FileExistsError(f"{folder} exists: pass --force to replace it")
     ae_dir, ldm_dir = Path(ae_dir), Path(ldm_dir)
-    ae_meta, ldm_meta = read_json(ae_dir / "dpldm.json"), read_json(ldm_dir / "ldm.json")
+    ae_meta, ldm_meta = read_json_or_empty(ae_dir / "dpldm.json"), read_json_or_empty(ldm_dir / "ldm.json")
     check_public_pair(ae_dir, ldm_dir, ae_meta, ldm_meta)
     vae, model = read_pair(ae_dir, ldm_dir, DTYPES[dtype])
     ship_command = ship_command or f"dpldm.ship.ship({str(ae_dir)!r}, {str(ldm_dir)!r}, {name!r})"

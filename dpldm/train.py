@@ -44,7 +44,7 @@ from dpldm import parallel
 from dpldm import pretrain as pretrain_stage
 from dpldm import pretrain_autoencoder as ae_stage
 from dpldm import sample as sample_stage
-from dpldm.base import BaseNotFound, base_record, check_layout, verified_base
+from dpldm.base_models import BaseNotFound, base_record, check_layout, verified_base
 from dpldm.baselines import DPTarget
 from dpldm.baselines import table as baselines_table
 from dpldm.checkpoint import (

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from dpldm import data, font_digits, train
-from dpldm.base import sha256_file
+from dpldm.files import sha256_file
 from tests.dpldm_helpers import tiny_private, tiny_runs, train_args  # noqa: F401
 
 

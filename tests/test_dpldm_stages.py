@@ -14,7 +14,8 @@ import torch
 
 from dpldm import evaluate, pretrain, pretrain_autoencoder, sample, train
 from dpldm.config import load_config
-from dpldm.models import CheckpointError, atomic_dir, build_unet, load_autoencoder, load_ldm, save_ldm
+from dpldm.files import atomic_dir
+from dpldm.models import CheckpointError, build_unet, load_autoencoder, load_ldm, save_ldm
 from tests.dpldm_helpers import tiny_private, tiny_runs, train_args  # noqa: F401 (fixtures)
 
 STAGES = [pretrain_autoencoder, pretrain, train, sample, evaluate]

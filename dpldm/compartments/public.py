@@ -12,7 +12,7 @@ import torch
 
 from dpldm import data as data_mod
 from dpldm.common import cycle_batches, images_tensor, seed_all
-from dpldm.diffusion import diffusion_loss, encode, train_scheduler
+from dpldm.diffusion import diffusion_loss, encode_latents, train_scheduler
 from dpldm.models import ConditionalUNet, load_autoencoder, load_ldm
 from dpldm.runlog import progress
 from dpldm.trainable import select_trainable
@@ -24,7 +24,7 @@ def train_public(cfg: dict[str, Any], data: data_mod.DataSet, base: dict[str, An
     trained, adapters separate) and its number of steps."""
     gen = seed_all(seed)
     vae = load_autoencoder(Path(base["autoencoder"]), cfg)
-    z = (encode(vae, images_tensor(data.train, cfg)) * vae.config.scaling_factor).contiguous()
+    z = encode_latents(vae, images_tensor(data.train, cfg))
     y = torch.from_numpy(data.train.labels)
     model, _ = load_ldm(Path(base["ldm"]), cfg)
     select_trainable(model, hp["trainable"], hp["ablation"], hp["lora_rank"])

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import re
 import shutil
 from collections.abc import Callable
@@ -31,24 +30,18 @@ from typing import Any
 from dpldm.common import set_threads
 from dpldm.config import load_config
 from dpldm.data import DataError
+from dpldm.files import json_tmp_name, write_json_atomic
 from dpldm.models import CheckpointError
 
 REGISTRY = "compartments.json"
 LINEAGE = "lineage.json"
 METADATA = (REGISTRY, LINEAGE)
-# the temporary files write_json leaves when killed between its write and its rename: metadata too
-METADATA_TMP = tuple(f".{name}.tmp" for name in METADATA)
+# the temporary files write_json_atomic leaves when killed between its write and its rename: metadata too
+METADATA_TMP = tuple(json_tmp_name(name) for name in METADATA)
 
 
 class RunError(ValueError):
     """A run folder that is missing, corrupt, or a request it cannot serve (unknown shard, ...)."""
-
-
-def write_json(path: Path, value: Any) -> None:
-    """Atomically: a crash leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
 
 
 def now() -> str:
@@ -101,8 +94,8 @@ def load(run: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def save(run: Path, registry: dict[str, Any], lineage: dict[str, Any]) -> None:
     Path(run).mkdir(parents=True, exist_ok=True)
-    write_json(Path(run) / REGISTRY, registry)
-    write_json(Path(run) / LINEAGE, lineage)
+    write_json_atomic(Path(run) / REGISTRY, registry)
+    write_json_atomic(Path(run) / LINEAGE, lineage)
 
 
 def new_lineage() -> dict[str, Any]:

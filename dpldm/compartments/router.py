@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from dpldm.base import sha256_file
-from dpldm.models import CheckpointError, atomic_dir
+from dpldm.files import atomic_dir, sha256_file
+from dpldm.models import CheckpointError
 
 WEIGHTS = "router.safetensors"
 META = "router.json"

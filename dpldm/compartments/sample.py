@@ -31,11 +31,12 @@ import torch
 
 from dpldm.common import seed_all
 from dpldm.compartments import registry
-from dpldm.compartments.compose import RULES, compose_sample
+from dpldm.compartments.compose import compose_sample
 from dpldm.compartments.router import RouterWeights, load_router
+from dpldm.compartments.rules import composition_rule, rule_names, rules_help
 from dpldm.compartments.store import check_base, load_compartment
 from dpldm.data import from_model_tensor
-from dpldm.diffusion import decode
+from dpldm.diffusion import decode_latents
 from dpldm.models import CheckpointError, load_autoencoder
 from dpldm.runlog import RunLog, progress
 from dpldm.sample import save_grid
@@ -51,9 +52,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", help="comma-separated shard names (default: all of the run's)")
     p.add_argument("--rights", type=Path, help=RIGHTS_HELP)
     p.add_argument("--user", help="with --rights: sample from this user's shards")
-    p.add_argument("--rule", choices=RULES, default="density",
-                   help="mixture weights: density (exact mixture score, estimated along the trajectory), router "
-                        "(the run's DP-trained shard classifier) or naive (averaging, a baseline)")
+    p.add_argument("--rule", choices=rule_names(), default="density", help=f"mixture weights: {rules_help()}")
     p.add_argument("--name", help="samples/<name>/ (default: <rule>-<shards>)")
     p.add_argument("--overwrite", action="store_true", help="replace samples/<name>/ if it exists (deleted first, "
                                                             "with its attribution and evaluation)")
@@ -172,7 +171,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     except CheckpointError as e:
         raise registry.RunError(str(e)) from e
     router, router_shards = None, []
-    if args.rule == "router":
+    if composition_rule(args.rule).needs_router:
         router, router_shards = load_run_router(Path(args.run), names, args.device)
     used = sorted({n for i, n in enumerate(names) if prior[classes, i].sum() > 0} | set(router_shards))
     registry.remove_artifact(args.run, lineage, artifact)  # --overwrite: nothing of the earlier request survives
@@ -191,7 +190,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for c, i in chunks:
         y = torch.full((min(batch_size, per_class - i),), c)
         comp = compose_sample(models, cfg, y, prior[y], args.rule, steps, guidance, generator=gen, router=router)
-        x = decode(vae, comp.latents / vae.config.scaling_factor)
+        x = decode_latents(vae, comp.latents)
         images.append(from_model_tensor(x, cfg["data"]["image_size"]))
         w_steps.append(comp.weights.numpy())
         bar.update(len(y))

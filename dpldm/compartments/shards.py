@@ -87,7 +87,7 @@ def at_random(n_examples: int, n: int, seed: int) -> list[Shard]:
     return [Shard(str(s), np.sort(part)) for s, part in enumerate(np.array_split(perm, n))]
 
 
-def read_manifest(path: Path) -> dict[str, list[Any]]:
+def read_shard_manifest(path: Path) -> dict[str, list[Any]]:
     """{shard: [entries]} from a JSON object, or from CSV lines `entry,shard` (a header line is skipped)."""
     try:
         text = Path(path).read_text()
@@ -216,5 +216,5 @@ def load_sharded(key: str, data: str | None, cfg: dict[str, Any], n: int | None 
         return private, at_random(len(labels), n, seed), {}
     if manifest is None:
         raise ShardError("--shard-by manifest needs --manifest FILE")
-    shards, held = from_manifest(read_manifest(manifest), private, f"--manifest {manifest}")
+    shards, held = from_manifest(read_shard_manifest(manifest), private, f"--manifest {manifest}")
     return private, shards, held

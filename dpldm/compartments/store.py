@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from dpldm.base import sha256_file
 from dpldm.export import plain_copy
-from dpldm.models import CheckpointError, ConditionalUNet, atomic_dir, existing_dir, load_ldm
+from dpldm.files import atomic_dir, existing_dir, sha256_file
+from dpldm.models import CheckpointError, ConditionalUNet, load_ldm
 from dpldm.trainable import add_lora
 
 WEIGHTS = "weights.safetensors"
