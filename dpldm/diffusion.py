@@ -12,15 +12,41 @@ from dpldm.models import ConditionalUNet
 
 
 def train_scheduler(cfg: dict[str, Any]) -> DDPMScheduler:
+    """The noise schedule of training.
+
+    Args:
+        cfg: the config (its scheduler section).
+
+    Returns:
+        diffusers' DDPMScheduler.
+    """
     return DDPMScheduler(**cfg["scheduler"])
 
 
 def draw_device(device: torch.device, generator: torch.Generator | None) -> torch.device:
-    """Where to draw: a generator only draws on its own device (a CPU generator with a CUDA model is common)."""
+    """Where to draw: a generator only draws on its own device (a CPU generator with a CUDA model is common).
+
+    Args:
+        device: where the result is used.
+        generator: the generator to draw with, or None (torch's global one).
+
+    Returns:
+        The generator's device, or `device` without one.
+    """
     return generator.device if generator is not None else device
 
 
 def randn(shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise drawn on the generator's device and moved to `device`.
+
+    Args:
+        shape: the shape.
+        device: where the result is used.
+        generator: the generator, or None.
+
+    Returns:
+        The noise, on `device`.
+    """
     return torch.randn(shape, generator=generator, device=draw_device(device, generator)).to(device)
 
 
@@ -28,7 +54,19 @@ def diffusion_loss(model: ConditionalUNet, sched: DDPMScheduler, z0: torch.Tenso
                    label_dropout: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """Mean-reduced epsilon-MSE; labels dropped to the null class with prob `label_dropout` (for CFG).
 
-    Timesteps, noise and dropout are drawn for z0's device (the model's), never mixed with the CPU."""
+    Timesteps, noise and dropout are drawn for z0's device (the model's), never mixed with the CPU.
+
+    Args:
+        model: the noise predictor.
+        sched: the training noise schedule.
+        z0: clean latents [B, C, H, W] (encode_latents').
+        labels: their classes [B].
+        label_dropout: probability of replacing a label by the null class.
+        generator: for timesteps, noise and dropout (None: torch's global generator).
+
+    Returns:
+        The scalar loss.
+    """
     b, device = z0.shape[0], z0.device
     at = draw_device(device, generator)
     t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=generator, device=at).to(device)
@@ -106,7 +144,20 @@ def decode_latents(vae: AutoencoderKL, z: torch.Tensor, batch_size: int = 256) -
 def ddim_sample(model: ConditionalUNet, cfg: dict[str, Any], labels: torch.Tensor, steps: int = 50,
                 guidance_scale: float = 1.0, eta: float = 0.0, generator: torch.Generator | None = None
                 ) -> torch.Tensor:
-    """DDIM from pure noise to latents (in the model's scaled latent space). guidance_scale 1 = no guidance."""
+    """DDIM from pure noise to latents (in the model's scaled latent space).
+
+    Args:
+        model: the noise predictor.
+        cfg: the config (scheduler, unet sample shape).
+        labels: the class of each sample [B].
+        steps: sampling steps.
+        guidance_scale: classifier-free guidance; 1 = none.
+        eta: DDIM's eta (0 deterministic, 1 ancestral).
+        generator: for the starting noise and the steps' noise.
+
+    Returns:
+        Latents [B, C, H, W] (decode_latents turns them into images).
+    """
     model.eval()
     sched = DDIMScheduler(**cfg["scheduler"], clip_sample=False, set_alpha_to_one=False)
     sched.set_timesteps(steps)

@@ -58,7 +58,11 @@ CANVAS_PX = 112
 
 
 def font_files() -> tuple[list[Path], list[Path]]:
-    """(handwriting, print) font files found under /usr/share/fonts, sorted by name (so renders are stable)."""
+    """The fonts digits are rendered from, sorted by name (so renders are stable).
+
+    Returns:
+        (handwriting, print) font files found under FONT_ROOT (/usr/share/fonts, or $DPLDM_FONTS).
+    """
     found = sorted({p for p in FONT_ROOT.rglob("*") if p.suffix.lower() in (".ttf", ".otf")
                     and not p.name.startswith(EXCLUDED)}, key=lambda p: (p.name, str(p)))
     hand = [p for p in found if p.name.startswith(HANDWRITING)]
@@ -66,7 +70,11 @@ def font_files() -> tuple[list[Path], list[Path]]:
 
 
 def font_set_id() -> str:
-    """A short hash of the font file names used: two renders with the same id and seed are identical."""
+    """A short hash of the font file names used: two renders with the same id and seed are identical.
+
+    Returns:
+        12 hex characters.
+    """
     hand, other = font_files()
     return hashlib.sha256("\n".join(p.name for p in hand + other).encode()).hexdigest()[:12]
 
@@ -125,7 +133,15 @@ def _elastic(x: torch.Tensor, gen: torch.Generator, pixels: float = 1.5) -> torc
 
 
 def render(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """n digits (labels 0..9 in turn): uint8 [n, 28, 28] and int64 [n]; the same seed and fonts give the same set."""
+    """Render digits from the installed fonts; the same seed and fonts give the same set.
+
+    Args:
+        n: how many (labels 0..9 in turn).
+        seed: the distortions' seed.
+
+    Returns:
+        (images uint8 [n, 28, 28], labels int64 [n]).
+    """
     rng = np.random.default_rng(seed)
     hand, other = _faces()
     labels = np.arange(n, dtype=np.int64) % 10
@@ -144,7 +160,15 @@ def render(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 # --- the shipped set: rebuild and check ------------------------------------------------------------------------
 
 def record(images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-    """fontdigits.json: what the shipped set is and what it was rendered with (fonts, library versions)."""
+    """fontdigits.json: what the shipped set is and what it was rendered with (fonts, library versions).
+
+    Args:
+        images: the rendered images.
+        labels: their labels.
+
+    Returns:
+        The record.
+    """
     import zlib
 
     import PIL
@@ -167,10 +191,13 @@ def record(images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
 
 def build(out: Path) -> dict[str, Any]:
     """Render the fontdigits set from the installed fonts into out/: fontdigits.npz (uint8, compressed),
-    fontdigits.json (record()) and SHA256SUMS (both files); returns the record.
+    fontdigits.json (record()) and SHA256SUMS (both files).
 
     Args:
         out: the folder to write (created if needed); dpldm/datasets is the package's.
+
+    Returns:
+        The record.
     """
     from dpldm import data
 
@@ -192,9 +219,14 @@ def _listed(folder: Path) -> list[str]:
 
 
 def check() -> tuple[bool, str]:
-    """Render the set from the installed fonts and compare it with the shipped file: (same, a report).
+    """Render the set from the installed fonts and compare it with the shipped file.
 
-    Raises RuntimeError when no handwriting font is installed (nothing to rebuild from)."""
+    Returns:
+        (whether the arrays are the same, a report).
+
+    Raises:
+        RuntimeError: no handwriting font is installed (nothing to rebuild from).
+    """
     from dpldm import data
 
     images, labels = data.render_fontdigits()
@@ -209,6 +241,11 @@ def check() -> tuple[bool, str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command line (--check or --out DIR).
+
+    Args:
+        argv: the arguments (default sys.argv[1:]).
+    """
     p = argparse.ArgumentParser(prog="python -m dpldm.font_digits", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)

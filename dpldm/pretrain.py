@@ -34,6 +34,11 @@ from dpldm.runlog import RunLog, progress
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command line of `python -m dpldm.pretrain`.
+
+    Returns:
+        The parser.
+    """
     p = argparse.ArgumentParser(prog="python -m dpldm.pretrain", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
@@ -46,8 +51,22 @@ def parser() -> argparse.ArgumentParser:
 
 def run(cfg: dict[str, Any], ae_dir: Path, out: Path, seed: int = 0, device: str = "cpu", steps: int | None = None,
         batch_size: int | None = None, command: str | None = None) -> Path:
-    """`command`: the command line, recorded in ldm.json with steps, wall time, machine and the sha256 of the
-    autoencoder's files (python -m dpldm.ship checks it is shipped with that autoencoder)."""
+    """Pre-train the LDM on the public latents of an autoencoder and save it.
+
+    Args:
+        cfg: the config (data, unet, scheduler, pretrain sections).
+        ae_dir: the autoencoder folder.
+        out: the LDM folder to write.
+        seed: for initialisation, batches, timesteps and noise.
+        device: where to train.
+        steps: optimizer steps (default the config's).
+        batch_size: the batch size (default the config's).
+        command: the command line, recorded in ldm.json with steps, wall time, machine and the sha256 of the
+            autoencoder's files (python -m dpldm.ship checks it is shipped with that autoencoder).
+
+    Returns:
+        `out`.
+    """
     t_start = time.time()
     hp = cfg["pretrain"]
     steps, batch_size = steps or hp["steps"], batch_size or hp["batch_size"]
@@ -89,6 +108,11 @@ def run(cfg: dict[str, Any], ae_dir: Path, out: Path, seed: int = 0, device: str
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command line.
+
+    Args:
+        argv: the arguments (default sys.argv[1:]).
+    """
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     cfg = config_from(args)

@@ -20,8 +20,19 @@ from dpldm.trainable import select_trainable
 
 def train_public(cfg: dict[str, Any], data: data_mod.DataSet, base: dict[str, Any], hp: dict[str, Any], seed: int,
                  device: str) -> tuple[ConditionalUNet, int]:
-    """hp: trainable, ablation, lora_rank, epochs, batch_size, lr (dpldm.train's meaning). Returns the model (as
-    trained, adapters separate) and its number of steps."""
+    """Ordinary (non-private) fine-tuning of the base on a public shard, with the private compartments' trainable set.
+
+    Args:
+        cfg: the run's config.
+        data: the shard's (public) data.
+        base: the run's base record ({"autoencoder", "ldm", ...}).
+        hp: trainable, ablation, lora_rank, epochs, batch_size, lr (dpldm.train's meaning).
+        seed: for initialisation, batches, timesteps and noise.
+        device: where to train.
+
+    Returns:
+        (the model as trained, adapters separate, its number of steps).
+    """
     gen = seed_all(seed)
     vae = load_autoencoder(Path(base["autoencoder"]), cfg)
     z = encode_latents(vae, images_tensor(data.train, cfg))

@@ -46,6 +46,11 @@ SAMPLES_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # one folder under sam
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command line of `python -m dpldm.compartments sample`.
+
+    Returns:
+        The parser.
+    """
     p = argparse.ArgumentParser(prog="python -m dpldm.compartments sample", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, required=True, help="compartments run folder")
@@ -67,7 +72,18 @@ def parser() -> argparse.ArgumentParser:
 
 
 def allowed_shards(args: argparse.Namespace, reg: dict[str, Any]) -> list[str]:
-    """The shards a request may use: --shards, or the user's in --rights; by default every trained shard."""
+    """The shards a request may use: --shards, or the user's in --rights; by default every trained shard.
+
+    Args:
+        args: the parsed command line.
+        reg: the run's registry.
+
+    Returns:
+        Their names, in the order given, each once.
+
+    Raises:
+        RunError: conflicting options, no shard, or a shard unknown or not trained.
+    """
     if args.rights or args.user:
         if not (args.rights and args.user) or args.shards:
             raise registry.RunError("pass --rights FILE with --user NAME (and no --shards)")
@@ -80,7 +96,17 @@ def allowed_shards(args: argparse.Namespace, reg: dict[str, Any]) -> list[str]:
 
 
 def class_prior(reg: dict[str, Any], names: list[str], num_classes: int) -> torch.Tensor:
-    """lambda [num_classes, n]: class key -> which shards hold each class; otherwise uniform."""
+    """The mixture prior of each class.
+
+    Args:
+        reg: the run's registry (a class key records each shard's classes).
+        names: the shards sampled from.
+        num_classes: the number of classes.
+
+    Returns:
+        lambda [num_classes, n]: with a class key, 1 for the shards that hold each class, else 0; otherwise
+        uniform.
+    """
     prior = torch.ones(num_classes, len(names))
     for i, name in enumerate(names):
         classes = reg["shards"][name].get("classes")
@@ -91,7 +117,14 @@ def class_prior(reg: dict[str, Any], names: list[str], num_classes: int) -> torc
 
 
 def attribution_plot(weights: np.ndarray, labels: np.ndarray, names: list[str], path: Path) -> None:
-    """One panel per class: mean w_i against the sampling step, a line per compartment (PIL, no plotting stack)."""
+    """One panel per class: mean w_i against the sampling step, a line per compartment (PIL, no plotting stack).
+
+    Args:
+        weights: [S, B, n], the weights of every sample at every step.
+        labels: [B].
+        names: the shards, in the weights' order.
+        path: the PNG to write.
+    """
     from PIL import Image, ImageDraw, ImageFont
 
     classes = list(np.unique(labels))
@@ -121,7 +154,19 @@ def attribution_plot(weights: np.ndarray, labels: np.ndarray, names: list[str], 
 
 def load_run_router(run: Path, names: list[str], device: str) -> tuple[RouterWeights, list[str]]:
     """The run's router, restricted to `names`. Refused unless the user may access every shard it was trained on:
-    its weights carry information from all of them, and the output must depend on the accessible shards only."""
+    its weights carry information from all of them, and the output must depend on the accessible shards only.
+
+    Args:
+        run: the run folder.
+        names: the shards of the request.
+        device: where to run the router.
+
+    Returns:
+        (its weights for `names`, the shards it was trained on).
+
+    Raises:
+        RunError: no router, a corrupt one, or one trained on a shard outside `names`.
+    """
     if not (run / "router" / "router.json").is_file():
         raise registry.RunError(f"{run} has no router: train the run with --router, or sample with --rule density")
     try:
@@ -136,6 +181,17 @@ def load_run_router(run: Path, names: list[str], device: str) -> tuple[RouterWei
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Sample from the composed compartments a request may use, and save images, weights, grid and attribution.
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        result.json's content.
+
+    Raises:
+        RunError: a request the run cannot serve (see the module docstring).
+    """
     t0 = time.time()
     reg, lineage = registry.load(args.run)
     cfg = registry.config_of(reg)
@@ -210,6 +266,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """The command line: errors become one line and an exit status.
+
+    Args:
+        argv: the arguments (default sys.argv[1:]).
+
+    Returns:
+        run's result.
+    """
     return registry.cli(parser(), run, argv)
 
 
