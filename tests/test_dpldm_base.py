@@ -278,6 +278,7 @@ def write_folder_data(root: Path) -> None:
         Image.new("RGBA", (40, 40), (0, 0, 255, 255)).save(root / f"class{c}" / "rgba.png")
 
 
+@pytest.mark.slow
 def test_folder_data_of_other_sizes_with_the_base(installed: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     no_pretraining(monkeypatch)

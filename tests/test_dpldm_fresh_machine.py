@@ -61,7 +61,8 @@ def test_shipped_file_is_small_and_listed() -> None:
     assert data.shipped_sums()[data.FONTDIGITS_FILE] == sha256_file(path)
 
 
-@pytest.mark.parametrize("attack", ["one byte changed", "removed", "swapped for other digits", "unlisted"])
+@pytest.mark.parametrize("attack", ["one byte changed", "removed",
+                                    pytest.param("swapped for other digits", marks=pytest.mark.slow), "unlisted"])
 def test_a_changed_or_missing_shipped_file_is_refused(no_fonts: Path, shipped_copy: Path, attack: str) -> None:
     path = shipped_copy / data.FONTDIGITS_FILE
     if attack == "one byte changed":
@@ -87,6 +88,7 @@ def test_a_changed_or_missing_shipped_file_is_refused(no_fonts: Path, shipped_co
 @pytest.mark.skipif(not font_digits.font_files()[0], reason=f"no handwriting font under {font_digits.FONT_ROOT} "
                     "(rebuilding needs them: apt-get install the packages of dpldm.font_digits.PACKAGES, or set "
                     "DPLDM_FONTS to a folder holding them)")
+@pytest.mark.slow
 def test_rebuilding_from_the_fonts_gives_the_shipped_hash(tmp_path: Path) -> None:
     rec = record()
     hand, other = font_digits.font_files()
@@ -110,6 +112,7 @@ def full_run_args(runs: Path, private: Path, out: Path, *extra: str) -> list[str
     return [a for a in train_args(runs, private, out, *extra) if a != "--no-sample"] + ["--per-class", "1"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("missing", ["a public .npz that is not there", "the shipped fontdigits.npz"])
 def test_missing_public_data_is_refused_before_the_first_step(tiny_runs: Path, tiny_private: Path, tmp_path: Path,
                                                               request: pytest.FixtureRequest, missing: str) -> None:

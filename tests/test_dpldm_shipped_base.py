@@ -34,6 +34,7 @@ def test_default_config_names_a_shipped_base_that_verifies(cfg) -> None:
     assert total <= 20 * 2**20, f"the shipped base is {total / 2**20:.1f} MiB (goal <= 20 MiB)"
 
 
+@pytest.mark.slow
 def test_shipped_base_samples_are_the_digits_asked_for(cfg) -> None:
     vae, model, _ = load_base(cfg["base"], cfg)
     x, y = render(6000, seed=777)  # public: fonts, not MNIST; not the pre-training seed
