@@ -152,6 +152,32 @@ def attribution_plot(weights: np.ndarray, labels: np.ndarray, names: list[str], 
     img.save(path)
 
 
+def requested_classes(option: str | None, prior: torch.Tensor, names: list[str]) -> tuple[list[int], list[int]]:
+    """The classes a request asks for, split by whether the accessible shards can give them.
+
+    Args:
+        option: --classes (comma-separated), or None for every class.
+        prior: class_prior's lambda [num_classes, n].
+        names: the accessible shards, for the message.
+
+    Returns:
+        (the classes to sample, those asked for that no accessible shard holds).
+
+    Raises:
+        RunError: a class out of range, or none that can be sampled.
+    """
+    num_classes = len(prior)
+    wanted = [int(c) for c in option.split(",")] if option else list(range(num_classes))
+    bad = [c for c in wanted if not 0 <= c < num_classes]
+    if bad:
+        raise registry.RunError(f"--classes: {bad} outside 0..{num_classes - 1}")
+    missing = [c for c in wanted if prior[c].sum() == 0]
+    classes = [c for c in wanted if c not in missing]
+    if not classes:
+        raise registry.RunError(f"shards {', '.join(names)} hold none of the classes asked for")
+    return classes, missing
+
+
 def load_run_router(run: Path, names: list[str], device: str) -> tuple[RouterWeights, list[str]]:
     """The run's router, restricted to `names`. Refused unless the user may access every shard it was trained on:
     its weights carry information from all of them, and the output must depend on the accessible shards only.
@@ -201,16 +227,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     steps = args.ddim_steps or hp["ddim_steps"]
     guidance = hp["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
     batch_size = args.batch_size or hp["batch_size"]
-    num_classes = cfg["data"]["num_classes"]
-    prior = class_prior(reg, names, num_classes)
-    wanted = [int(c) for c in args.classes.split(",")] if args.classes else list(range(num_classes))
-    bad = [c for c in wanted if not 0 <= c < num_classes]
-    if bad:
-        raise registry.RunError(f"--classes: {bad} outside 0..{num_classes - 1}")
-    missing = [c for c in wanted if prior[c].sum() == 0]
-    classes = [c for c in wanted if c not in missing]
-    if not classes:
-        raise registry.RunError(f"shards {', '.join(names)} hold none of the classes asked for")
+    prior = class_prior(reg, names, cfg["data"]["num_classes"])
+    classes, missing = requested_classes(args.classes, prior, names)
     name = args.name or f"{args.rule}-{'_'.join(names)}"
     if not SAMPLES_NAME.fullmatch(name):
         raise registry.RunError(f"--name {name!r}: use letters, digits, '.', '_' or '-' (not starting with '.')")
