@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dpldm import parallel
-from dpldm.base import sha256_file
+from dpldm.files import sha256_file
 
 PRIVATE_NOTE = """PRIVATE: do not share this folder.
 state.pt holds the DP engine's state: the secret seeds and stream positions of the Gaussian noise and of the

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dpldm.files import SHA256SUMS, read_sha256sums, sha256_file
+
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FMNIST_HINT = "apt-get install -y dataset-fashion-mnist"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -31,7 +33,6 @@ SPLIT_SEED = 1234  # fixed: the private train/test split never changes between r
 # Public data shipped with the package (dpldm/datasets/), each file listed in SHA256SUMS there: the same data on
 # every machine, without the system packages it was made from (fonts are needed only to rebuild fontdigits.npz).
 SHIPPED_DIR = Path(__file__).parent / "datasets"
-SHA256SUMS = "SHA256SUMS"
 FONTDIGITS_FILE = "fontdigits.npz"
 FONTDIGITS_N = 20_000
 REBUILD_HINT = "python -m dpldm.font_digits --check (with the fonts installed; its --help says how)"
@@ -43,6 +44,8 @@ class DataError(ValueError):
 
 @dataclass
 class Split:
+    """Examples of one split, as loaded."""
+
     images: np.ndarray  # uint8 [N, H, W, C]
     labels: np.ndarray  # int64 [N]
     rows: np.ndarray | None = None  # each example's row in its source (.npz order, or the folder listing's)
@@ -50,6 +53,8 @@ class Split:
 
 @dataclass
 class DataSet:
+    """A data set: its fixed train / test splits and where it came from."""
+
     train: Split
     test: Split
     num_classes: int
@@ -135,26 +140,20 @@ def fontdigits() -> DataSet:
     return DataSet(train, test, 10, "fontdigits")
 
 
-def render_fontdigits() -> tuple[np.ndarray, np.ndarray]:
-    """The fontdigits set rendered from the installed fonts (dpldm/font_digits.py): what the shipped file holds
-    when the fonts are the ones it was rendered from. Only needed to rebuild that file."""
-    from dpldm.font_digits import render
-
-    return render(FONTDIGITS_N, seed=SPLIT_SEED)
-
-
 def shipped_sums() -> dict[str, str]:
-    """SHIPPED_DIR's SHA256SUMS as {file name: sha256}."""
+    """The package's list of the public data it ships.
+
+    Returns:
+        SHIPPED_DIR's SHA256SUMS as {file name: sha256}.
+
+    Raises:
+        DataError: the file is missing.
+    """
     path = SHIPPED_DIR / SHA256SUMS
     if not path.is_file():
         raise DataError(f"{path} is missing: the package's shipped public data cannot be verified; reinstall the "
                         "package")
-    sums = {}
-    for line in path.read_text().splitlines():
-        digest, sep, name = line.partition("  ")
-        if line.strip() and sep:
-            sums[name] = digest
-    return sums
+    return read_sha256sums(path, strict=False)  # our own file: looked up by name
 
 
 def shipped_file(name: str) -> Path:
@@ -162,9 +161,13 @@ def shipped_file(name: str) -> Path:
 
     Args:
         name: its file name in SHIPPED_DIR (e.g. fontdigits.npz).
-    """
-    from dpldm.base import sha256_file
 
+    Returns:
+        Its path, once verified.
+
+    Raises:
+        DataError: the file is not listed, missing, or changed.
+    """
     path, want = SHIPPED_DIR / name, shipped_sums().get(name)
     rebuild = f"reinstall the package, or rebuild it from fonts: {REBUILD_HINT}"
     if want is None:
@@ -180,7 +183,17 @@ def shipped_file(name: str) -> Path:
 
 
 def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(images, labels) of an .npz; a file that is not one is a DataError naming it."""
+    """The arrays of an .npz.
+
+    Args:
+        path: the file.
+
+    Returns:
+        (images, labels).
+
+    Raises:
+        DataError: naming a file that is not a readable .npz with both arrays.
+    """
     try:
         with np.load(path, allow_pickle=False) as z:
             return z["images"], z["labels"]
@@ -210,7 +223,15 @@ def write_npz(path: Path, **arrays: np.ndarray) -> None:
 
 def arrays_sha256(images: np.ndarray, labels: np.ndarray) -> str:
     """sha256 of the pixels and labels themselves (shape, uint8 pixels, int64 labels), whatever the compression:
-    what a rebuild from fonts is compared on."""
+    what a rebuild from fonts is compared on.
+
+    Args:
+        images: the pixels.
+        labels: the labels.
+
+    Returns:
+        The hex digest.
+    """
     import hashlib
 
     h = hashlib.sha256(repr(tuple(images.shape)).encode())
@@ -252,6 +273,18 @@ def fashion_mnist(root: Path = FMNIST_DIR) -> DataSet:
 
 
 def from_npz(path: Path, num_classes: int) -> Split:
+    """User data from an .npz (arrays images and labels).
+
+    Args:
+        path: the file.
+        num_classes: the config's label count (labels must lie in 0..num_classes-1).
+
+    Returns:
+        Every example, checked.
+
+    Raises:
+        DataError: a malformed file, pixels or labels.
+    """
     try:
         with np.load(path, allow_pickle=False) as z:
             if "images" not in z.files or "labels" not in z.files:
@@ -268,7 +301,16 @@ def folder_listing(path: Path, num_classes: int, classes: list[str] | None = Non
                    ) -> tuple[list[str], list[tuple[str, int]]]:
     """Class names (sorted sub-folders, exactly `num_classes`) and (image path relative to `path`, label), in the
     order from_folder reads them: its source rows. `classes` given: the label order, of which the sub-folders
-    may be any subset (a shard of a larger set)."""
+    may be any subset (a shard of a larger set).
+
+    Args:
+        path: the folder of class sub-folders.
+        num_classes: the config's label count.
+        classes: the label order, if given.
+
+    Returns:
+        (class names, [(image path relative to `path`, label)]).
+    """
     found = sorted(p.name for p in path.iterdir() if p.is_dir())
     if classes is not None:
         unknown = [c for c in found if c not in classes]
@@ -290,8 +332,18 @@ def folder_listing(path: Path, num_classes: int, classes: list[str] | None = Non
 def from_folder(path: Path, channels: int, num_classes: int, image_size: int, classes: list[str] | None = None
                 ) -> tuple[Split, list[str]]:
     """One sub-folder per class (sorted names give the label order), exactly `num_classes` of them (the config's);
-    every image resized to image_size x image_size (the config's), whatever the sizes found. `classes`: see
-    folder_listing."""
+    every image resized to image_size x image_size (the config's), whatever the sizes found.
+
+    Args:
+        path: the folder.
+        channels: 1 (grayscale) or 3 (RGB).
+        num_classes: the config's label count.
+        image_size: the config's image size.
+        classes: see folder_listing.
+
+    Returns:
+        (every example, the image path of each row relative to `path`).
+    """
     from PIL import Image
 
     classes, files = folder_listing(path, num_classes, classes)
@@ -310,7 +362,18 @@ def from_folder(path: Path, channels: int, num_classes: int, image_size: int, cl
 
 def held_out(full: Split, source: str, num_classes: int, files: list[str] | None = None,
              test_fraction: float = 0.2) -> DataSet:
-    """The fixed train / test split of user data (the same rows every run)."""
+    """The fixed train / test split of user data (the same rows every run).
+
+    Args:
+        full: every example.
+        source: where it came from.
+        num_classes: the label count.
+        files: a folder's image path of each row.
+        test_fraction: the held-out share.
+
+    Returns:
+        The data set.
+    """
     if len(full.labels) < 2:
         raise DataError(f"{source}: need at least 2 examples, found {len(full.labels)}")
     train, test = _fixed_split(full, max(1, round(test_fraction * len(full.labels))))
@@ -321,7 +384,18 @@ def user_data(path: str | Path, channels: int, num_classes: int, image_size: int
               ) -> DataSet:
     """`--data PATH`: an .npz (images, labels) or a class-per-folder directory; fixed held-out test split.
 
-    num_classes and image_size come from the config: the data set reports the configured label count."""
+    num_classes and image_size come from the config: the data set reports the configured label count.
+
+    Args:
+        path: the .npz or folder.
+        channels: the config's channels.
+        num_classes: the config's label count.
+        image_size: the config's image size.
+        test_fraction: the held-out share.
+
+    Returns:
+        The data set.
+    """
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: no such file or folder")
@@ -330,12 +404,27 @@ def user_data(path: str | Path, channels: int, num_classes: int, image_size: int
     return held_out(full, str(p), num_classes, files, test_fraction)
 
 
+# The loaders' docstrings are the model card's description of the public data (dpldm.ship.describe_public): a change
+# to one changes the card of the next base shipped.
 BUILT_IN = {"mnist5k": mnist5k, "digits": digits28, "fontdigits": fontdigits, "fmnist": fashion_mnist}
 
 
 def load(name: str, channels: int = 1, num_classes: int | None = None, image_size: int | None = None) -> DataSet:
     """A built-in source by name (its label set is public), or user data at a path, which needs the config's
-    num_classes and image_size (see the module's rule)."""
+    num_classes and image_size (see the module's rule).
+
+    Args:
+        name: a key of BUILT_IN, or a path.
+        channels: the config's channels.
+        num_classes: the config's label count (a built-in set must have it).
+        image_size: the config's image size (user data needs it).
+
+    Returns:
+        The data set.
+
+    Raises:
+        DataError: a label count that differs, or user data without the config's sizes.
+    """
     if name in BUILT_IN:
         ds = BUILT_IN[name]()
         if num_classes is not None and num_classes != ds.num_classes:
@@ -347,7 +436,17 @@ def load(name: str, channels: int = 1, num_classes: int | None = None, image_siz
 
 
 def to_model_tensor(images: np.ndarray, image_size: int, pad_to: int, channels: int) -> torch.Tensor:
-    """uint8 [N,H,W,C] -> float [N,C,pad_to,pad_to] in [-1,1]; resized to image_size, padded with background."""
+    """Images as the autoencoder takes them: resized to image_size, padded with background.
+
+    Args:
+        images: uint8 [N, H, W, C].
+        image_size: the config's image size.
+        pad_to: the padded size.
+        channels: the config's channels.
+
+    Returns:
+        float [N, C, pad_to, pad_to] in [-1, 1].
+    """
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     if x.shape[1] != channels:
         x = x.mean(1, keepdim=True) if channels == 1 else x.expand(-1, channels, -1, -1)
@@ -360,7 +459,15 @@ def to_model_tensor(images: np.ndarray, image_size: int, pad_to: int, channels: 
 
 
 def from_model_tensor(x: torch.Tensor, image_size: int) -> np.ndarray:
-    """Inverse of to_model_tensor: crop the padding, back to uint8 [N,H,W,C]."""
+    """Inverse of to_model_tensor: crop the padding, back to uint8.
+
+    Args:
+        x: float [N, C, pad_to, pad_to] in about [-1, 1].
+        image_size: the size before padding.
+
+    Returns:
+        uint8 [N, image_size, image_size, C].
+    """
     p = x.shape[-1] - image_size
     if p:
         x = x[..., p // 2 : p // 2 + image_size, p // 2 : p // 2 + image_size]

@@ -12,15 +12,41 @@ from dpldm.models import ConditionalUNet
 
 
 def train_scheduler(cfg: dict[str, Any]) -> DDPMScheduler:
+    """The noise schedule of training.
+
+    Args:
+        cfg: the config (its scheduler section).
+
+    Returns:
+        diffusers' DDPMScheduler.
+    """
     return DDPMScheduler(**cfg["scheduler"])
 
 
 def draw_device(device: torch.device, generator: torch.Generator | None) -> torch.device:
-    """Where to draw: a generator only draws on its own device (a CPU generator with a CUDA model is common)."""
+    """Where to draw: a generator only draws on its own device (a CPU generator with a CUDA model is common).
+
+    Args:
+        device: where the result is used.
+        generator: the generator to draw with, or None (torch's global one).
+
+    Returns:
+        The generator's device, or `device` without one.
+    """
     return generator.device if generator is not None else device
 
 
 def randn(shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise drawn on the generator's device and moved to `device`.
+
+    Args:
+        shape: the shape.
+        device: where the result is used.
+        generator: the generator, or None.
+
+    Returns:
+        The noise, on `device`.
+    """
     return torch.randn(shape, generator=generator, device=draw_device(device, generator)).to(device)
 
 
@@ -28,7 +54,19 @@ def diffusion_loss(model: ConditionalUNet, sched: DDPMScheduler, z0: torch.Tenso
                    label_dropout: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """Mean-reduced epsilon-MSE; labels dropped to the null class with prob `label_dropout` (for CFG).
 
-    Timesteps, noise and dropout are drawn for z0's device (the model's), never mixed with the CPU."""
+    Timesteps, noise and dropout are drawn for z0's device (the model's), never mixed with the CPU.
+
+    Args:
+        model: the noise predictor.
+        sched: the training noise schedule.
+        z0: clean latents [B, C, H, W] (encode_latents').
+        labels: their classes [B].
+        label_dropout: probability of replacing a label by the null class.
+        generator: for timesteps, noise and dropout (None: torch's global generator).
+
+    Returns:
+        The scalar loss.
+    """
     b, device = z0.shape[0], z0.device
     at = draw_device(device, generator)
     t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=generator, device=at).to(device)
@@ -42,22 +80,84 @@ def diffusion_loss(model: ConditionalUNet, sched: DDPMScheduler, z0: torch.Tenso
 
 @torch.no_grad()
 def encode(vae: AutoencoderKL, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Posterior means (unscaled) of images x in [-1, 1]."""
+    """The autoencoder's own latents (unscaled): what its scaling factor is measured on. The LDM's latents are
+    encode_latents'.
+
+    Args:
+        vae: the autoencoder (put in eval mode).
+        x: images in [-1, 1], [N, C, H, W].
+        batch_size: images per forward.
+
+    Returns:
+        The posterior means, [N, c, h, w].
+    """
     vae.eval()
     return torch.cat([vae.encode(x[i : i + batch_size]).latent_dist.mode() for i in range(0, len(x), batch_size)])
 
 
 @torch.no_grad()
 def decode(vae: AutoencoderKL, z: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Images from the autoencoder's own (unscaled) latents; decode_latents takes the LDM's.
+
+    Args:
+        vae: the autoencoder (put in eval mode).
+        z: unscaled latents, [N, c, h, w].
+        batch_size: latents per forward.
+
+    Returns:
+        Images in about [-1, 1], [N, C, H, W].
+    """
     vae.eval()
     return torch.cat([vae.decode(z[i : i + batch_size]).sample for i in range(0, len(z), batch_size)])
+
+
+def encode_latents(vae: AutoencoderKL, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Images to the latent space the LDM is trained and sampled in: posterior means times the autoencoder's
+    scaling_factor (measured on the public latents at pre-training, so that they have unit variance, as in LDM).
+
+    Args:
+        vae: the frozen autoencoder.
+        x: images in [-1, 1], [N, C, H, W] (dpldm.common.images_tensor makes them).
+        batch_size: images per forward.
+
+    Returns:
+        Contiguous latents [N, c, h, w], on x's device.
+    """
+    return (encode(vae, x, batch_size) * vae.config.scaling_factor).contiguous()
+
+
+def decode_latents(vae: AutoencoderKL, z: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Images from the LDM's latents (what sampling returns): the inverse of encode_latents.
+
+    Args:
+        vae: the frozen autoencoder.
+        z: latents in the LDM's (scaled) space, [N, c, h, w].
+        batch_size: latents per forward.
+
+    Returns:
+        Images in about [-1, 1], [N, C, H, W] (dpldm.data.from_model_tensor turns them into uint8).
+    """
+    return decode(vae, z / vae.config.scaling_factor, batch_size)
 
 
 @torch.no_grad()
 def ddim_sample(model: ConditionalUNet, cfg: dict[str, Any], labels: torch.Tensor, steps: int = 50,
                 guidance_scale: float = 1.0, eta: float = 0.0, generator: torch.Generator | None = None
                 ) -> torch.Tensor:
-    """DDIM from pure noise to latents (in the model's scaled latent space). guidance_scale 1 = no guidance."""
+    """DDIM from pure noise to latents (in the model's scaled latent space).
+
+    Args:
+        model: the noise predictor.
+        cfg: the config (scheduler, unet sample shape).
+        labels: the class of each sample [B].
+        steps: sampling steps.
+        guidance_scale: classifier-free guidance; 1 = none.
+        eta: DDIM's eta (0 deterministic, 1 ancestral).
+        generator: for the starting noise and the steps' noise.
+
+    Returns:
+        Latents [B, C, H, W] (decode_latents turns them into images).
+    """
     model.eval()
     sched = DDIMScheduler(**cfg["scheduler"], clip_sample=False, set_alpha_to_one=False)
     sched.set_timesteps(steps)

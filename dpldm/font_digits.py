@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from dpldm.files import SHA256SUMS, read_sha256sums, write_sha256sums
+
 FONT_ROOT = Path(os.environ.get("DPLDM_FONTS") or "/usr/share/fonts")
 HANDWRITING_PACKAGES = (
     "fonts-bwht", "fonts-comic-neue", "fonts-dancingscript", "fonts-kaushanscript", "fonts-breip",
@@ -56,7 +58,11 @@ CANVAS_PX = 112
 
 
 def font_files() -> tuple[list[Path], list[Path]]:
-    """(handwriting, print) font files found under /usr/share/fonts, sorted by name (so renders are stable)."""
+    """The fonts digits are rendered from, sorted by name (so renders are stable).
+
+    Returns:
+        (handwriting, print) font files found under FONT_ROOT (/usr/share/fonts, or $DPLDM_FONTS).
+    """
     found = sorted({p for p in FONT_ROOT.rglob("*") if p.suffix.lower() in (".ttf", ".otf")
                     and not p.name.startswith(EXCLUDED)}, key=lambda p: (p.name, str(p)))
     hand = [p for p in found if p.name.startswith(HANDWRITING)]
@@ -64,7 +70,11 @@ def font_files() -> tuple[list[Path], list[Path]]:
 
 
 def font_set_id() -> str:
-    """A short hash of the font file names used: two renders with the same id and seed are identical."""
+    """A short hash of the font file names used: two renders with the same id and seed are identical.
+
+    Returns:
+        12 hex characters.
+    """
     hand, other = font_files()
     return hashlib.sha256("\n".join(p.name for p in hand + other).encode()).hexdigest()[:12]
 
@@ -123,7 +133,15 @@ def _elastic(x: torch.Tensor, gen: torch.Generator, pixels: float = 1.5) -> torc
 
 
 def render(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """n digits (labels 0..9 in turn): uint8 [n, 28, 28] and int64 [n]; the same seed and fonts give the same set."""
+    """Render digits from the installed fonts; the same seed and fonts give the same set.
+
+    Args:
+        n: how many (labels 0..9 in turn).
+        seed: the distortions' seed.
+
+    Returns:
+        (images uint8 [n, 28, 28], labels int64 [n]).
+    """
     rng = np.random.default_rng(seed)
     hand, other = _faces()
     labels = np.arange(n, dtype=np.int64) % 10
@@ -142,7 +160,15 @@ def render(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 # --- the shipped set: rebuild and check ------------------------------------------------------------------------
 
 def record(images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-    """fontdigits.json: what the shipped set is and what it was rendered with (fonts, library versions)."""
+    """fontdigits.json: what the shipped set is and what it was rendered with (fonts, library versions).
+
+    Args:
+        images: the rendered images.
+        labels: their labels.
+
+    Returns:
+        The record.
+    """
     import zlib
 
     import PIL
@@ -163,17 +189,31 @@ def record(images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
             "rebuild": "python -m dpldm.font_digits --out DIR (then compare, or --check)"}
 
 
+def render_fontdigits() -> tuple[np.ndarray, np.ndarray]:
+    """The fontdigits set rendered from the installed fonts: what the shipped file holds when the fonts are the
+    ones it was rendered from. Only needed to rebuild that file.
+
+    Returns:
+        (images uint8 [N, 28, 28], labels).
+    """
+    from dpldm import data
+
+    return render(data.FONTDIGITS_N, seed=data.SPLIT_SEED)
+
+
 def build(out: Path) -> dict[str, Any]:
     """Render the fontdigits set from the installed fonts into out/: fontdigits.npz (uint8, compressed),
-    fontdigits.json (record()) and SHA256SUMS (both files); returns the record.
+    fontdigits.json (record()) and SHA256SUMS (both files).
 
     Args:
         out: the folder to write (created if needed); dpldm/datasets is the package's.
+
+    Returns:
+        The record.
     """
     from dpldm import data
-    from dpldm.base import sha256_file
 
-    images, labels = data.render_fontdigits()
+    images, labels = render_fontdigits()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data.write_npz(out / data.FONTDIGITS_FILE, images=images, labels=labels.astype(np.uint8))
@@ -181,22 +221,27 @@ def build(out: Path) -> dict[str, Any]:
     json_name = Path(data.FONTDIGITS_FILE).with_suffix(".json").name
     (out / json_name).write_text(json.dumps(rec, indent=1) + "\n")
     names = sorted({data.FONTDIGITS_FILE, json_name} | set(_listed(out)))
-    (out / data.SHA256SUMS).write_text("".join(f"{sha256_file(out / n)}  {n}\n" for n in names if (out / n).is_file()))
+    write_sha256sums(out, [n for n in names if (out / n).is_file()])
     return rec
 
 
 def _listed(folder: Path) -> list[str]:
-    path = Path(folder) / "SHA256SUMS"
-    return [line.partition("  ")[2] for line in path.read_text().splitlines() if "  " in line] if path.is_file() else []
+    path = Path(folder) / SHA256SUMS
+    return list(read_sha256sums(path, strict=False)) if path.is_file() else []
 
 
 def check() -> tuple[bool, str]:
-    """Render the set from the installed fonts and compare it with the shipped file: (same, a report).
+    """Render the set from the installed fonts and compare it with the shipped file.
 
-    Raises RuntimeError when no handwriting font is installed (nothing to rebuild from)."""
+    Returns:
+        (whether the arrays are the same, a report).
+
+    Raises:
+        RuntimeError: no handwriting font is installed (nothing to rebuild from).
+    """
     from dpldm import data
 
-    images, labels = data.render_fontdigits()
+    images, labels = render_fontdigits()
     shipped_images, shipped_labels = data.read_npz(data.shipped_file(data.FONTDIGITS_FILE))
     got, want = data.arrays_sha256(images, labels), data.arrays_sha256(shipped_images, shipped_labels)
     shipped = json.loads((data.SHIPPED_DIR / Path(data.FONTDIGITS_FILE).with_suffix(".json").name).read_text())
@@ -208,6 +253,11 @@ def check() -> tuple[bool, str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command line (--check or --out DIR).
+
+    Args:
+        argv: the arguments (default sys.argv[1:]).
+    """
     p = argparse.ArgumentParser(prog="python -m dpldm.font_digits", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)

@@ -2,16 +2,13 @@
 
 The class conditioning follows DP-LDM's ClassEmbedder: one nn.Embedding(num_classes + 1, ctx_dim) whose
 output [B, 1, ctx] is the cross-attention context; index num_classes is the null class used for
-classifier-free guidance. Checkpoints are diffusers folders (save_pretrained / from_pretrained, safetensors).
+classifier-free guidance. Checkpoints are diffusers folders (save_pretrained / from_pretrained, safetensors),
+written whole or not at all (dpldm.files.atomic_dir).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +17,21 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dpldm.files import atomic_dir, existing_dir
+
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, or does not match the config."""
 
 
 class ClassEmbedder(nn.Module):
+    """DP-LDM's class conditioning: one embedding per class plus the null class, as a one-token context.
+
+    Args:
+        num_classes: the number of classes; index num_classes is the null class.
+        ctx_dim: the UNet's cross_attention_dim.
+    """
+
     def __init__(self, num_classes: int, ctx_dim: int) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -33,14 +39,28 @@ class ClassEmbedder(nn.Module):
 
     @property
     def null_class(self) -> int:
+        """The label of the unconditional (classifier-free guidance) context."""
         return self.num_classes
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        """The cross-attention context of each label.
+
+        Args:
+            labels: [B] class indices (num_classes for the null class).
+
+        Returns:
+            [B, 1, ctx_dim].
+        """
         return self.embedding(labels[:, None])  # [B, 1, ctx]
 
 
 class ConditionalUNet(nn.Module):
-    """The module DP fine-tuning sees: UNet + class embedder, predicts the noise."""
+    """The module DP fine-tuning sees: UNet + class embedder, predicts the noise.
+
+    Args:
+        unet: the diffusers UNet2DConditionModel.
+        embedder: the class embedder whose output is the UNet's cross-attention context.
+    """
 
     def __init__(self, unet: UNet2DConditionModel, embedder: ClassEmbedder) -> None:
         super().__init__()
@@ -48,45 +68,42 @@ class ConditionalUNet(nn.Module):
         self.class_embedder = embedder
 
     def forward(self, z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The predicted noise.
+
+        Args:
+            z: noisy latents [B, C, H, W].
+            t: timesteps [B].
+            labels: classes [B].
+
+        Returns:
+            eps, the shape of z.
+        """
         return self.unet(z, t, encoder_hidden_states=self.class_embedder(labels), return_dict=False)[0]
 
 
 def build_autoencoder(cfg: dict[str, Any]) -> AutoencoderKL:
+    """A freshly initialised autoencoder.
+
+    Args:
+        cfg: the config (its `autoencoder` section are AutoencoderKL's arguments).
+
+    Returns:
+        The AutoencoderKL.
+    """
     return AutoencoderKL(**cfg["autoencoder"])
 
 
 def build_unet(cfg: dict[str, Any]) -> ConditionalUNet:
+    """A freshly initialised class-conditional UNet.
+
+    Args:
+        cfg: the config (its `unet` section, and data.num_classes for the class embedder).
+
+    Returns:
+        The ConditionalUNet.
+    """
     unet = UNet2DConditionModel(**cfg["unet"])
     return ConditionalUNet(unet, ClassEmbedder(cfg["data"]["num_classes"], cfg["unet"]["cross_attention_dim"]))
-
-
-def atomic_dir(dest: Path, write: Callable[[Path], None]) -> None:
-    """Write a folder atomically: fill a temporary sibling, then swap it in with os.replace."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        write(tmp)
-        old = dest.parent / f".{dest.name}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        if dest.exists():
-            os.replace(dest, old)  # a crash here leaves `.old`, which load paths fall back to
-        os.replace(tmp, dest)
-        if old.exists():
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
-def existing_dir(path: Path) -> Path | None:
-    """The folder, or its `.old` twin left by a crash between the two renames of atomic_dir."""
-    path = Path(path)
-    if path.is_dir():
-        return path
-    old = path.parent / f".{path.name}.old"
-    return old if old.is_dir() else None
 
 
 def _check_config(kind: str, folder: Path, saved: dict[str, Any], wanted: dict[str, Any]) -> None:
@@ -103,7 +120,13 @@ def _norm(v: Any) -> Any:
 
 
 def save_autoencoder(vae: AutoencoderKL, folder: Path, extra: dict[str, Any] | None = None) -> None:
-    """A diffusers AutoencoderKL folder plus dpldm.json (what it was trained on)."""
+    """Save an autoencoder atomically: a diffusers AutoencoderKL folder plus dpldm.json (what it was trained on).
+
+    Args:
+        vae: the autoencoder.
+        folder: the folder to (re)place.
+        extra: the content of dpldm.json (default {}).
+    """
 
     def write(tmp: Path) -> None:
         vae.save_pretrained(tmp, safe_serialization=True)
@@ -113,13 +136,32 @@ def save_autoencoder(vae: AutoencoderKL, folder: Path, extra: dict[str, Any] | N
 
 
 def trained_on(folder: Path) -> str | None:
-    """The public data set an autoencoder or LDM folder of ours was pre-trained on (None if not recorded)."""
+    """The public data set an autoencoder or LDM folder of ours was pre-trained on.
+
+    Args:
+        folder: an autoencoder or LDM folder (or the `.old` twin an interrupted write left).
+
+    Returns:
+        The `public` entry of its ldm.json or dpldm.json, or None if not recorded.
+    """
     found = existing_dir(folder)
     metas = [] if found is None else [found / "ldm.json", found / "dpldm.json"]
     return next((json.loads(m.read_text()).get("public") for m in metas if m.is_file()), None)
 
 
 def load_autoencoder(folder: Path, cfg: dict[str, Any]) -> AutoencoderKL:
+    """An autoencoder folder, in fp32, after checking that its architecture is the config's.
+
+    Args:
+        folder: the folder save_autoencoder wrote (or its `.old` twin).
+        cfg: the config whose `autoencoder` section it must match.
+
+    Returns:
+        The AutoencoderKL.
+
+    Raises:
+        CheckpointError: no checkpoint there, or one of another architecture.
+    """
     found = existing_dir(folder)
     if found is None or not (found / "config.json").is_file():
         raise CheckpointError(f"no autoencoder checkpoint at {folder} (expected config.json + safetensors)")
@@ -128,7 +170,13 @@ def load_autoencoder(folder: Path, cfg: dict[str, Any]) -> AutoencoderKL:
 
 
 def save_ldm(model: ConditionalUNet, folder: Path, extra: dict[str, Any] | None = None) -> None:
-    """An LDM folder: unet/ (diffusers), class_embedder/ (safetensors + json), ldm.json (scale etc.)."""
+    """Save an LDM atomically: unet/ (diffusers), class_embedder/ (safetensors + json), ldm.json (scale etc.).
+
+    Args:
+        model: the class-conditional UNet.
+        folder: the folder to (re)place.
+        extra: the content of ldm.json (default {}).
+    """
 
     def write(tmp: Path) -> None:
         model.unet.save_pretrained(tmp / "unet", safe_serialization=True)
@@ -144,6 +192,18 @@ def save_ldm(model: ConditionalUNet, folder: Path, extra: dict[str, Any] | None 
 
 
 def load_ldm(folder: Path, cfg: dict[str, Any]) -> tuple[ConditionalUNet, dict[str, Any]]:
+    """An LDM folder, in fp32, after checking that its UNet and class embedder are the config's.
+
+    Args:
+        folder: the folder save_ldm wrote (or its `.old` twin).
+        cfg: the config whose `unet` section and data.num_classes it must match.
+
+    Returns:
+        (the model, its ldm.json).
+
+    Raises:
+        CheckpointError: no checkpoint there, or one of another architecture.
+    """
     found = existing_dir(folder)
     if found is None or not (found / "unet" / "config.json").is_file():
         raise CheckpointError(f"no LDM checkpoint at {folder} (expected unet/, class_embedder/, ldm.json)")

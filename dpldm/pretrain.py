@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from dpldm.base import autoencoder_hashes, command_line, run_record
 from dpldm.common import (
     add_config_args,
     config_from,
@@ -27,12 +26,19 @@ from dpldm.common import (
     seed_all,
     warmup_cosine,
 )
-from dpldm.diffusion import diffusion_loss, encode, train_scheduler
-from dpldm.models import build_unet, existing_dir, load_autoencoder, save_ldm
+from dpldm.diffusion import diffusion_loss, encode_latents, train_scheduler
+from dpldm.files import existing_dir
+from dpldm.models import build_unet, load_autoencoder, save_ldm
+from dpldm.provenance import autoencoder_hashes, command_line, run_record
 from dpldm.runlog import RunLog, progress
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command line of `python -m dpldm.pretrain`.
+
+    Returns:
+        The parser.
+    """
     p = argparse.ArgumentParser(prog="python -m dpldm.pretrain", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
@@ -45,8 +51,22 @@ def parser() -> argparse.ArgumentParser:
 
 def run(cfg: dict[str, Any], ae_dir: Path, out: Path, seed: int = 0, device: str = "cpu", steps: int | None = None,
         batch_size: int | None = None, command: str | None = None) -> Path:
-    """`command`: the command line, recorded in ldm.json with steps, wall time, machine and the sha256 of the
-    autoencoder's files (python -m dpldm.ship checks it is shipped with that autoencoder)."""
+    """Pre-train the LDM on the public latents of an autoencoder and save it.
+
+    Args:
+        cfg: the config (data, unet, scheduler, pretrain sections).
+        ae_dir: the autoencoder folder.
+        out: the LDM folder to write.
+        seed: for initialisation, batches, timesteps and noise.
+        device: where to train.
+        steps: optimizer steps (default the config's).
+        batch_size: the batch size (default the config's).
+        command: the command line, recorded in ldm.json with steps, wall time, machine and the sha256 of the
+            autoencoder's files (python -m dpldm.ship checks it is shipped with that autoencoder).
+
+    Returns:
+        `out`.
+    """
     t_start = time.time()
     hp = cfg["pretrain"]
     steps, batch_size = steps or hp["steps"], batch_size or hp["batch_size"]
@@ -55,7 +75,7 @@ def run(cfg: dict[str, Any], ae_dir: Path, out: Path, seed: int = 0, device: str
     vae = load_autoencoder(ae_dir, cfg).to(device)
     ae_hashes = autoencoder_hashes(existing_dir(ae_dir))  # the latents below are this autoencoder's
     public = load_public(cfg)
-    z = (encode(vae, images_tensor(public.train, cfg).to(device)) * vae.config.scaling_factor).cpu()
+    z = encode_latents(vae, images_tensor(public.train, cfg).to(device)).cpu()
     y = torch.from_numpy(public.train.labels)
     model = build_unet(cfg).to(device)
     sched = train_scheduler(cfg)
@@ -88,6 +108,11 @@ def run(cfg: dict[str, Any], ae_dir: Path, out: Path, seed: int = 0, device: str
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command line.
+
+    Args:
+        argv: the arguments (default sys.argv[1:]).
+    """
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     cfg = config_from(args)

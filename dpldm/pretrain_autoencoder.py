@@ -14,7 +14,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dpldm.base import command_line, run_record
 from dpldm.common import (
     add_config_args,
     config_from,
@@ -27,10 +26,16 @@ from dpldm.common import (
 )
 from dpldm.diffusion import encode
 from dpldm.models import build_autoencoder, save_autoencoder
+from dpldm.provenance import command_line, run_record
 from dpldm.runlog import RunLog, progress
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command line of `python -m dpldm.pretrain_autoencoder`.
+
+    Returns:
+        The parser.
+    """
     p = argparse.ArgumentParser(prog="python -m dpldm.pretrain_autoencoder", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
@@ -42,7 +47,20 @@ def parser() -> argparse.ArgumentParser:
 
 def run(cfg: dict[str, Any], out: Path, seed: int = 0, device: str = "cpu", steps: int | None = None,
         batch_size: int | None = None, command: str | None = None) -> Path:
-    """`command`: the command line, recorded in dpldm.json with steps, wall time and machine (for a model card)."""
+    """Pre-train the autoencoder on the public images, measure its latents' scaling factor, and save it.
+
+    Args:
+        cfg: the config (data, autoencoder, pretrain_autoencoder sections).
+        out: the folder to write.
+        seed: for initialisation and batches.
+        device: where to train.
+        steps: optimizer steps (default the config's).
+        batch_size: the batch size (default the config's).
+        command: the command line, recorded in dpldm.json with steps, wall time and machine (for a model card).
+
+    Returns:
+        `out`.
+    """
     t_start = time.time()
     hp = cfg["pretrain_autoencoder"]
     steps, batch_size = steps or hp["steps"], batch_size or hp["batch_size"]
@@ -84,6 +102,11 @@ def run(cfg: dict[str, Any], out: Path, seed: int = 0, device: str = "cpu", step
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command line.
+
+    Args:
+        argv: the arguments (default sys.argv[1:]).
+    """
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     cfg = config_from(args)

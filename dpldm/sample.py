@@ -13,15 +13,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from dpldm.base import config_base
+from dpldm.base_models import config_base
 from dpldm.common import add_config_args, config_from, public_dir, seed_all
 from dpldm.data import from_model_tensor
-from dpldm.diffusion import ddim_sample, decode
+from dpldm.diffusion import ddim_sample, decode_latents
 from dpldm.models import ConditionalUNet, load_autoencoder, load_ldm
 from dpldm.runlog import RunLog, progress
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command line of `python -m dpldm.sample`.
+
+    Returns:
+        The parser.
+    """
     p = argparse.ArgumentParser(prog="python -m dpldm.sample", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
@@ -39,7 +44,16 @@ def parser() -> argparse.ArgumentParser:
 def save_grid(images: np.ndarray, labels: np.ndarray, path: Path, per_row: int = 10, scale: int = 4,
               names: list[str] | None = None) -> None:
     """One labelled row per class: a label column (class name or index), then the first `per_row` images of the
-    class, black where it has fewer; every pixel upscaled `scale` x `scale` (nearest, no blur)."""
+    class, black where it has fewer; every pixel upscaled `scale` x `scale` (nearest, no blur).
+
+    Args:
+        images: uint8 [N, H, W, C].
+        labels: [N].
+        path: the PNG to write.
+        per_row: images per class.
+        scale: the upscaling factor.
+        names: class names for the label column (default the indices).
+    """
     from PIL import Image
 
     rows = []
@@ -58,8 +72,17 @@ def save_grid(images: np.ndarray, labels: np.ndarray, path: Path, per_row: int =
 
 
 def label_column(texts: list[str], cell: int, channels: int) -> np.ndarray:
-    """uint8 [len(texts) * cell, width, channels]: white text on black, one label per row of height `cell`,
-    vertically centred; wide enough for the longest label."""
+    """The grid's label column: white text on black, one label per row of height `cell`, vertically centred; wide
+    enough for the longest label.
+
+    Args:
+        texts: one label per row.
+        cell: the row height in pixels.
+        channels: the images' channels.
+
+    Returns:
+        uint8 [len(texts) * cell, width, channels].
+    """
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default(size=max(10, cell // 2))
@@ -76,6 +99,23 @@ def label_column(texts: list[str], cell: int, channels: int) -> np.ndarray:
 def run(cfg: dict[str, Any], model: ConditionalUNet, vae: Any, out: Path, per_class: int | None = None,
         ddim_steps: int | None = None, guidance_scale: float | None = None, batch_size: int | None = None,
         seed: int = 0, device: str = "cpu") -> tuple[Path, Path]:
+    """Sample `per_class` images of every class with DDIM and save samples.npz and grid.png.
+
+    Args:
+        cfg: the config (its sample section gives the defaults).
+        model: the LDM.
+        vae: its autoencoder.
+        out: the folder to write.
+        per_class: images per class.
+        ddim_steps: sampling steps.
+        guidance_scale: classifier-free guidance; 1 = none.
+        batch_size: images per sampling batch.
+        seed: the sampling seed.
+        device: where to sample.
+
+    Returns:
+        (samples.npz, grid.png).
+    """
     hp = cfg["sample"]
     per_class = per_class or hp["per_class"]
     ddim_steps = ddim_steps or hp["ddim_steps"]
@@ -90,7 +130,7 @@ def run(cfg: dict[str, Any], model: ConditionalUNet, vae: Any, out: Path, per_cl
     for i in range(0, len(labels), batch_size):
         y = labels[i : i + batch_size]
         z = ddim_sample(model, cfg, y.to(device), ddim_steps, guidance_scale, generator=gen)
-        x = decode(vae, z / vae.config.scaling_factor)
+        x = decode_latents(vae, z)
         images.append(from_model_tensor(x, cfg["data"]["image_size"]))
         bar.update(len(y))
     bar.close()
@@ -108,7 +148,16 @@ def run(cfg: dict[str, Any], model: ConditionalUNet, vae: Any, out: Path, per_cl
 
 def default_autoencoder(args: argparse.Namespace, cfg: dict[str, Any], ldm_meta: dict[str, Any]) -> Path:
     """The autoencoder the LDM was trained with (its ldm.json records it), else the config's shipped base's,
-    else the public cache <runs>/<config>/public/autoencoder."""
+    else the public cache <runs>/<config>/public/autoencoder.
+
+    Args:
+        args: the parsed command line (--runs).
+        cfg: the config.
+        ldm_meta: the LDM's ldm.json.
+
+    Returns:
+        The autoencoder folder.
+    """
     if ldm_meta.get("autoencoder") and Path(ldm_meta["autoencoder"]).is_dir():
         return Path(ldm_meta["autoencoder"])
     base = config_base(cfg)
@@ -116,6 +165,11 @@ def default_autoencoder(args: argparse.Namespace, cfg: dict[str, Any], ldm_meta:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command line.
+
+    Args:
+        argv: the arguments (default sys.argv[1:]).
+    """
     args = parser().parse_args(argv)
     cfg = config_from(args)
     model, meta = load_ldm(args.ldm, cfg)

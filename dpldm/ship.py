@@ -26,18 +26,10 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import load_file
 
 from dpldm import data as data_mod
-from dpldm.base import (
-    BASES_DIR,
-    CARD,
-    MANIFEST,
-    RECORD,
-    autoencoder_hashes,
-    command_line,
-    files_in,
-    sha256_file,
-    verify_base,
-)
-from dpldm.models import CheckpointError, ClassEmbedder, ConditionalUNet, atomic_dir, save_autoencoder, save_ldm
+from dpldm.base_models import BASES_DIR, CARD, MANIFEST, RECORD, files_in, verify_base
+from dpldm.files import atomic_dir, read_json_or_empty, sha256_file, write_sha256sums
+from dpldm.models import CheckpointError, ClassEmbedder, ConditionalUNet, save_autoencoder, save_ldm
+from dpldm.provenance import autoencoder_hashes, command_line
 
 SIZE_BUDGET_MB = 20.0  # issue 9: a base small enough to live in the package
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -45,6 +37,11 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command line of `python -m dpldm.ship`.
+
+    Returns:
+        The parser.
+    """
     p = argparse.ArgumentParser(prog="python -m dpldm.ship", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--autoencoder", type=Path, required=True, help="folder written by python -m dpldm.pretrain_autoencoder")
@@ -59,12 +56,18 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def check_public_pair(ae_dir: Path, ldm_dir: Path, ae_meta: dict[str, Any], ldm_meta: dict[str, Any]) -> None:
-    """Refuse anything but a public pre-training pair: the base ships without any privacy accounting."""
+    """Refuse anything but a public pre-training pair: the base ships without any privacy accounting.
+
+    Args:
+        ae_dir: the autoencoder folder.
+        ldm_dir: the LDM folder.
+        ae_meta: its dpldm.json.
+        ldm_meta: the LDM's ldm.json.
+
+    Raises:
+        CheckpointError: a folder not written by its pre-training stage, or an LDM trained on another autoencoder.
+    """
     if ae_meta.get("stage") != "pretrain_autoencoder":
         raise CheckpointError(f"{ae_dir}: not written by python -m dpldm.pretrain_autoencoder (its dpldm.json says "
                               f"stage {ae_meta.get('stage')!r}); a base holds public pre-training only")
@@ -82,13 +85,22 @@ def check_public_pair(ae_dir: Path, ldm_dir: Path, ae_meta: dict[str, Any], ldm_
 
 def read_pair(ae_dir: Path, ldm_dir: Path, dtype: torch.dtype) -> tuple[AutoencoderKL, ConditionalUNet]:
     """Both models, converted to `dtype` on loading (as diffusers recommends); no config to check against: the
-    base's config is theirs. A weight that is not finite in `dtype` (out of fp16's range) is refused."""
+    base's config is theirs. A weight that is not finite in `dtype` (out of fp16's range) is refused.
+
+    Args:
+        ae_dir: the autoencoder folder.
+        ldm_dir: the LDM folder.
+        dtype: the dtype to store.
+
+    Returns:
+        (autoencoder, LDM).
+    """
     for f in (ae_dir / "config.json", ldm_dir / "unet" / "config.json", ldm_dir / "class_embedder" / "config.json"):
         if not f.is_file():
             raise CheckpointError(f"{f}: missing; --autoencoder and --ldm take the folders the pre-training stages write")
     vae = AutoencoderKL.from_pretrained(ae_dir, torch_dtype=dtype)
     unet = UNet2DConditionModel.from_pretrained(ldm_dir / "unet", torch_dtype=dtype)
-    meta = read_json(ldm_dir / "class_embedder" / "config.json")
+    meta = read_json_or_empty(ldm_dir / "class_embedder" / "config.json")
     emb = ClassEmbedder(meta["num_classes"], meta["ctx_dim"])
     emb.embedding.weight.data.copy_(load_file(ldm_dir / "class_embedder" / "model.safetensors")["weight"])
     model = ConditionalUNet(unet, emb.to(dtype))
@@ -101,11 +113,26 @@ def read_pair(ae_dir: Path, ldm_dir: Path, dtype: torch.dtype) -> tuple[Autoenco
 
 
 def count(module: torch.nn.Module) -> int:
+    """A parameter count for the card.
+
+    Args:
+        module: the model.
+
+    Returns:
+        Its number of parameters.
+    """
     return sum(p.numel() for p in module.parameters())
 
 
 def describe_public(source: str | None) -> str:
-    """How a public source was made: the built-in loader's own description, else the path the user gave."""
+    """How a public source was made: the built-in loader's own description, else the path the user gave.
+
+    Args:
+        source: the `public` entry a stage recorded.
+
+    Returns:
+        One line for the card.
+    """
     loader = data_mod.BUILT_IN.get(source or "")
     if loader is not None and loader.__doc__:
         return " ".join(loader.__doc__.split())  # the whole docstring, on one line
@@ -113,6 +140,14 @@ def describe_public(source: str | None) -> str:
 
 
 def hms(seconds: float | None) -> str:
+    """A wall time for the card.
+
+    Args:
+        seconds: the time, or None.
+
+    Returns:
+        `Hh MMm SSs`, or "not recorded".
+    """
     if seconds is None:
         return "not recorded"
     s = round(seconds)
@@ -120,6 +155,14 @@ def hms(seconds: float | None) -> str:
 
 
 def machine_line(m: dict[str, Any] | None) -> str:
+    """A stage's machine for the card.
+
+    Args:
+        m: what dpldm.provenance.machine_info recorded, or None.
+
+    Returns:
+        One line, or "not recorded".
+    """
     if not m:
         return "not recorded"
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
@@ -128,6 +171,16 @@ def machine_line(m: dict[str, Any] | None) -> str:
 
 
 def default_command(ae_meta: dict[str, Any], ldm_meta: dict[str, Any], ship_command: str) -> str:
+    """The rebuild command when --command is not given.
+
+    Args:
+        ae_meta: the autoencoder's dpldm.json.
+        ldm_meta: the LDM's ldm.json.
+        ship_command: this shipping's command.
+
+    Returns:
+        The two stages' recorded commands and `ship_command`, joined with &&; or a note if one is not recorded.
+    """
     stages = [m.get("command") for m in (ae_meta, ldm_meta)]
     if None in stages:
         return "not recorded: pass --command to python -m dpldm.ship (the resolved configs are in the stages' json)"
@@ -136,7 +189,17 @@ def default_command(ae_meta: dict[str, Any], ldm_meta: dict[str, Any], ship_comm
 
 def card_text(rec: dict[str, Any], ae_meta: dict[str, Any], ldm_meta: dict[str, Any],
               files: dict[str, tuple[int, str]]) -> str:
-    """MODEL_CARD.md: everything a reader needs to trust, rebuild and check the base."""
+    """MODEL_CARD.md: everything a reader needs to trust, rebuild and check the base.
+
+    Args:
+        rec: base.json's content.
+        ae_meta: the autoencoder's dpldm.json.
+        ldm_meta: the LDM's ldm.json.
+        files: {relative path: (bytes, sha256)} of the base's other files.
+
+    Returns:
+        The card's Markdown.
+    """
     stages = (("autoencoder", ae_meta), ("LDM", ldm_meta))
     total = sum(size for size, _ in files.values())
     cfg = ldm_meta.get("config") or ae_meta.get("config") or {}
@@ -177,26 +240,54 @@ def card_text(rec: dict[str, Any], ae_meta: dict[str, Any], ldm_meta: dict[str, 
 
 def write_base(folder: Path, vae: AutoencoderKL, model: ConditionalUNet, ae_meta: dict[str, Any],
                ldm_meta: dict[str, Any], rec: dict[str, Any]) -> None:
+    """Fill a base folder: autoencoder/, ldm/, base.json, MODEL_CARD.md, then SHA256SUMS over all of them.
+
+    Args:
+        folder: the (temporary) folder.
+        vae: the autoencoder, in the stored dtype.
+        model: the LDM, in the stored dtype.
+        ae_meta: the autoencoder's dpldm.json.
+        ldm_meta: the LDM's ldm.json.
+        rec: base.json's content.
+    """
     save_autoencoder(vae, folder / "autoencoder", ae_meta)
     save_ldm(model, folder / "ldm", ldm_meta)
     (folder / RECORD).write_text(json.dumps(rec, indent=1))
     files = {rel: ((folder / rel).stat().st_size, sha256_file(folder / rel)) for rel in files_in(folder)}
     (folder / CARD).write_text(card_text(rec, ae_meta, ldm_meta, files))
-    # the manifest covers every file, the card included, in `sha256sum -c` format
-    lines = [f"{sha256_file(folder / rel)}  {rel}" for rel in sorted(files_in(folder))]
-    (folder / MANIFEST).write_text("\n".join(lines) + "\n")
+    write_sha256sums(folder, sorted(files_in(folder)))  # every file, the card included
 
 
 def ship(ae_dir: Path, ldm_dir: Path, name: str, dest: Path = BASES_DIR, command: str | None = None,
          public_note: str = "", dtype: str = "float16", force: bool = False, ship_command: str | None = None) -> Path:
-    """Write <dest>/<name>/ from the two pre-trained folders; returns the base folder (verified)."""
+    """Write <dest>/<name>/ from the two pre-trained folders.
+
+    Args:
+        ae_dir: the autoencoder folder (python -m dpldm.pretrain_autoencoder's).
+        ldm_dir: the LDM folder (python -m dpldm.pretrain's).
+        name: the base's name (a folder name).
+        dest: the parent folder.
+        command: the rebuild command for the card (default: the stages' recorded ones, then this one).
+        public_note: more about the public data, for the card.
+        dtype: "float16" or "float32".
+        force: replace an existing base of that name.
+        ship_command: this command, as typed.
+
+    Returns:
+        The base folder, verified.
+
+    Raises:
+        ValueError: a bad name.
+        FileExistsError: the base exists and not `force`.
+        CheckpointError: not a public pre-training pair, or weights out of `dtype`'s range.
+    """
     if not NAME.fullmatch(name):
         raise ValueError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (a folder name)")
     folder = Path(dest) / name
     if folder.exists() and not force:
         raise FileExistsError(f"{folder} exists: pass --force to replace it")
     ae_dir, ldm_dir = Path(ae_dir), Path(ldm_dir)
-    ae_meta, ldm_meta = read_json(ae_dir / "dpldm.json"), read_json(ldm_dir / "ldm.json")
+    ae_meta, ldm_meta = read_json_or_empty(ae_dir / "dpldm.json"), read_json_or_empty(ldm_dir / "ldm.json")
     check_public_pair(ae_dir, ldm_dir, ae_meta, ldm_meta)
     vae, model = read_pair(ae_dir, ldm_dir, DTYPES[dtype])
     ship_command = ship_command or f"dpldm.ship.ship({str(ae_dir)!r}, {str(ldm_dir)!r}, {name!r})"
@@ -216,6 +307,14 @@ def ship(ae_dir: Path, ldm_dir: Path, name: str, dest: Path = BASES_DIR, command
 
 
 def main(argv: list[str] | None = None) -> Path:
+    """The command line: errors become one line and an exit status.
+
+    Args:
+        argv: the arguments (default sys.argv[1:]).
+
+    Returns:
+        The base folder.
+    """
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     try:

@@ -55,7 +55,7 @@ from dpldm import parallel
 from dpldm import pretrain as pretrain_stage
 from dpldm import pretrain_autoencoder as ae_stage
 from dpldm import sample as sample_stage
-from dpldm.base import BaseNotFound, base_record, check_layout, verified_base
+from dpldm.base_models import BaseNotFound, base_record, check_layout, verified_base
 from dpldm.baselines import DPTarget
 from dpldm.baselines import table as baselines_table
 from dpldm.calibration import noise_multiplier, sample_rate
@@ -84,7 +84,7 @@ from dpldm.common import (
     public_dir,
     seed_all,
 )
-from dpldm.diffusion import diffusion_loss, encode, train_scheduler
+from dpldm.diffusion import diffusion_loss, encode_latents, train_scheduler
 from dpldm.export import plain_copy
 from dpldm.models import (
     CheckpointError,
@@ -653,7 +653,7 @@ def make_private(cfg: dict[str, Any], opts: TrainOptions, job: Job, vae: Any, mo
     """
     from dpkernels import PrivacyEngine
 
-    z = (encode(vae, images_tensor(job.private.train, cfg)) * vae.config.scaling_factor).contiguous()
+    z = encode_latents(vae, images_tensor(job.private.train, cfg))
     y = torch.from_numpy(job.private.train.labels)
     try:
         n_trainable = select_trainable(model, opts.trainable, opts.ablation, opts.lora_rank)

@@ -56,6 +56,9 @@ import torch
 from dpldm.compartments import attribute, sample
 from dpldm.compartments import train as ctrain
 
+# every test here shares the module's ~45 s setup (a base pre-trained on both domains, two compartments)
+pytestmark = pytest.mark.slow
+
 DOMAINS = ("digits", "fashion")  # shard names; the domain classifier's labels 0 and 1
 PER_CLASS = 6  # samples per class: 60 per sampling run
 SAMPLE_ARGS = ["--per-class", str(PER_CLASS), "--ddim-steps", "10"]

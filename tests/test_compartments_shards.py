@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dpldm.compartments.shards import ShardError, load_sharded, read_manifest
+from dpldm.compartments.shards import ShardError, load_sharded, read_shard_manifest
 from dpldm.config import load_config
 
 CFG = load_config("tiny")
@@ -53,7 +53,7 @@ def test_manifest_of_files_picks_those_images_and_leaves_out_the_test_split(fold
 def test_csv_manifest_with_rows(tmp_path: Path, folder: Path) -> None:
     path = tmp_path / "m.csv"
     path.write_text("row,shard\n" + "\n".join(f"{r},{'x' if r % 2 else 'y'}" for r in range(40)))
-    assert read_manifest(path) == {"y": list(range(0, 40, 2)), "x": list(range(1, 40, 2))}
+    assert read_shard_manifest(path) == {"y": list(range(0, 40, 2)), "x": list(range(1, 40, 2))}
     private, shards, _ = load_sharded("manifest", str(folder), CFG, manifest=path)
     rows = {s.name: set(private.train.rows[s.index] % 2) for s in shards}
     assert rows == {"y": {0}, "x": {1}}

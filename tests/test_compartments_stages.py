@@ -121,6 +121,7 @@ def test_sampling_reads_only_the_shards_in_the_rights(class_run: Path, tmp_path:
                      "--ddim-steps", "2"])
 
 
+@pytest.mark.slow
 def test_forget_removes_everything_trained_on_the_shard(class_run: Path, tmp_path: Path) -> None:
     run = copy_run(class_run, tmp_path)
     for shards in ("0", "0,1"):
@@ -143,6 +144,7 @@ def test_forget_removes_everything_trained_on_the_shard(class_run: Path, tmp_pat
     sample.main(["--run", str(run), "--shards", "0", "--per-class", "1", "--ddim-steps", "2", "--name", "after"])
 
 
+@pytest.mark.slow
 def test_add_trains_a_new_shard_and_leaves_the_others(class_run: Path, tmp_path: Path, new_digits: Path) -> None:
     run = copy_run(class_run, tmp_path)
     before = {n: (run / "compartments" / n / store.WEIGHTS).read_bytes() for n in ("0", "1")}
@@ -210,6 +212,7 @@ def test_forget_unknown_shard_changes_nothing(class_run: Path, tmp_path: Path) -
 
 # --- the router ---------------------------------------------------------------------------------------------------
 
+# ~45 s to build: every test that uses it is marked slow, so that the fast loop (-m "not slow") never builds it
 @pytest.fixture(scope="module")
 def router_run(tiny_runs: Path, tiny_private: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
     out = tmp_path_factory.mktemp("cdm") / "random3"
@@ -219,6 +222,7 @@ def router_run(tiny_runs: Path, tiny_private: Path, tmp_path_factory: pytest.Tem
     return out
 
 
+@pytest.mark.slow
 def test_router_spends_on_every_shard_and_is_composed(router_run: Path) -> None:
     reg, lineage = registry.load(router_run)
     assert lineage["artifacts"]["router"]["trained_on"] == ["0", "1", "2"]
@@ -234,6 +238,7 @@ def test_router_spends_on_every_shard_and_is_composed(router_run: Path) -> None:
             reg["delta"], "prv"))
 
 
+@pytest.mark.slow
 def test_router_rule_samples_and_is_refused_for_partial_rights(router_run: Path, tmp_path: Path) -> None:
     run = copy_run(router_run, tmp_path)
     res = sample.main(["--run", str(run), "--rule", "router", "--per-class", "1", "--ddim-steps", "3"])
@@ -245,6 +250,7 @@ def test_router_rule_samples_and_is_refused_for_partial_rights(router_run: Path,
         sample.main(["--run", str(run), "--rule", "router", "--shards", "0,1", "--per-class", "1", "--ddim-steps", "2"])
 
 
+@pytest.mark.slow
 def test_forget_trains_the_router_again_without_the_shard(router_run: Path, tmp_path: Path) -> None:
     run = copy_run(router_run, tmp_path)
     before = ctrain.report_of(run)["epsilon_per_shard"]
@@ -260,6 +266,7 @@ def test_forget_trains_the_router_again_without_the_shard(router_run: Path, tmp_
     sample.main(["--run", str(run), "--rule", "router", "--per-class", "1", "--ddim-steps", "2"])
 
 
+@pytest.mark.slow
 def test_public_compartment_is_outside_the_accounting(class_run: Path, tmp_path: Path, new_digits: Path) -> None:
     run = copy_run(class_run, tmp_path)
     report = ctrain.main_add(["--run", str(run), "--name", "pub", "--data", str(new_digits), "--epochs", "1",
@@ -331,6 +338,7 @@ def test_evaluate_uses_only_the_samples_shards_and_the_users_rights(class_run: P
     assert len(trained_on) == 2 and np.array_equal(trained_on[1], zero)
 
 
+@pytest.mark.slow
 def test_a_reused_sample_name_never_hides_files_from_forget(class_run: Path, tmp_path: Path) -> None:
     """Item 10: a second request under the same --name is refused; --overwrite deletes the earlier folder first,
     so its attribution and log lines (shard 1's) do not survive under the new request's lineage."""
@@ -358,6 +366,7 @@ class Killed(BaseException):
     """Stands for SIGKILL: no `except Exception` in the code under test catches it."""
 
 
+# ~30 s to build: its tests are marked slow, like router_run's
 @pytest.fixture(scope="module")
 def killed_run(tiny_runs: Path, tiny_private: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
     """A class run killed while shard 1 trained, right after its second checkpoint, with the temporary folder of a
@@ -390,6 +399,7 @@ def killed_run(tiny_runs: Path, tiny_private: Path, tmp_path_factory: pytest.Tem
     return out
 
 
+@pytest.mark.slow
 def test_a_killed_train_resumes_shard_by_shard(killed_run: Path, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Item 11: `train --resume` keeps the trained shard, continues the killed one from its checkpoint (its
@@ -431,6 +441,7 @@ def test_a_killed_train_resumes_shard_by_shard(killed_run: Path, tmp_path: Path,
         ctrain.main(["--resume", "--out", str(run)])
 
 
+@pytest.mark.slow
 def test_forget_of_a_killed_shard_deletes_its_private_checkpoint(killed_run: Path, tmp_path: Path) -> None:
     """Item 11: forgetting the shard that was training deletes its work folder (checkpoint with the noise seeds,
     .prev, a killed write's temporary folder) and a killed compartment write's temporary sibling; the run is
@@ -595,6 +606,7 @@ def test_corrupt_run_files_are_refused_with_the_file_and_the_fix(class_run: Path
     ("router.json", r"router\.json: missing or corrupt"),
     ("perturbed", r"router\.safetensors: missing or changed since it was written"),
 ])
+@pytest.mark.slow
 def test_a_corrupt_or_changed_router_is_refused(router_run: Path, tmp_path: Path, damage: str, match: str) -> None:
     """Item 14: the router's weights are hash-checked like a compartment's: garbage, a corrupt router.json, or a
     valid file with other weights are refused with the fix."""

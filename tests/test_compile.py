@@ -301,6 +301,7 @@ def unet_private_grads(compile_fn) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.slow
 def test_diffusers_unet_inductor_step_matches_eager() -> None:
     """inductor through dpkernels.compile on the DP-LDM setting. With plain torch.compile (inductor's peak-memory
     reordering on) this step was wrong: 45 of 105 private parameters off, relative error 1.0 (the mid block's

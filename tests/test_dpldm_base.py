@@ -16,19 +16,11 @@ from safetensors.torch import load_file
 
 from dpldm import data as data_mod
 from dpldm import ship, train
-from dpldm.base import (
-    BASES_ENV,
-    CARD,
-    MANIFEST,
-    autoencoder_hashes,
-    files_in,
-    load_base,
-    sha256_file,
-    shipped_bases,
-    verify_base,
-)
+from dpldm.base_models import BASES_ENV, CARD, MANIFEST, files_in, load_base, shipped_bases, verify_base
 from dpldm.config import load_config
+from dpldm.files import sha256_file
 from dpldm.models import CheckpointError, load_autoencoder, load_ldm
+from dpldm.provenance import autoencoder_hashes
 from dpldm.runlog import RunLog
 from tests.dpldm_helpers import tiny_private, tiny_runs, train_args  # noqa: F401 (fixtures)
 
@@ -204,7 +196,7 @@ def test_a_base_of_another_architecture_or_image_layout_is_refused(installed: Pa
 @pytest.mark.parametrize("name", shipped_bases() or [pytest.param(None, marks=pytest.mark.skip("no base shipped yet"))])
 def test_shipped_bases_verify(name: str) -> None:
     """Every base in the package passes its own SHA256SUMS and stays within the size budget."""
-    from dpldm.base import BASES_DIR
+    from dpldm.base_models import BASES_DIR
 
     folder = BASES_DIR / name
     verify_base(folder)
@@ -286,6 +278,7 @@ def write_folder_data(root: Path) -> None:
         Image.new("RGBA", (40, 40), (0, 0, 255, 255)).save(root / f"class{c}" / "rgba.png")
 
 
+@pytest.mark.slow
 def test_folder_data_of_other_sizes_with_the_base(installed: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     no_pretraining(monkeypatch)

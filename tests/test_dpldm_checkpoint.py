@@ -25,6 +25,7 @@ def weights(out: Path) -> dict:
     return load_file(out / "ldm" / "unet" / "diffusion_pytorch_model.safetensors")
 
 
+@pytest.mark.slow
 def test_corrupt_latest_falls_back_to_previous_and_ends_as_uninterrupted(tiny_runs: Path, tiny_private: Path,
                                                                          tmp_path: Path, capsys) -> None:
     whole = run_to(tiny_runs, tiny_private, tmp_path / "whole")

@@ -109,6 +109,7 @@ def test_dpsgd_unreachable_epsilon_is_skipped_with_a_note(small_real: DataSet) -
 
 
 # --- each baseline trains on its own data, never on the test split -------------------------------------------------
+@pytest.mark.slow
 def test_each_baseline_trains_on_its_own_data(small_real: DataSet, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = load_config("tiny")
@@ -146,6 +147,7 @@ def test_each_baseline_trains_on_its_own_data(small_real: DataSet, tmp_path: Pat
     assert "baselines_note" not in saved
 
 
+@pytest.mark.slow
 def test_public_baseline_ignores_the_private_data(small_real: DataSet, tmp_path: Path) -> None:
     """Black-box: replacing the private TRAIN split by noise changes neither the public CNN's accuracy nor the
     Frechet distance in its features."""
@@ -162,6 +164,7 @@ def test_public_baseline_ignores_the_private_data(small_real: DataSet, tmp_path:
 
 
 # --- result.json, the printed table, the CLI ------------------------------------------------------------------------
+@pytest.mark.slow
 def test_train_reports_baselines_side_by_side(tiny_runs: Path, tiny_private: Path, tmp_path: Path,
                                               capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "run"
@@ -186,6 +189,7 @@ def test_train_reports_baselines_side_by_side(tiny_runs: Path, tiny_private: Pat
     assert again["baseline_dpsgd_cnn_target_epsilon"] == 8.0 and again["baseline_dpsgd_cnn_delta"] == res["delta"]
 
 
+@pytest.mark.slow
 def test_no_baselines_flags(tiny_runs: Path, tiny_private: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = [a for a in train_args(tiny_runs, tiny_private, out) if a != "--no-sample"]

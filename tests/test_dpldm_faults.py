@@ -159,6 +159,7 @@ def run_to(runs: Path, data: Path, out: Path, *extra: str) -> dict:
         return train.main(train_args(runs, data, out, *ARGS, *extra))
 
 
+@pytest.mark.slow
 def test_a_killed_writes_seed_file_does_not_outlive_the_run(tiny_runs: Path, tiny_private: Path,
                                                             tmp_path: Path) -> None:
     """Issue 17, item 7: what a writer killed before its rename leaves (`.checkpoint.tmp-*/state.pt`, the noise
@@ -174,6 +175,7 @@ def test_a_killed_writes_seed_file_does_not_outlive_the_run(tiny_runs: Path, tin
     assert private_files(out) == [], "private state outlived the finished run"
 
 
+@pytest.mark.slow
 def test_fresh_discards_a_killed_writes_seed_file(tiny_runs: Path, tiny_private: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     run_to(tiny_runs, tiny_private, out, "--max-steps", "1")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from dpldm import data, font_digits, train
-from dpldm.base import sha256_file
+from dpldm.files import sha256_file
 from tests.dpldm_helpers import tiny_private, tiny_runs, train_args  # noqa: F401
 
 
@@ -61,7 +61,8 @@ def test_shipped_file_is_small_and_listed() -> None:
     assert data.shipped_sums()[data.FONTDIGITS_FILE] == sha256_file(path)
 
 
-@pytest.mark.parametrize("attack", ["one byte changed", "removed", "swapped for other digits", "unlisted"])
+@pytest.mark.parametrize("attack", ["one byte changed", "removed",
+                                    pytest.param("swapped for other digits", marks=pytest.mark.slow), "unlisted"])
 def test_a_changed_or_missing_shipped_file_is_refused(no_fonts: Path, shipped_copy: Path, attack: str) -> None:
     path = shipped_copy / data.FONTDIGITS_FILE
     if attack == "one byte changed":
@@ -92,7 +93,7 @@ def test_rebuilding_from_the_fonts_gives_the_shipped_hash(tmp_path: Path) -> Non
     hand, other = font_digits.font_files()
     assert (len(hand), len(other), font_digits.font_set_id()) == (
         rec["fonts"]["handwriting"], rec["fonts"]["print"], rec["font_set"]), "other fonts than the shipped set's"
-    images, labels = data.render_fontdigits()
+    images, labels = font_digits.render_fontdigits()
     assert data.arrays_sha256(images, labels) == rec["arrays_sha256"]
     rebuilt = tmp_path / data.FONTDIGITS_FILE
     data.write_npz(rebuilt, images=images, labels=labels.astype(np.uint8))
@@ -110,6 +111,7 @@ def full_run_args(runs: Path, private: Path, out: Path, *extra: str) -> list[str
     return [a for a in train_args(runs, private, out, *extra) if a != "--no-sample"] + ["--per-class", "1"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("missing", ["a public .npz that is not there", "the shipped fontdigits.npz"])
 def test_missing_public_data_is_refused_before_the_first_step(tiny_runs: Path, tiny_private: Path, tmp_path: Path,
                                                               request: pytest.FixtureRequest, missing: str) -> None:

@@ -66,6 +66,7 @@ def test_engine_seeded_from_os_by_default(tiny_runs: Path, tiny_private: Path, t
     assert res["noise_seeding"] == "os"
 
 
+@pytest.mark.slow
 def test_same_seed_gives_different_noise_by_default(tiny_runs: Path, tiny_private: Path, tmp_path: Path) -> None:
     """A rerun with the same --seed (e.g. after deleting one record) must not reuse the noise."""
     for name in ("a", "b"):
@@ -73,6 +74,7 @@ def test_same_seed_gives_different_noise_by_default(tiny_runs: Path, tiny_privat
     assert not same_weights(trained_weights(tmp_path / "a"), trained_weights(tmp_path / "b"))
 
 
+@pytest.mark.slow
 def test_deterministic_noise_reproduces_and_warns(tiny_runs: Path, tiny_private: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     calls = spy_make_private(monkeypatch)
@@ -86,6 +88,7 @@ def test_deterministic_noise_reproduces_and_warns(tiny_runs: Path, tiny_private:
     assert "WARNING --deterministic-noise" in (tmp_path / "b" / "log.jsonl").read_text()
 
 
+@pytest.mark.slow
 def test_noise_state_only_in_private_checkpoint(tiny_runs: Path, tiny_private: Path, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
                                                caplog: pytest.LogCaptureFixture) -> None:
@@ -121,6 +124,7 @@ def test_noise_state_only_in_private_checkpoint(tiny_runs: Path, tiny_private: P
     assert not any(found.values()), found
 
 
+@pytest.mark.slow
 def test_noise_mode_is_part_of_the_run(tiny_runs: Path, tiny_private: Path, tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="contradict"):
         train.main(train_args(tiny_runs, tiny_private, tmp_path / "x", "--secure-mode", "--deterministic-noise"))

@@ -23,6 +23,7 @@ def test_default_delta() -> None:
     assert train.default_delta(999) == 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accountant, cls", [("prv", PRVAccountant), ("rdp", RDPAccountant)])
 def test_engine_gets_calibrated_sigma_and_epsilon_matches_opacus(
         tiny_runs: Path, tiny_private: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, accountant: str,
@@ -53,6 +54,7 @@ def test_engine_gets_calibrated_sigma_and_epsilon_matches_opacus(
     assert any(r.get("trainable_params") == res["trainable_params"] for r in printed)
 
 
+@pytest.mark.slow
 def test_resume_continues_accounting(tiny_runs: Path, tiny_private: Path, tmp_path: Path) -> None:
     full = train.main(train_args(tiny_runs, tiny_private, tmp_path / "a", "--epochs", "2"))
     out = tmp_path / "b"
@@ -89,6 +91,7 @@ def test_noise_multiplicity_rows_share_example_ids(tiny_runs: Path, tiny_private
         assert np.array_equal(np.bincount(ids.numpy()), np.full(int(ids.max()) + 1, 3))
 
 
+@pytest.mark.slow
 def test_lora_training_runs_and_merges(tiny_runs: Path, tiny_private: Path, tmp_path: Path) -> None:
     from dpldm.config import load_config
     from dpldm.models import load_ldm
@@ -139,6 +142,7 @@ def few_label_npz(tiny_private: Path, tmp_path: Path, labels: int) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_label_set_from_config_not_private_labels(tiny_runs: Path, tiny_private: Path, tmp_path: Path) -> None:
     """Private labels reaching only 2 do not shrink the model's label set (it used to be max label + 1)."""
     from dpldm.config import load_config

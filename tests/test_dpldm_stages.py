@@ -14,7 +14,8 @@ import torch
 
 from dpldm import evaluate, pretrain, pretrain_autoencoder, sample, train
 from dpldm.config import load_config
-from dpldm.models import CheckpointError, atomic_dir, build_unet, load_autoencoder, load_ldm, save_ldm
+from dpldm.files import atomic_dir
+from dpldm.models import CheckpointError, build_unet, load_autoencoder, load_ldm, save_ldm
 from tests.dpldm_helpers import tiny_private, tiny_runs, train_args  # noqa: F401 (fixtures)
 
 STAGES = [pretrain_autoencoder, pretrain, train, sample, evaluate]
@@ -56,6 +57,7 @@ def test_mismatched_checkpoint_refused(tiny_runs: Path) -> None:
                     "--no-sample", "--max-steps", "1"])
 
 
+@pytest.mark.slow
 def test_cache_pretrained_on_other_public_data_refused(tiny_runs: Path, tiny_private: Path, tmp_path: Path) -> None:
     pub = tiny_runs / "tiny" / "public"
     before = sorted(p.name for p in pub.iterdir())
@@ -84,6 +86,7 @@ def test_atomic_dir_keeps_old_on_failure(tmp_path: Path) -> None:
     assert not (dest / "partial").exists() and [p.name for p in tmp_path.iterdir()] == ["ldm"]
 
 
+@pytest.mark.slow
 def test_sample_and_evaluate_stages(tiny_runs: Path, tmp_path: Path) -> None:
     ldm = tiny_runs / "tiny" / "public" / "ldm"
     sample.main(["--config", "tiny", "--runs", str(tiny_runs), "--ldm", str(ldm), "--out", str(tmp_path),
@@ -126,6 +129,7 @@ def test_inception_fid_with_local_torchscript(tmp_path: Path) -> None:
     assert np.allclose(f[:, 0], f[:, 1])  # grayscale replicated to 3 channels
 
 
+@pytest.mark.slow
 def test_train_end_to_end_with_sampling(tiny_runs: Path, tiny_private: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = [a for a in train_args(tiny_runs, tiny_private, out) if a != "--no-sample"]
@@ -140,6 +144,7 @@ def test_train_end_to_end_with_sampling(tiny_runs: Path, tiny_private: Path, tmp
 
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists(),
                     reason="dataset-fashion-mnist not installed (apt-get install -y dataset-fashion-mnist)")
+@pytest.mark.slow
 def test_fmnist_private_with_mnist_public(tmp_path: Path) -> None:
     """The fmnist preset's data path (private Fashion-MNIST 60k, public MNIST digits) on the tiny models."""
     res = train.main(["--config", "tiny", "--set", "data.private=fmnist", "--set", "data.public=mnist5k",

@@ -117,12 +117,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-@pytest.mark.parametrize("package", [
-    "dpkernels",
-    pytest.param("dpldm", marks=pytest.mark.xfail(
-        reason="dpldm.data <-> dpldm.font_digits (lazy imports both ways): dpldm's I/O is issue 18 item 4, on its own "
-               "branch", strict=False)),
-])
+@pytest.mark.parametrize("package", ["dpkernels", "dpldm"])
 def test_no_import_cycle_in_the_product_code(package: str) -> None:
     graph = import_graph(product_modules())
     assert graph["dpkernels.engine"] and graph["dpldm.train"], "the import graph is empty: the walker is broken"

@@ -12,7 +12,7 @@ import torch
 
 from dpldm import data as data_mod
 from dpldm.common import cycle_batches, images_tensor, seed_all
-from dpldm.diffusion import diffusion_loss, encode, train_scheduler
+from dpldm.diffusion import diffusion_loss, encode_latents, train_scheduler
 from dpldm.models import ConditionalUNet, load_autoencoder, load_ldm
 from dpldm.runlog import progress
 from dpldm.trainable import select_trainable
@@ -20,11 +20,22 @@ from dpldm.trainable import select_trainable
 
 def train_public(cfg: dict[str, Any], data: data_mod.DataSet, base: dict[str, Any], hp: dict[str, Any], seed: int,
                  device: str) -> tuple[ConditionalUNet, int]:
-    """hp: trainable, ablation, lora_rank, epochs, batch_size, lr (dpldm.train's meaning). Returns the model (as
-    trained, adapters separate) and its number of steps."""
+    """Ordinary (non-private) fine-tuning of the base on a public shard, with the private compartments' trainable set.
+
+    Args:
+        cfg: the run's config.
+        data: the shard's (public) data.
+        base: the run's base record ({"autoencoder", "ldm", ...}).
+        hp: trainable, ablation, lora_rank, epochs, batch_size, lr (dpldm.train's meaning).
+        seed: for initialisation, batches, timesteps and noise.
+        device: where to train.
+
+    Returns:
+        (the model as trained, adapters separate, its number of steps).
+    """
     gen = seed_all(seed)
     vae = load_autoencoder(Path(base["autoencoder"]), cfg)
-    z = (encode(vae, images_tensor(data.train, cfg)) * vae.config.scaling_factor).contiguous()
+    z = encode_latents(vae, images_tensor(data.train, cfg))
     y = torch.from_numpy(data.train.labels)
     model, _ = load_ldm(Path(base["ldm"]), cfg)
     select_trainable(model, hp["trainable"], hp["ablation"], hp["lora_rank"])

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import re
 import shutil
 from collections.abc import Callable
@@ -31,32 +30,40 @@ from typing import Any
 from dpldm.common import set_threads
 from dpldm.config import load_config
 from dpldm.data import DataError
+from dpldm.files import json_tmp_name, write_json_atomic
 from dpldm.models import CheckpointError
 
 REGISTRY = "compartments.json"
 LINEAGE = "lineage.json"
 METADATA = (REGISTRY, LINEAGE)
-# the temporary files write_json leaves when killed between its write and its rename: metadata too
-METADATA_TMP = tuple(f".{name}.tmp" for name in METADATA)
+# the temporary files write_json_atomic leaves when killed between its write and its rename: metadata too
+METADATA_TMP = tuple(json_tmp_name(name) for name in METADATA)
 
 
 class RunError(ValueError):
     """A run folder that is missing, corrupt, or a request it cannot serve (unknown shard, ...)."""
 
 
-def write_json(path: Path, value: Any) -> None:
-    """Atomically: a crash leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
-
-
 def now() -> str:
+    """The time for lineage entries.
+
+    Returns:
+        UTC now, ISO 8601 to the second.
+    """
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def read_json(path: Path, what: str, fix: str) -> Any:
-    """A JSON file of the run, or a RunError that names the file, what is wrong with it, and `fix`."""
+    """A JSON file of the run, or a RunError that names the file, what is wrong with it, and `fix`.
+
+    Args:
+        path: the file.
+        what: what it holds, for the message.
+        fix: what to do about it, for the message.
+
+    Returns:
+        Its parsed content.
+    """
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError as e:
@@ -78,6 +85,12 @@ def load(run: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
     Args:
         run: the compartments run folder.
+
+    Returns:
+        (compartments.json, lineage.json).
+
+    Raises:
+        RunError: not a run, or a file missing, unreadable or of the wrong shape (saying what to do).
     """
     run = Path(run)
     if not (run / REGISTRY).is_file():
@@ -100,19 +113,39 @@ def load(run: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def save(run: Path, registry: dict[str, Any], lineage: dict[str, Any]) -> None:
+    """Write the run's registry and lineage, each atomically.
+
+    Args:
+        run: the run folder (created if needed).
+        registry: compartments.json's content.
+        lineage: lineage.json's content.
+    """
     Path(run).mkdir(parents=True, exist_ok=True)
-    write_json(Path(run) / REGISTRY, registry)
-    write_json(Path(run) / LINEAGE, lineage)
+    write_json_atomic(Path(run) / REGISTRY, registry)
+    write_json_atomic(Path(run) / LINEAGE, lineage)
 
 
 def new_lineage() -> dict[str, Any]:
+    """A new run's lineage.
+
+    Returns:
+        No artifact, no event.
+    """
     return {"artifacts": {}, "events": []}
 
 
 def record(lineage: dict[str, Any], folder: str, trained_on: list[str], event: str, **details: Any) -> None:
     """Record that `folder` derives from the shards `trained_on`. An artifact already recorded keeps its shards
     too (the union): its folder may still hold files of the earlier request. To replace an artifact, remove it
-    first (remove_artifact)."""
+    first (remove_artifact).
+
+    Args:
+        lineage: the run's lineage (changed in place).
+        folder: the artifact, relative to the run folder.
+        trained_on: the shards it derives from.
+        event: what made it (train, add, sample, ...), for the event log.
+        details: more fields of the event.
+    """
     old = lineage["artifacts"].get(folder)
     shards = set(trained_on) | set(old["trained_on"] if old else ())
     lineage["artifacts"][folder] = {"trained_on": sorted(shards), "created": old["created"] if old else now()}
@@ -127,7 +160,15 @@ def _temp_sibling(name: str) -> str | None:
 
 def owner(lineage: dict[str, Any], rel: str) -> str | None:
     """The artifact folder a run-relative file path belongs to (longest matching folder, a temporary sibling
-    counting as its folder), None if none."""
+    counting as its folder).
+
+    Args:
+        lineage: the run's lineage.
+        rel: a file's path relative to the run folder.
+
+    Returns:
+        The artifact folder, or None if none.
+    """
     parts = rel.split("/")
     candidates = {rel}
     for i, part in enumerate(parts):
@@ -143,7 +184,15 @@ def owner(lineage: dict[str, Any], rel: str) -> str | None:
 
 
 def artifact_paths(run: Path, folder: str) -> list[Path]:
-    """The artifact's folder (or file) and the temporary siblings an interrupted atomic write left, that exist."""
+    """The artifact's folder (or file) and the temporary siblings an interrupted atomic write left, that exist.
+
+    Args:
+        run: the run folder.
+        folder: the artifact, relative to it.
+
+    Returns:
+        The paths that exist.
+    """
     path = Path(run) / folder
     paths = [path] if path.exists() or path.is_symlink() else []
     if path.parent.is_dir():
@@ -152,7 +201,16 @@ def artifact_paths(run: Path, folder: str) -> list[Path]:
 
 
 def remove_artifact(run: Path, lineage: dict[str, Any], folder: str) -> None:
-    """Delete an artifact's files (its temporary siblings too) and its lineage entry; an error if any survives."""
+    """Delete an artifact's files (its temporary siblings too) and its lineage entry.
+
+    Args:
+        run: the run folder.
+        lineage: the run's lineage (changed in place).
+        folder: the artifact, relative to the run folder.
+
+    Raises:
+        RunError: a path that could not be deleted.
+    """
     for path in artifact_paths(run, folder):
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
@@ -166,25 +224,55 @@ def remove_artifact(run: Path, lineage: dict[str, Any], folder: str) -> None:
 
 
 def unaccounted_files(run: Path, lineage: dict[str, Any]) -> list[str]:
-    """Files in the run folder that no artifact (and no metadata file) accounts for."""
+    """Files in the run folder that no artifact (and no metadata file) accounts for.
+
+    Args:
+        run: the run folder.
+        lineage: its lineage.
+
+    Returns:
+        Their paths relative to the run folder.
+    """
     run = Path(run)
     files = [p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file() or p.is_symlink()]
     return [f for f in files if f not in METADATA + METADATA_TMP and owner(lineage, f) is None]
 
 
 def trained(reg: dict[str, Any]) -> list[str]:
-    """The shards whose compartment is stored (a run interrupted while training has others, not yet trained)."""
+    """The shards whose compartment is stored (a run interrupted while training has others, not yet trained).
+
+    Args:
+        reg: the run's registry.
+
+    Returns:
+        Their names, in the registry's order.
+    """
     return [name for name, info in reg["shards"].items() if info.get("trained", True)]
 
 
 def pending(reg: dict[str, Any]) -> list[str]:
-    """The shards registered but not trained yet: what `train --resume` trains."""
+    """The shards registered but not trained yet: what `train --resume` trains.
+
+    Args:
+        reg: the run's registry.
+
+    Returns:
+        Their names, in the registry's order.
+    """
     return [name for name, info in reg["shards"].items() if not info.get("trained", True)]
 
 
 def router_pending(reg: dict[str, Any], run: Path | None = None) -> bool:
     """Whether the run wants a router and has none trained on exactly its current shards (given `run`: or its
-    router folder is gone, e.g. deleted because it was corrupt)."""
+    router folder is gone, e.g. deleted because it was corrupt).
+
+    Args:
+        reg: the run's registry.
+        run: the run folder, to check that the router folder exists.
+
+    Returns:
+        True if a router must be trained.
+    """
     runs = reg.get("router_runs") or []
     if not (reg.get("router") and trained(reg)):
         return False
@@ -192,18 +280,45 @@ def router_pending(reg: dict[str, Any], run: Path | None = None) -> bool:
 
 
 def complete(reg: dict[str, Any], run: Path | None = None) -> bool:
-    """Every registered shard trained, and the router (if the run has one) trained on them."""
+    """Whether the run is complete: every registered shard trained, and the router (if any) trained on them.
+
+    Args:
+        reg: the run's registry.
+        run: the run folder (see router_pending).
+
+    Returns:
+        True if nothing is left to train.
+    """
     return not pending(reg) and not router_pending(reg, run)
 
 
 def config_of(registry: dict[str, Any]) -> dict[str, Any]:
-    """The config the run was created with (its name or path and --set overrides)."""
+    """The config the run was created with (its name or path and --set overrides).
+
+    Args:
+        registry: the run's registry.
+
+    Returns:
+        The resolved config.
+    """
     set_threads()
     return load_config(registry["config"], registry["set"])
 
 
 def samples_dir(run: Path, name: str, lineage: dict[str, Any] | None = None) -> Path:
-    """samples/<name>: refused when missing, or when the lineage (if given) does not say what it derives from."""
+    """samples/<name>: refused when missing, or when the lineage (if given) does not say what it derives from.
+
+    Args:
+        run: the run folder.
+        name: the samples' name.
+        lineage: the run's lineage, to check the samples are in it.
+
+    Returns:
+        The folder.
+
+    Raises:
+        RunError: as said above.
+    """
     folder = Path(run) / "samples" / name
     if not (folder / "samples.npz").is_file():
         raise RunError(f"no samples named {name!r} in {run} (samples/*/samples.npz)")
@@ -219,6 +334,12 @@ def rights_shards(rights: Path, user: str) -> list[str]:
     Args:
         rights: the JSON rights file.
         user: the user's name in it.
+
+    Returns:
+        The shard names listed for the user.
+
+    Raises:
+        RunError: an unreadable file, or no list for the user.
     """
     try:
         table = json.loads(Path(rights).read_text())
@@ -232,8 +353,17 @@ def rights_shards(rights: Path, user: str) -> list[str]:
 
 
 def cli(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], Any], argv: list[str] | None) -> Any:
-    """A stage's main: parse, run, and turn a refusal (RunError, a shard, data, checkpoint or dpldm.train error)
-    into the one-line error the other stages print."""
+    """A stage's main: parse, run, and turn a refusal (RunError, a shard, data, checkpoint or dpldm.train error) into
+    the one-line error the other stages print.
+
+    Args:
+        parser: the stage's parser.
+        run: the stage's run(args).
+        argv: the arguments (None: sys.argv[1:]).
+
+    Returns:
+        run's result.
+    """
     from dpldm.compartments.shards import ShardError
     from dpldm.train import TrainError
 
@@ -244,7 +374,19 @@ def cli(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], Any
 
 
 def check_shards(registry: dict[str, Any], names: list[str], trained_only: bool = True) -> list[str]:
-    """`names` if the run has them all (trained, unless trained_only is False), else a RunError saying why."""
+    """Check the shards a request names.
+
+    Args:
+        registry: the run's registry.
+        names: the shards.
+        trained_only: also require each to be trained.
+
+    Returns:
+        `names`, unchanged.
+
+    Raises:
+        RunError: an unknown shard, or (trained_only) one not trained yet.
+    """
     known = list(registry["shards"])
     unknown = [n for n in names if n not in known]
     if unknown:

@@ -22,9 +22,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from dpldm.base import sha256_file
 from dpldm.calibration import noise_multiplier
-from dpldm.models import CheckpointError, atomic_dir
+from dpldm.files import atomic_dir, sha256_file
+from dpldm.models import CheckpointError
 
 WEIGHTS = "router.safetensors"
 META = "router.json"
@@ -34,12 +34,27 @@ DEFAULTS = {"epsilon": 1.0, "epochs": 10, "batch_size": 512, "max_physical_batch
 
 
 def router_hp(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The router's training settings.
+
+    Args:
+        cfg: the run's config (its optional `router:` section).
+
+    Returns:
+        DEFAULTS overridden by that section.
+    """
     return {**DEFAULTS, **cfg.get("router", {})}
 
 
 class Router(nn.Module):
     """Conv net on latents with a sinusoidal timestep embedding added to its features; GroupNorm (per example),
-    so DP-SGD clips each example on its own."""
+    so DP-SGD clips each example on its own.
+
+    Args:
+        in_channels: latent channels.
+        num_shards: outputs (one logit per shard).
+        width: feature channels.
+        t_max: the schedule's number of training timesteps (the embedding is scaled to 1000).
+    """
 
     def __init__(self, in_channels: int, num_shards: int, width: int = 64, t_max: int = 1000) -> None:
         super().__init__()
@@ -52,12 +67,29 @@ class Router(nn.Module):
         self.head = nn.Linear(width, num_shards)
 
     def embed(self, t: torch.Tensor) -> torch.Tensor:
+        """Sinusoidal timestep embedding.
+
+        Args:
+            t: timesteps [B].
+
+        Returns:
+            [B, width].
+        """
         half = self.width // 2
         freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, device=t.device) / half)
         angles = t.float()[:, None] * freqs[None] * (1000.0 / self.t_max)
         return torch.cat([angles.sin(), angles.cos()], 1)
 
     def forward(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Shard logits of noisy latents.
+
+        Args:
+            z: noisy latents [B, C, H, W].
+            t: their timesteps [B].
+
+        Returns:
+            Logits [B, num_shards].
+        """
         h = F.silu(self.norm1(self.conv1(z)))
         h = h + self.time(self.embed(t))[:, :, None, None]
         h = F.silu(self.norm2(self.conv2(h)))
@@ -67,8 +99,23 @@ class Router(nn.Module):
 def train_router(z: torch.Tensor, shard: torch.Tensor, num_shards: int, sched: Any, hp: dict[str, Any], sigma: float,
                  accountant: str, seed: int = 0, noise_seed: int | None = None, backend: str = "auto"
                  ) -> tuple[Router, list[list[float]]]:
-    """DP-SGD on (latent, shard id) pairs, a fresh timestep and noise per example and step. Returns the router and
-    the accountant history."""
+    """DP-SGD on (latent, shard id) pairs, a fresh timestep and noise per example and step.
+
+    Args:
+        z: every shard's private latents [N, C, H, W].
+        shard: the shard index of each [N].
+        num_shards: how many shards.
+        sched: the training noise schedule (adds the diffusion noise).
+        hp: router_hp's settings.
+        sigma: the noise multiplier (router_sigma's).
+        accountant: the privacy accountant's name.
+        seed: public seed of initialisation, timesteps and diffusion noise.
+        noise_seed: the DP noise and sampling seed (None: drawn from the OS).
+        backend: dpkernels backend.
+
+    Returns:
+        (the router, plain and in eval mode, the accountant history).
+    """
     from dpkernels import PrivacyEngine
 
     torch.manual_seed(seed)  # public: initialisation, timesteps and diffusion noise; the DP streams are separate
@@ -116,7 +163,14 @@ class RouterError(CheckpointError):
 
 
 def save_router(folder: Path, model: Router, meta: dict[str, Any]) -> None:
-    """router.safetensors and router.json (the shards, shares, accounting, architecture and the weights' sha256)."""
+    """Write a router atomically: router.safetensors and router.json (the shards, shares, accounting, architecture
+    and the weights' sha256).
+
+    Args:
+        folder: <run>/router.
+        model: the trained router.
+        meta: shards, shares, accounting, ...
+    """
     def write(tmp: Path) -> None:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / WEIGHTS)
         cfg = {"in_channels": model.conv1.in_channels, "num_shards": model.head.out_features, "width": model.width,
@@ -128,7 +182,14 @@ def save_router(folder: Path, model: Router, meta: dict[str, Any]) -> None:
 
 def load_router(folder: Path) -> tuple[Router, dict[str, Any]]:
     """The router and its router.json; a RouterError when either file is missing, corrupt or changed (its weights
-    must match the sha256 recorded when they were written, like a compartment's)."""
+    must match the sha256 recorded when they were written, like a compartment's).
+
+    Args:
+        folder: <run>/router.
+
+    Returns:
+        (the router in eval mode, its router.json).
+    """
     folder = Path(folder)
     fix = (f"sample with --rule density (it needs no router), or delete {folder} and train it again with "
            f"python -m dpldm.compartments train --resume --out {folder.parent} (its budget is spent again)")

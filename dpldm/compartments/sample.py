@@ -31,11 +31,12 @@ import torch
 
 from dpldm.common import seed_all
 from dpldm.compartments import registry
-from dpldm.compartments.compose import RULES, compose_sample
+from dpldm.compartments.compose import compose_sample
 from dpldm.compartments.router import RouterWeights, load_router
+from dpldm.compartments.rules import composition_rule, rule_names, rules_help
 from dpldm.compartments.store import check_base, load_compartment
 from dpldm.data import from_model_tensor
-from dpldm.diffusion import decode
+from dpldm.diffusion import decode_latents
 from dpldm.models import CheckpointError, load_autoencoder
 from dpldm.runlog import RunLog, progress
 from dpldm.sample import save_grid
@@ -45,15 +46,18 @@ SAMPLES_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # one folder under sam
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command line of `python -m dpldm.compartments sample`.
+
+    Returns:
+        The parser.
+    """
     p = argparse.ArgumentParser(prog="python -m dpldm.compartments sample", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, required=True, help="compartments run folder")
     p.add_argument("--shards", help="comma-separated shard names (default: all of the run's)")
     p.add_argument("--rights", type=Path, help=RIGHTS_HELP)
     p.add_argument("--user", help="with --rights: sample from this user's shards")
-    p.add_argument("--rule", choices=RULES, default="density",
-                   help="mixture weights: density (exact mixture score, estimated along the trajectory), router "
-                        "(the run's DP-trained shard classifier) or naive (averaging, a baseline)")
+    p.add_argument("--rule", choices=rule_names(), default="density", help=f"mixture weights: {rules_help()}")
     p.add_argument("--name", help="samples/<name>/ (default: <rule>-<shards>)")
     p.add_argument("--overwrite", action="store_true", help="replace samples/<name>/ if it exists (deleted first, "
                                                             "with its attribution and evaluation)")
@@ -68,7 +72,18 @@ def parser() -> argparse.ArgumentParser:
 
 
 def allowed_shards(args: argparse.Namespace, reg: dict[str, Any]) -> list[str]:
-    """The shards a request may use: --shards, or the user's in --rights; by default every trained shard."""
+    """The shards a request may use: --shards, or the user's in --rights; by default every trained shard.
+
+    Args:
+        args: the parsed command line.
+        reg: the run's registry.
+
+    Returns:
+        Their names, in the order given, each once.
+
+    Raises:
+        RunError: conflicting options, no shard, or a shard unknown or not trained.
+    """
     if args.rights or args.user:
         if not (args.rights and args.user) or args.shards:
             raise registry.RunError("pass --rights FILE with --user NAME (and no --shards)")
@@ -81,7 +96,17 @@ def allowed_shards(args: argparse.Namespace, reg: dict[str, Any]) -> list[str]:
 
 
 def class_prior(reg: dict[str, Any], names: list[str], num_classes: int) -> torch.Tensor:
-    """lambda [num_classes, n]: class key -> which shards hold each class; otherwise uniform."""
+    """The mixture prior of each class.
+
+    Args:
+        reg: the run's registry (a class key records each shard's classes).
+        names: the shards sampled from.
+        num_classes: the number of classes.
+
+    Returns:
+        lambda [num_classes, n]: with a class key, 1 for the shards that hold each class, else 0; otherwise
+        uniform.
+    """
     prior = torch.ones(num_classes, len(names))
     for i, name in enumerate(names):
         classes = reg["shards"][name].get("classes")
@@ -92,7 +117,14 @@ def class_prior(reg: dict[str, Any], names: list[str], num_classes: int) -> torc
 
 
 def attribution_plot(weights: np.ndarray, labels: np.ndarray, names: list[str], path: Path) -> None:
-    """One panel per class: mean w_i against the sampling step, a line per compartment (PIL, no plotting stack)."""
+    """One panel per class: mean w_i against the sampling step, a line per compartment (PIL, no plotting stack).
+
+    Args:
+        weights: [S, B, n], the weights of every sample at every step.
+        labels: [B].
+        names: the shards, in the weights' order.
+        path: the PNG to write.
+    """
     from PIL import Image, ImageDraw, ImageFont
 
     classes = list(np.unique(labels))
@@ -120,9 +152,47 @@ def attribution_plot(weights: np.ndarray, labels: np.ndarray, names: list[str], 
     img.save(path)
 
 
+def requested_classes(option: str | None, prior: torch.Tensor, names: list[str]) -> tuple[list[int], list[int]]:
+    """The classes a request asks for, split by whether the accessible shards can give them.
+
+    Args:
+        option: --classes (comma-separated), or None for every class.
+        prior: class_prior's lambda [num_classes, n].
+        names: the accessible shards, for the message.
+
+    Returns:
+        (the classes to sample, those asked for that no accessible shard holds).
+
+    Raises:
+        RunError: a class out of range, or none that can be sampled.
+    """
+    num_classes = len(prior)
+    wanted = [int(c) for c in option.split(",")] if option else list(range(num_classes))
+    bad = [c for c in wanted if not 0 <= c < num_classes]
+    if bad:
+        raise registry.RunError(f"--classes: {bad} outside 0..{num_classes - 1}")
+    missing = [c for c in wanted if prior[c].sum() == 0]
+    classes = [c for c in wanted if c not in missing]
+    if not classes:
+        raise registry.RunError(f"shards {', '.join(names)} hold none of the classes asked for")
+    return classes, missing
+
+
 def load_run_router(run: Path, names: list[str], device: str) -> tuple[RouterWeights, list[str]]:
     """The run's router, restricted to `names`. Refused unless the user may access every shard it was trained on:
-    its weights carry information from all of them, and the output must depend on the accessible shards only."""
+    its weights carry information from all of them, and the output must depend on the accessible shards only.
+
+    Args:
+        run: the run folder.
+        names: the shards of the request.
+        device: where to run the router.
+
+    Returns:
+        (its weights for `names`, the shards it was trained on).
+
+    Raises:
+        RunError: no router, a corrupt one, or one trained on a shard outside `names`.
+    """
     if not (run / "router" / "router.json").is_file():
         raise registry.RunError(f"{run} has no router: train the run with --router, or sample with --rule density")
     try:
@@ -137,6 +207,17 @@ def load_run_router(run: Path, names: list[str], device: str) -> tuple[RouterWei
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Sample from the composed compartments a request may use, and save images, weights, grid and attribution.
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        result.json's content.
+
+    Raises:
+        RunError: a request the run cannot serve (see the module docstring).
+    """
     t0 = time.time()
     reg, lineage = registry.load(args.run)
     cfg = registry.config_of(reg)
@@ -146,16 +227,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     steps = args.ddim_steps or hp["ddim_steps"]
     guidance = hp["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
     batch_size = args.batch_size or hp["batch_size"]
-    num_classes = cfg["data"]["num_classes"]
-    prior = class_prior(reg, names, num_classes)
-    wanted = [int(c) for c in args.classes.split(",")] if args.classes else list(range(num_classes))
-    bad = [c for c in wanted if not 0 <= c < num_classes]
-    if bad:
-        raise registry.RunError(f"--classes: {bad} outside 0..{num_classes - 1}")
-    missing = [c for c in wanted if prior[c].sum() == 0]
-    classes = [c for c in wanted if c not in missing]
-    if not classes:
-        raise registry.RunError(f"shards {', '.join(names)} hold none of the classes asked for")
+    prior = class_prior(reg, names, cfg["data"]["num_classes"])
+    classes, missing = requested_classes(args.classes, prior, names)
     name = args.name or f"{args.rule}-{'_'.join(names)}"
     if not SAMPLES_NAME.fullmatch(name):
         raise registry.RunError(f"--name {name!r}: use letters, digits, '.', '_' or '-' (not starting with '.')")
@@ -172,7 +245,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     except CheckpointError as e:
         raise registry.RunError(str(e)) from e
     router, router_shards = None, []
-    if args.rule == "router":
+    if composition_rule(args.rule).needs_router:
         router, router_shards = load_run_router(Path(args.run), names, args.device)
     used = sorted({n for i, n in enumerate(names) if prior[classes, i].sum() > 0} | set(router_shards))
     registry.remove_artifact(args.run, lineage, artifact)  # --overwrite: nothing of the earlier request survives
@@ -191,7 +264,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for c, i in chunks:
         y = torch.full((min(batch_size, per_class - i),), c)
         comp = compose_sample(models, cfg, y, prior[y], args.rule, steps, guidance, generator=gen, router=router)
-        x = decode(vae, comp.latents / vae.config.scaling_factor)
+        x = decode_latents(vae, comp.latents)
         images.append(from_model_tensor(x, cfg["data"]["image_size"]))
         w_steps.append(comp.weights.numpy())
         bar.update(len(y))
@@ -211,6 +284,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """The command line: errors become one line and an exit status.
+
+    Args:
+        argv: the arguments (default sys.argv[1:]).
+
+    Returns:
+        run's result.
+    """
     return registry.cli(parser(), run, argv)
 
 

@@ -45,6 +45,8 @@ class ShardError(ValueError):
 
 @dataclass
 class Shard:
+    """One shard of the private training data: one compartment's data."""
+
     name: str
     index: np.ndarray  # rows of the private training split
     classes: list[int] | None = field(default=None)  # class key: the classes it holds (public: from the key)
@@ -53,13 +55,31 @@ class Shard:
     held_out_rows: np.ndarray | None = field(default=None)
 
     def data(self, private: DataSet) -> DataSet:
-        """The shard as a data set: its training rows; the test split stays the private data's (never trained on)."""
+        """The shard as a data set: its training rows; the test split stays the private data's (never trained on).
+
+        Args:
+            private: the private data set the shard's rows index.
+
+        Returns:
+            The shard's data set.
+        """
         t = private.train
         train = Split(t.images[self.index], t.labels[self.index], None if t.rows is None else t.rows[self.index])
         return DataSet(train, private.test, private.num_classes, f"{private.source} [shard {self.name}]")
 
 
 def check_name(name: str) -> str:
+    """Refuse a shard name that is not a plain folder name.
+
+    Args:
+        name: the shard's name (it becomes a folder of the run).
+
+    Returns:
+        `name`.
+
+    Raises:
+        ShardError: letters, digits, '.', '_', '-' only, at most 64, not starting with '.'.
+    """
     if not NAME.match(name):
         raise ShardError(f"shard name {name!r}: use letters, digits, '.', '_' or '-' (at most 64, not starting "
                          "with '.')")
@@ -67,6 +87,19 @@ def check_name(name: str) -> str:
 
 
 def by_class(labels: np.ndarray, num_classes: int, n: int) -> list[Shard]:
+    """The class key: shard s holds the classes c with c * n // num_classes == s.
+
+    Args:
+        labels: the training labels.
+        num_classes: the number of classes (from the config).
+        n: the number of shards.
+
+    Returns:
+        The shards, named "0" .. "n-1", each with its classes.
+
+    Raises:
+        ShardError: n outside 1..num_classes, or a shard with no training example.
+    """
     if not 1 <= n <= num_classes:
         raise ShardError(f"--num-shards {n}: a class key needs 1..{num_classes} shards ({num_classes} classes)")
     group = np.arange(num_classes) * n // num_classes
@@ -81,14 +114,37 @@ def by_class(labels: np.ndarray, num_classes: int, n: int) -> list[Shard]:
 
 
 def at_random(n_examples: int, n: int, seed: int) -> list[Shard]:
+    """The random key: a seeded permutation of the training rows cut into n near-equal parts.
+
+    Args:
+        n_examples: the number of training examples.
+        n: the number of shards.
+        seed: the permutation's seed.
+
+    Returns:
+        The shards, named "0" .. "n-1".
+
+    Raises:
+        ShardError: n outside 1..n_examples.
+    """
     if not 1 <= n <= n_examples:
         raise ShardError(f"--num-shards {n}: need 1..{n_examples} shards")
     perm = np.random.default_rng(seed).permutation(n_examples)
     return [Shard(str(s), np.sort(part)) for s, part in enumerate(np.array_split(perm, n))]
 
 
-def read_manifest(path: Path) -> dict[str, list[Any]]:
-    """{shard: [entries]} from a JSON object, or from CSV lines `entry,shard` (a header line is skipped)."""
+def read_shard_manifest(path: Path) -> dict[str, list[Any]]:
+    """A shard manifest (--manifest): a JSON object, or CSV lines `entry,shard` (a header line is skipped).
+
+    Args:
+        path: the file; a .csv suffix means CSV.
+
+    Returns:
+        {shard: [entries]}, an entry being a row (int) or a file path (str).
+
+    Raises:
+        ShardError: unreadable, malformed CSV, invalid JSON or not a JSON object.
+    """
     try:
         text = Path(path).read_text()
     except OSError as e:
@@ -113,8 +169,20 @@ def read_manifest(path: Path) -> dict[str, list[Any]]:
 
 
 def from_manifest(spec: dict[str, list[Any]], private: DataSet, where: str) -> tuple[list[Shard], dict[str, int]]:
-    """Shards from {shard: [source rows or file paths]}; returns them and, per shard, how many of its entries
-    are in the held-out test split (left out)."""
+    """Shards from a manifest.
+
+    Args:
+        spec: {shard: [source rows or file paths]}.
+        private: the private data set the entries name.
+        where: where the spec came from, for messages.
+
+    Returns:
+        (the shards, per shard how many of its entries are in the held-out test split and left out).
+
+    Raises:
+        ShardError: no shard, an empty one, an unknown entry, an entry in two shards, or a shard with no training
+            example.
+    """
     if not spec:
         raise ShardError(f"{where}: no shards")
     n_source = len(private.train.labels) + len(private.test.labels)
@@ -154,21 +222,46 @@ def from_manifest(spec: dict[str, list[Any]], private: DataSet, where: str) -> t
 
 def example_hashes(split: Split) -> list[str]:
     """sha256 of each example's image as loaded (shape and pixels; the label is left out: the same image under
-    another label is still the same record)."""
+    another label is still the same record).
+
+    Args:
+        split: the examples.
+
+    Returns:
+        One hex digest per example, in order.
+    """
     return [hashlib.sha256(f"{img.shape}".encode() + np.ascontiguousarray(img).tobytes()).hexdigest()
             for img in split.images]
 
 
 def overlap(new: Split, shards: dict[str, DataSet]) -> dict[str, int]:
-    """Per shard of `shards`, how many of its training examples are also in `new` (same content); only shards
-    that share at least one."""
+    """How much of each shard new data repeats (same content).
+
+    Args:
+        new: the new examples.
+        shards: {shard: its data set}.
+
+    Returns:
+        {shard: how many of its training examples are also in `new`}, only for shards that share at least one.
+    """
     fresh = set(example_hashes(new))
     counts = {name: sum(h in fresh for h in example_hashes(ds.train)) for name, ds in shards.items()}
     return {name: k for name, k in counts.items() if k}
 
 
 def sharded_folder(root: Path, cfg: dict[str, Any]) -> tuple[DataSet, dict[str, list[str]]]:
-    """ROOT/<shard>/<class>/<image>: one data set (fixed held-out split over all images) and its manifest."""
+    """The folders key: ROOT/<shard>/<class>/<image>.
+
+    Args:
+        root: the folder of shard folders.
+        cfg: the config (channels, image size, number of classes).
+
+    Returns:
+        (one data set over all images, with the fixed held-out split, its manifest {shard: [file paths]}).
+
+    Raises:
+        ShardError: no shard folder, or class folders that do not match the config.
+    """
     d, nc = cfg["data"], private_classes(cfg)
     dirs = sorted(p for p in Path(root).iterdir() if p.is_dir())
     if not dirs:
@@ -189,15 +282,38 @@ def sharded_folder(root: Path, cfg: dict[str, Any]) -> tuple[DataSet, dict[str, 
 
 
 def run_data(reg: dict[str, Any], cfg: dict[str, Any]) -> tuple[DataSet, list[Shard], dict[str, int]]:
-    """load_sharded with what a compartments run recorded (compartments.json)."""
+    """load_sharded with what a compartments run recorded.
+
+    Args:
+        reg: the run's registry (compartments.json).
+        cfg: the run's config.
+
+    Returns:
+        As load_sharded.
+    """
     return load_sharded(reg["key"], reg["data"], cfg, reg["num_shards"], reg["shard_seed"],
                         Path(reg["manifest"]) if reg.get("manifest") else None)
 
 
 def load_sharded(key: str, data: str | None, cfg: dict[str, Any], n: int | None = None, seed: int = 0,
                  manifest: Path | None = None) -> tuple[DataSet, list[Shard], dict[str, int]]:
-    """The private data set, its shards under `key` (see the module docstring), and per shard the number of its
-    entries left out because they are in the held-out test split (manifest and folders keys)."""
+    """The private data and its shards under a key (see the module docstring).
+
+    Args:
+        key: class, random, manifest or folders.
+        data: the private data (a built-in name, a folder or an .npz; None: the config's); for folders, ROOT.
+        cfg: the config.
+        n: the number of shards (class: default one per class; random: required).
+        seed: the random key's seed.
+        manifest: the manifest key's file.
+
+    Returns:
+        (the private data set, its shards, per shard the number of its entries left out because they are in the
+        held-out test split (manifest and folders keys)).
+
+    Raises:
+        ShardError: an unknown key, or one missing what it needs, or shards that cannot be used.
+    """
     if key not in KEYS:
         raise ShardError(f"--shard-by must be one of {KEYS}, got {key!r}")
     if key == "folders":
@@ -216,5 +332,5 @@ def load_sharded(key: str, data: str | None, cfg: dict[str, Any], n: int | None 
         return private, at_random(len(labels), n, seed), {}
     if manifest is None:
         raise ShardError("--shard-by manifest needs --manifest FILE")
-    shards, held = from_manifest(read_manifest(manifest), private, f"--manifest {manifest}")
+    shards, held = from_manifest(read_shard_manifest(manifest), private, f"--manifest {manifest}")
     return private, shards, held

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from dpldm.base import sha256_file
 from dpldm.export import plain_copy
-from dpldm.models import CheckpointError, ConditionalUNet, atomic_dir, existing_dir, load_ldm
+from dpldm.files import atomic_dir, existing_dir, sha256_file
+from dpldm.models import CheckpointError, ConditionalUNet, load_ldm
 from dpldm.trainable import add_lora
 
 WEIGHTS = "weights.safetensors"
@@ -29,7 +29,17 @@ class CompartmentError(CheckpointError):
 
 
 def ldm_id(ldm_dir: Path) -> str:
-    """Identity of a (base) LDM: sha256 over its UNet and class-embedder weight files."""
+    """Identity of a (base) LDM: sha256 over its UNet and class-embedder weight files.
+
+    Args:
+        ldm_dir: the LDM folder (or the `.old` twin an interrupted write left).
+
+    Returns:
+        The hex digest.
+
+    Raises:
+        CompartmentError: no LDM there, or one missing a weight file.
+    """
     found = existing_dir(ldm_dir)
     if found is None:
         raise CompartmentError(f"no LDM at {ldm_dir}")
@@ -42,7 +52,17 @@ def ldm_id(ldm_dir: Path) -> str:
 
 
 def autoencoder_id(ae_dir: Path) -> str:
-    """Identity of an autoencoder: sha256 over its weight and config files (what decoding and encoding use)."""
+    """Identity of an autoencoder: sha256 over its weight and config files (what decoding and encoding use).
+
+    Args:
+        ae_dir: the autoencoder folder (or its `.old` twin).
+
+    Returns:
+        The hex digest.
+
+    Raises:
+        CompartmentError: no autoencoder there, or one without a weight file.
+    """
     found = existing_dir(ae_dir)
     if found is None:
         raise CompartmentError(f"no autoencoder at {ae_dir}")
@@ -77,10 +97,28 @@ def check_base(base: dict[str, Any]) -> None:
 
 
 def trained_tensors(model: ConditionalUNet) -> dict[str, torch.Tensor]:
+    """What a compartment stores: the parameters training changed.
+
+    Args:
+        model: the trained model (LoRA adapters separate).
+
+    Returns:
+        {parameter name: contiguous CPU copy} of the parameters that require grad.
+    """
     return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def save_compartment(folder: Path, model: ConditionalUNet, meta: dict[str, Any]) -> None:
+    """Write a compartment atomically: its trained tensors and compartment.json (meta plus the weights' sha256).
+
+    Args:
+        folder: <run>/compartments/<shard>.
+        model: the trained model.
+        meta: shard, mode, base id, accounting, ...
+
+    Raises:
+        CompartmentError: the model has no trained parameter.
+    """
     tensors = trained_tensors(model)
     if not tensors:
         raise CompartmentError("the model has no trained parameters to store")
@@ -93,7 +131,17 @@ def save_compartment(folder: Path, model: ConditionalUNet, meta: dict[str, Any])
 
 
 def read_meta(folder: Path) -> dict[str, Any]:
-    """compartment.json, or a CompartmentError saying what is wrong with it."""
+    """A compartment's compartment.json.
+
+    Args:
+        folder: the compartment folder.
+
+    Returns:
+        Its content (with the weights' "sha256").
+
+    Raises:
+        CompartmentError: saying what is wrong with it (missing, unreadable, no sha256).
+    """
     path = Path(folder) / META
     if not path.is_file():
         raise CompartmentError(f"no compartment at {folder} (expected {META} and {WEIGHTS})")
@@ -108,7 +156,14 @@ def read_meta(folder: Path) -> dict[str, Any]:
 
 
 def stored(folder: Path) -> bool:
-    """Whether `folder` holds a complete compartment: a readable compartment.json and the weights it hashes."""
+    """Whether a compartment was stored completely.
+
+    Args:
+        folder: the compartment folder.
+
+    Returns:
+        True if it holds a readable compartment.json and the weights whose sha256 it records.
+    """
     try:
         meta = read_meta(folder)
     except CompartmentError:
@@ -121,7 +176,20 @@ def load_compartment(folder: Path, base_ldm: Path, cfg: dict[str, Any], base_id:
                      ) -> ConditionalUNet:
     """The base LDM with the compartment's tensors in place (LoRA folded in): a plain model for sampling.
 
-    Refuses a compartment whose weights do not match their recorded sha256, or that was trained on another base."""
+    Refuses a compartment whose weights do not match their recorded sha256, or that was trained on another base.
+
+    Args:
+        folder: the compartment folder.
+        base_ldm: the base LDM folder it was trained on.
+        cfg: the run's config.
+        base_id: the base's ldm_id, if known (else computed).
+
+    Returns:
+        The model, LoRA merged, in eval mode.
+
+    Raises:
+        CompartmentError: as said above, or a tensor that does not fit the base.
+    """
     meta = read_meta(folder)
     base_id = base_id or ldm_id(base_ldm)
     if meta.get("base_id") != base_id:

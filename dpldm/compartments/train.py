@@ -71,7 +71,7 @@ from dpldm.compartments.store import (
     save_compartment,
     stored,
 )
-from dpldm.diffusion import encode, train_scheduler
+from dpldm.diffusion import encode_latents, train_scheduler
 from dpldm.models import load_autoencoder
 from dpldm.runlog import RunLog
 
@@ -770,7 +770,7 @@ def fit_router(cfg: dict[str, Any], run: Path, reg: dict[str, Any], lineage: dic
     """
     hp, names = {**router_hp(cfg), "epsilon": reg["router"]["epsilon"]}, list(data)
     vae = load_autoencoder(Path(reg["base"]["autoencoder"]), cfg)
-    zs = [encode(vae, images_tensor(d.train, cfg)) * vae.config.scaling_factor for d in data.values()]
+    zs = [encode_latents(vae, images_tensor(d.train, cfg)) for d in data.values()]
     z = torch.cat(zs).contiguous()
     shard = torch.cat([torch.full((len(x),), i) for i, x in enumerate(zs)])
     sigma = router_sigma(hp["epsilon"], reg["delta"], len(z), hp, reg["accountant"])
