@@ -126,6 +126,11 @@ class DPOptimizer(Optimizer):
     def set_example_ids(self, ids: torch.Tensor | None) -> None:
         """Rows with equal ids form one example (clipped together). Call between forward and step.
 
+        Ids group the rows of ONE physical batch: every row of an example must be in the same physical batch.
+        Rows split over two chunks of a virtual batch are clipped as two examples (each to C, the example's
+        update to 2 C) whatever their ids; the engine cannot tell them from ids reused chunk by chunk (dpldm
+        numbers each chunk's examples from 0). engine.virtual_batches never splits an example's rows.
+
         Args:
             ids: one integer id per row of the batch, or None (every row is an example).
         """

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -360,6 +363,51 @@ def test_a_reused_sample_name_never_hides_files_from_forget(class_run: Path, tmp
     assert_forgotten(run, "1")
     with np.load(folder / "samples.npz") as z:
         assert [str(n) for n in z["shards"]] == ["0"]
+
+
+def forget_in_another_process(run: Path, shard: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dpldm.compartments", "forget", "--run", str(run), "--shard", shard],
+                          check=False, capture_output=True, text=True, timeout=300)
+
+
+def test_forget_is_refused_while_a_sample_is_working_on_the_run(class_run: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review finding 4: a forget (another process) between a sample's reading of the registry and its writing of
+    samples trained on the shard left those samples behind under a lineage that survived the forget. Every stage
+    now holds the run's lock: the forget is refused and changes nothing; once the sample is done it removes it."""
+    run = copy_run(class_run, tmp_path)
+    real, seen = sample.load_autoencoder, {}
+
+    def load_then_forget(*a: object, **k: object) -> object:
+        seen["forget"] = forget_in_another_process(run, "1")
+        return real(*a, **k)
+
+    monkeypatch.setattr(sample, "load_autoencoder", load_then_forget)
+    sample.main(["--run", str(run), "--shards", "0,1", "--per-class", "1", "--ddim-steps", "2", "--name", "s"])
+    assert seen["forget"].returncode != 0 and "another stage is working on this run" in seen["forget"].stderr, seen
+    reg, _ = registry.load(run)
+    assert "1" in reg["shards"] and (run / "samples" / "s" / "samples.npz").is_file()
+    done = forget_in_another_process(run, "1")
+    assert done.returncode == 0, done.stderr
+    assert not (run / "samples" / "s").exists()
+    assert_forgotten(run, "1")
+
+
+def test_a_killed_stage_releases_the_run_lock(tmp_path: Path) -> None:
+    """The lock is the kernel's: a stage killed while it holds it never blocks the run."""
+    hold = ("import sys, time; from dpldm.compartments import registry\n"
+            "with registry.locked(sys.argv[1], create=True):\n print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        busy = f"another stage is working on this run \\(process {holder.pid}"
+        with pytest.raises(registry.RunError, match=busy), registry.locked(tmp_path):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with registry.locked(tmp_path):
+        assert (tmp_path / registry.LOCK).read_text() == str(os.getpid())
 
 
 class Killed(BaseException):

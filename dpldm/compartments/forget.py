@@ -3,9 +3,11 @@ it, their attribution and evaluation, logs describing it, and, in a run interrup
 private work folder: the checkpoint with the noise seeds, temporary folders of killed writes), each with the
 temporary siblings an interrupted write left; records the event in lineage.json, and checks that no file left in
 the run folder was trained on the shard. A shard not trained yet can be forgotten too. Nothing is retrained:
-compartments are trained in isolation and the density rule trains nothing shared, so the other compartments are
-exactly what they would be had the shard never existed. A complete run with a router trains it again on the
-remaining shards (the only thing rebuilt; it spends the router's budget again on their examples, which the
+compartments are trained in isolation and the density rule trains nothing shared, so no other compartment
+depends on any example of the shard. They do depend on its size: the run's batch sizes, sampling rate, delta and
+sigma were set from the number of examples of all shards, the forgotten one's included (they are what a run over the
+other shards with those settings trains, not necessarily what a new run on them would choose). A complete run with a
+router trains it again on the remaining shards (the only thing rebuilt; it spends the router's budget again on their examples, which the
 accounting adds); an unfinished run trains it when resumed.
 
     python -m dpldm.compartments forget --run runs/mnist/cdm-class2 --shard 1

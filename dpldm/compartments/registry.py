@@ -8,22 +8,29 @@
                                      seeds, log); deleted once the compartment is stored
     <run>/samples/<name>/            composed samples, their attribution and evaluation, result.json
     <run>/logs/...                   training logs (per-step losses: not covered by the DP guarantee)
+    <run>/.lock                      locked (flock) by the one stage working on the run; holds its pid
 
 Every file in the run folder belongs to the artifact whose folder contains it (compartments.json and lineage.json
 are trained on nothing), or to the artifact whose temporary sibling holds it (`.<name>.tmp-*`, `.<name>.old`: what
 an atomic write killed half-way leaves). An artifact is recorded BEFORE anything is written into it, so a process
 killed at any point leaves no file without lineage. Forgetting shard j removes every artifact whose `trained_on`
 holds j, with its temporary siblings.
+
+One stage at a time: every stage holds <run>/.lock while it reads and writes the run (locked()), so that `forget`
+cannot run between a `sample`'s reading of the registry and its writing of files trained on the forgotten shard.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import fcntl
 import json
+import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +42,8 @@ from dpldm.models import CheckpointError
 
 REGISTRY = "compartments.json"
 LINEAGE = "lineage.json"
-METADATA = (REGISTRY, LINEAGE)
+LOCK = ".lock"
+METADATA = (REGISTRY, LINEAGE, LOCK)
 # the temporary files write_json_atomic leaves when killed between its write and its rename: metadata too
 METADATA_TMP = tuple(json_tmp_name(name) for name in METADATA)
 
@@ -352,6 +360,74 @@ def rights_shards(rights: Path, user: str) -> list[str]:
     return [str(s) for s in table[user]]
 
 
+_held: dict[Path, int] = {}  # run folders this process holds the lock of -> nesting depth
+
+
+@contextlib.contextmanager
+def locked(run: Path, create: bool = False) -> Iterator[None]:
+    """Hold the run folder's lock: no other stage (another process) works on the run meanwhile. The lock is the
+    kernel's (flock): a killed stage releases it. Re-entrant within a process.
+
+    Args:
+        run: the run folder.
+        create: create the folder if it does not exist (a new run); it is removed again on exit if the stage left
+            nothing in it. Otherwise a missing folder is not locked (the stage refuses it itself).
+
+    Yields:
+        Nothing; the lock is held until the block ends.
+
+    Raises:
+        RunError: another process holds the lock.
+    """
+    key = Path(run).resolve()
+    if key in _held or not (create or key.is_dir()):
+        _held[key] = _held.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            _held[key] -= 1
+            if not _held[key]:
+                del _held[key]
+        return
+    created = not key.exists()
+    key.mkdir(parents=True, exist_ok=True)
+    fd = os.open(key / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise RunError(f"{run}: another stage is working on this run (process {holder}); wait for it to finish "
+                           "(one stage at a time: a forget between a sample's reads and writes would leave files "
+                           "trained on the forgotten shard)") from e
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        _held[key] = 1
+        try:
+            yield
+        finally:
+            del _held[key]
+            os.ftruncate(fd, 0)
+            if created and [p.name for p in key.iterdir()] == [LOCK]:
+                (key / LOCK).unlink()
+                key.rmdir()
+    finally:
+        os.close(fd)
+
+
+def run_folder(args: argparse.Namespace) -> Path | None:
+    """The run folder a stage's arguments name.
+
+    Args:
+        args: the stage's parsed arguments (--run, or train's --out).
+
+    Returns:
+        The folder, or None where the stage computes it (train without --out).
+    """
+    folder = getattr(args, "run", None) or getattr(args, "out", None)
+    return None if folder is None else Path(folder)
+
+
 def cli(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], Any], argv: list[str] | None) -> Any:
     """A stage's main: parse, run, and turn a refusal (RunError, a shard, data, checkpoint or dpldm.train error) into
     the one-line error the other stages print.
@@ -368,7 +444,10 @@ def cli(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], Any
     from dpldm.train import TrainError
 
     try:
-        return run(parser.parse_args(argv))
+        args = parser.parse_args(argv)
+        folder = run_folder(args)
+        with locked(folder, create=True) if folder is not None else contextlib.nullcontext():
+            return run(args)
     except (RunError, ShardError, DataError, CheckpointError, TrainError) as e:
         raise SystemExit(f"error: {e}") from e
 

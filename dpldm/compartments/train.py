@@ -502,6 +502,21 @@ def run(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         raise RunError("--no-dp trains without privacy: it needs --data naming PUBLIC data (the config's private "
                        "data is never trained non-privately)")
     out: Path = args.out or Path(args.runs) / cfg["name"] / f"compartments-{args.shard_by}{args.num_shards or ''}"
+    with registry.locked(out, create=True):  # held already where --out named it (dpldm.compartments.registry.cli)
+        return start(cfg, args, out)
+
+
+def start(cfg: dict[str, Any], args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """run()'s work, with the new run folder locked.
+
+    Args:
+        cfg: the config.
+        args: parser() arguments.
+        out: the run folder.
+
+    Returns:
+        The privacy report (report_of).
+    """
     if (out / registry.REGISTRY).exists():
         reg, _ = registry.load(out)
         if not registry.complete(reg):
