@@ -74,7 +74,7 @@ class PrivacyEngine:
         """Make `module` private in place; return it, the DP optimizer and the Poisson loader.
 
         Args:
-            module: the model. Every trainable parameter must belong to a supported layer (README); a
+            module: the model. Every trainable parameter must belong to a supported layer (dpkernels/README.md); a
                 BatchNorm must be frozen and in eval mode.
             optimizer: holds the trainable parameters (frozen ones may be held too; they must stay frozen).
             data_loader: its batch size over its data set size is the sampling rate q.
