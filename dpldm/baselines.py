@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,15 +60,16 @@ class Tensors:
     y: torch.Tensor
 
 
-def public_only(public: Tensors, num_classes: int, epochs: int, seed: int = 0) -> tuple[SmallCNN, float]:
+def public_only(public: Tensors, num_classes: int, epochs: int, seed: int = 0, arch: dict | None = None
+                ) -> tuple[SmallCNN, float]:
     """(a), and the Frechet feature space: trained and selected on public data only."""
-    return selected_cnn(public.x, public.y, num_classes, epochs, PUBLIC_HOLDOUT, seed)
+    return selected_cnn(public.x, public.y, num_classes, epochs, PUBLIC_HOLDOUT, seed, arch)
 
 
-def nonprivate(train: Tensors, num_classes: int, epochs: int, holdout_fraction: float, seed: int = 0
-               ) -> tuple[SmallCNN, float]:
+def nonprivate(train: Tensors, num_classes: int, epochs: int, holdout_fraction: float, seed: int = 0,
+               arch: dict | None = None) -> tuple[SmallCNN, float]:
     """(c): the ceiling; the epoch is picked on a held-out slice of the private TRAIN split."""
-    return selected_cnn(train.x, train.y, num_classes, epochs, holdout_fraction, seed)
+    return selected_cnn(train.x, train.y, num_classes, epochs, holdout_fraction, seed, arch)
 
 
 def calibrate(target: DPTarget, hp: dict[str, Any], n: int) -> float:
@@ -87,8 +89,8 @@ def calibrate(target: DPTarget, hp: dict[str, Any], n: int) -> float:
 
 
 def dpsgd(train: Tensors, num_classes: int, target: DPTarget, hp: dict[str, Any], init: SmallCNN | None = None,
-          seed: int = 0, noise_seed: int | None = None, backend: str = "auto", sigma: float | None = None
-          ) -> tuple[SmallCNN, dict[str, Any]]:
+          seed: int = 0, noise_seed: int | None = None, backend: str = "auto", sigma: float | None = None,
+          arch: dict | None = None) -> tuple[SmallCNN, dict[str, Any]]:
     """(b) / (b2): DP-SGD through dpkernels.PrivacyEngine, `sigma` (default: calibrate(target, ...)) for
     hp['epochs'] passes.
 
@@ -101,7 +103,7 @@ def dpsgd(train: Tensors, num_classes: int, target: DPTarget, hp: dict[str, Any]
     if sigma is None:
         sigma = calibrate(target, hp, len(train.y))
     torch.manual_seed(seed)  # public: initialisation and dropout; the noise and the sampling have their own seeds
-    model = SmallCNN(train.x.shape[1], num_classes)
+    model = SmallCNN(train.x.shape[1], num_classes, **(arch or {}))
     if init is not None:
         _copy_matching(model, init)
     model.train()  # dropout in train mode is per example: each example's gradient depends on itself only
@@ -137,9 +139,12 @@ def _copy_matching(model: SmallCNN, source: SmallCNN) -> None:
 
 def run(cfg: dict[str, Any], train: Tensors, test: Tensors, num_classes: int, target: DPTarget | None,
         public_cnn: SmallCNN | None, public_num_classes: int | None, public_s: float = 0.0, seed: int = 0,
-        noise_seed: int | None = None, backend: str = "auto") -> dict[str, Any]:
+        noise_seed: int | None = None, backend: str = "auto",
+        frechet: Callable[[SmallCNN], float] | None = None) -> dict[str, Any]:
     """All baselines, as flat result keys. `public_cnn` is (a), trained by the caller (evaluate shares it with the
-    Frechet distance) in `public_s` seconds; None when the config names no public data."""
+    Frechet distance) in `public_s` seconds; None when the config names no public data. `frechet(model)`: the
+    synthetic data's Frechet distance in a model's features, reported in (c)'s as frechet_distance_nonprivate_cnn
+    (a feature space that knows the private domain, where (a)'s may not: digits for Fashion-MNIST)."""
     hp = cfg["evaluate"]
     res: dict[str, Any] = {}
     notes: list[str] = []
@@ -154,20 +159,23 @@ def run(cfg: dict[str, Any], train: Tensors, test: Tensors, num_classes: int, ta
         notes.append("no target epsilon/delta: (b) and (b2) skipped")
     else:
         dp_hp = {**DP_DEFAULTS, **hp.get("dp_baseline", {})}
-        res.update(_dp_baselines(train, test, num_classes, target, dp_hp, public_cnn, seed, noise_seed, backend, notes))
+        res.update(_dp_baselines(train, test, num_classes, target, dp_hp, public_cnn, seed, noise_seed, backend, notes,
+                                 hp.get("cnn")))
     t0 = time.time()
     ceiling, val = nonprivate(train, num_classes, epochs_for(hp, "nonprivate_cnn_epochs", len(train.y)),
-                              hp["holdout_fraction"], seed)
+                              hp["holdout_fraction"], seed, hp.get("cnn"))
     res.update(baseline_nonprivate_cnn_test_acc=accuracy(ceiling, test.x, test.y),
                baseline_nonprivate_cnn_val_acc=val, baseline_nonprivate_cnn_s=time.time() - t0)
+    if frechet is not None:
+        res["frechet_distance_nonprivate_cnn"] = frechet(ceiling)
     if notes:
         res["baselines_note"] = "; ".join(notes)
     return res
 
 
 def _dp_baselines(train: Tensors, test: Tensors, num_classes: int, target: DPTarget, hp: dict[str, Any],
-                  public_cnn: SmallCNN | None, seed: int, noise_seed: int | None, backend: str, notes: list[str]
-                  ) -> dict[str, Any]:
+                  public_cnn: SmallCNN | None, seed: int, noise_seed: int | None, backend: str, notes: list[str],
+                  arch: dict | None = None) -> dict[str, Any]:
     """(b), and (b2) when there is a public CNN; the calibration's time is counted in each."""
     t0 = time.time()
     try:
@@ -182,7 +190,7 @@ def _dp_baselines(train: Tensors, test: Tensors, num_classes: int, target: DPTar
     res: dict[str, Any] = {}
     for name, init in inits.items():
         t0 = time.time()
-        model, info = dpsgd(train, num_classes, target, hp, init, seed, noise_seed, backend, sigma)
+        model, info = dpsgd(train, num_classes, target, hp, init, seed, noise_seed, backend, sigma, arch)
         res[f"{name}_test_acc"] = accuracy(model, test.x, test.y)
         res.update({f"{name}_{k}": v for k, v in info.items()})
         res[f"{name}_s"] = time.time() - t0 + calibration_s

@@ -16,16 +16,43 @@ from torch import nn
 
 
 class SmallCNN(nn.Module):
-    def __init__(self, channels: int, num_classes: int, width: int = 32) -> None:
+    """Two 3x3 conv blocks and a hidden layer: the evaluation's classifier (synthetic data, baselines, DP-SGD).
+
+    Args:
+        channels: input channels.
+        num_classes: outputs.
+        width: the first block's channels (the second has twice as many).
+        groups: GroupNorm groups after each conv (0: none). GroupNorm, not BatchNorm: the DP-SGD baselines train
+            this same model through the engine, which refuses batch statistics.
+        pool: the feature map's side before the hidden layer (adaptive average pooling; 7 keeps 28px inputs'
+            7x7 map whole).
+        hidden: the hidden layer's width.
+        dropout: before the output layer.
+    """
+
+    def __init__(self, channels: int, num_classes: int, width: int = 32, groups: int = 0, pool: int = 3,
+                 hidden: int = 128, dropout: float = 0.3) -> None:
         super().__init__()
+
+        def block(c_in: int, c_out: int) -> list[nn.Module]:
+            norm = [nn.GroupNorm(groups, c_out)] if groups else []
+            return [nn.Conv2d(c_in, c_out, 3, padding=1), *norm, nn.ReLU(), nn.MaxPool2d(2)]
+
         self.features = nn.Sequential(
-            nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.AdaptiveAvgPool2d(3), nn.Flatten(), nn.Linear(2 * width * 9, 128), nn.ReLU(),
+            *block(channels, width), *block(width, 2 * width),
+            nn.AdaptiveAvgPool2d(pool), nn.Flatten(), nn.Linear(2 * width * pool * pool, hidden), nn.ReLU(),
         )
-        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(128, num_classes))
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits.
+
+        Args:
+            x: images in [-1, 1], [N, C, H, W].
+
+        Returns:
+            [N, num_classes].
+        """
         return self.head(self.features(x))
 
 
@@ -58,18 +85,20 @@ def split_holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
 
 
 def selected_cnn(x: torch.Tensor, y: torch.Tensor, num_classes: int, epochs: int, holdout_fraction: float,
-                 seed: int = 0) -> tuple[SmallCNN, float]:
+                 seed: int = 0, arch: dict | None = None) -> tuple[SmallCNN, float]:
     """train_cnn on (x, y) less a held-out slice of (x, y) itself, which picks the epoch."""
     tr, val = split_holdout(len(y), holdout_fraction, seed)
-    return train_cnn(x[tr], y[tr], x[val], y[val], num_classes, epochs, seed)
+    return train_cnn(x[tr], y[tr], x[val], y[val], num_classes, epochs, seed, arch=arch)
 
 
 def train_cnn(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor, num_classes: int,
-              epochs: int, seed: int = 0, batch_size: int = 128, lr: float = 2e-3) -> tuple[SmallCNN, float]:
-    """Adam, random-shift augmentation; returns the epoch with the best accuracy on (x_val, y_val)."""
+              epochs: int, seed: int = 0, batch_size: int = 128, lr: float = 2e-3, arch: dict | None = None
+              ) -> tuple[SmallCNN, float]:
+    """Adam, random-shift augmentation; returns the epoch with the best accuracy on (x_val, y_val).
+    arch: SmallCNN's options (the config's evaluate.cnn)."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = SmallCNN(x.shape[1], num_classes)
+    model = SmallCNN(x.shape[1], num_classes, **(arch or {}))
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
     best, best_acc = copy.deepcopy(model), -1.0

@@ -153,7 +153,7 @@ def run(cfg: dict[str, Any], synthetic: data_mod.Split, real: data_mod.DataSet, 
     test = conform(real.test, cfg)
     xt, yt = to_input(test.images), torch.from_numpy(test.labels)
     n_cls = max(real.num_classes, int(ys.max()) + 1)
-    cnn, val_acc = train_cnn(xs[tr], ys[tr], xs[val], ys[val], n_cls, cnn_epochs, seed)
+    cnn, val_acc = train_cnn(xs[tr], ys[tr], xs[val], ys[val], n_cls, cnn_epochs, seed, arch=hp.get("cnn"))
     result: dict[str, Any] = {"n_synthetic": len(ys), "n_test": len(yt), "cnn_epochs": cnn_epochs,
                               "cnn_val_acc_synthetic": val_acc,
                               "cnn_test_acc": accuracy(cnn, xt, yt)}
@@ -170,7 +170,8 @@ def run(cfg: dict[str, Any], synthetic: data_mod.Split, real: data_mod.DataSet, 
     if public is not None:  # Frechet distance in the feature space of a classifier trained on real PUBLIC data
         t0 = time.time()
         pub_cnn, _ = baselines.public_only(tensors(public.train, cfg), public.num_classes,
-                                           epochs_for(hp, "public_cnn_epochs", len(public.train.labels)), seed)
+                                           epochs_for(hp, "public_cnn_epochs", len(public.train.labels)), seed,
+                                           hp.get("cnn"))
         pub_s = time.time() - t0  # it is baseline (a) too: trained once
         result["frechet_distance_public_cnn"] = frechet_distance(features(pub_cnn, xs), features(pub_cnn, xt))
     if inception_weights is not None:
@@ -178,7 +179,8 @@ def run(cfg: dict[str, Any], synthetic: data_mod.Split, real: data_mod.DataSet, 
                                                    inception_features(inception_weights, test.images))
     if baselines_on:
         result.update(baselines.run(cfg, tensors(real.train, cfg), Tensors(xt, yt), real.num_classes, target,
-                                    pub_cnn, public.num_classes if public else None, pub_s, seed, noise_seed, backend))
+                                    pub_cnn, public.num_classes if public else None, pub_s, seed, noise_seed, backend,
+                                    lambda m: frechet_distance(features(m, xs), features(m, xt))))
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=1))
     shown = {k: v for k, v in result.items() if not k.startswith("baseline") or k.endswith("_test_acc")}

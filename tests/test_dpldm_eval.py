@@ -108,6 +108,30 @@ def test_dpsgd_unreachable_epsilon_is_skipped_with_a_note(small_real: DataSet) -
     assert 0.0 <= res["baseline_nonprivate_cnn_test_acc"] <= 1.0
 
 
+def test_every_column_trains_the_configured_classifier(small_real: DataSet, monkeypatch: pytest.MonkeyPatch) -> None:
+    """evaluate.cnn (the fmnist preset's GroupNorm CNN) reaches every column, the DP-SGD ones through the engine (which
+    takes GroupNorm), and (c)'s features give the synthetic data's Frechet distance."""
+    arch = load_config("fmnist")["evaluate"]["cnn"]
+    assert arch["groups"]
+    cfg = load_config("tiny", [f"evaluate.dp_baseline={json.dumps(DP_HP)}", "evaluate.nonprivate_cnn_epochs=1",
+                               f"evaluate.cnn={json.dumps(arch)}"])
+    built: list[dict] = []
+    real_init = classifiers.SmallCNN.__init__
+
+    def spy(self: classifiers.SmallCNN, *a: object, **k: object) -> None:
+        built.append(k)
+        real_init(self, *a, **k)
+
+    monkeypatch.setattr(classifiers.SmallCNN, "__init__", spy)
+    seen: list[torch.nn.Module] = []
+    res = baselines.run(cfg, as_tensors(small_real.train), as_tensors(small_real.test), 10, DPTarget(8.0, 1e-5), None,
+                        None, frechet=lambda m: seen.append(m) or 1.5)
+    assert len(built) == 2 and all(k == arch for k in built)  # (b) and (c)
+    assert 0.0 <= res["baseline_dpsgd_cnn_test_acc"] <= 1.0
+    assert res["frechet_distance_nonprivate_cnn"] == 1.5
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in seen[0].modules())
+
+
 # --- each baseline trains on its own data, never on the test split -------------------------------------------------
 @pytest.mark.slow
 def test_each_baseline_trains_on_its_own_data(small_real: DataSet, tmp_path: Path,
