@@ -143,8 +143,9 @@ def run(cfg: dict[str, Any], train: Tensors, test: Tensors, num_classes: int, ta
         frechet: Callable[[SmallCNN], float] | None = None) -> dict[str, Any]:
     """All baselines, as flat result keys. `public_cnn` is (a), trained by the caller (evaluate shares it with the
     Frechet distance) in `public_s` seconds; None when the config names no public data. `frechet(model)`: the
-    synthetic data's Frechet distance in a model's features, reported in (c)'s as frechet_distance_nonprivate_cnn
-    (a feature space that knows the private domain, where (a)'s may not: digits for Fashion-MNIST)."""
+    synthetic data's Frechet distance in a model's features, reported in (c)'s as
+    baseline_nonprivate_cnn_frechet_distance (a feature space that knows the private domain, where (a)'s may not:
+    digits for Fashion-MNIST; a baseline key: (c) is trained on the private training split)."""
     hp = cfg["evaluate"]
     res: dict[str, Any] = {}
     notes: list[str] = []
@@ -167,7 +168,7 @@ def run(cfg: dict[str, Any], train: Tensors, test: Tensors, num_classes: int, ta
     res.update(baseline_nonprivate_cnn_test_acc=accuracy(ceiling, test.x, test.y),
                baseline_nonprivate_cnn_val_acc=val, baseline_nonprivate_cnn_s=time.time() - t0)
     if frechet is not None:
-        res["frechet_distance_nonprivate_cnn"] = frechet(ceiling)
+        res["baseline_nonprivate_cnn_frechet_distance"] = frechet(ceiling)
     if notes:
         res["baselines_note"] = "; ".join(notes)
     return res

@@ -128,7 +128,7 @@ def test_every_column_trains_the_configured_classifier(small_real: DataSet, monk
                         None, frechet=lambda m: seen.append(m) or 1.5)
     assert len(built) == 2 and all(k == arch for k in built)  # (b) and (c)
     assert 0.0 <= res["baseline_dpsgd_cnn_test_acc"] <= 1.0
-    assert res["frechet_distance_nonprivate_cnn"] == 1.5
+    assert res["baseline_nonprivate_cnn_frechet_distance"] == 1.5
     assert any(isinstance(m, torch.nn.GroupNorm) for m in seen[0].modules())
 
 
