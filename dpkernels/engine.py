@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
 import weakref
 from typing import Any
 
@@ -240,7 +241,9 @@ class PrivacyEngine:
         Returns:
             epsilon.
         """
-        return self.accountant.get_epsilon(delta=delta)
+        with warnings.catch_warnings():  # PRV with a release at sample rate 1 in the history: log(1 - q), unused
+            warnings.filterwarnings("ignore", message="divide by zero encountered in log", category=RuntimeWarning)
+            return self.accountant.get_epsilon(delta=delta)
 
     def state_dict(self) -> dict:
         """Accountant, and where the noise and Poisson streams stand. PRIVATE: whoever reads the stream

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+from collections.abc import Sequence
 
 
 def batches_per_epoch(n: int, batch_size: int) -> int:
@@ -39,8 +40,9 @@ def sample_rate(n: int, batch_size: int) -> float:
 
 
 def noise_multiplier(target_epsilon: float, delta: float, n: int, batch_size: int, epochs: int, accountant: str,
-                     quiet: bool = False) -> float:
-    """Sigma that spends target_epsilon at delta over `epochs` passes at q = sample_rate(n, batch_size).
+                     quiet: bool = False, prior: Sequence[tuple[float, float, int]] = ()) -> float:
+    """Sigma that spends target_epsilon at delta over `epochs` passes at q = sample_rate(n, batch_size), after the
+    mechanisms in `prior` (composed by the accountant, never by adding epsilons).
 
     Args:
         target_epsilon: the budget to spend.
@@ -64,5 +66,53 @@ def noise_multiplier(target_epsilon: float, delta: float, n: int, batch_size: in
     with warnings.catch_warnings() if quiet else contextlib.nullcontext():
         if quiet:
             warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        return get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                    sample_rate=sample_rate(n, batch_size), epochs=epochs, accountant=accountant)
+        if not prior:
+            return get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                        sample_rate=sample_rate(n, batch_size), epochs=epochs, accountant=accountant)
+        steps = epochs * batches_per_epoch(n, batch_size)
+        return _after_prior(target_epsilon, delta, sample_rate(n, batch_size), steps, accountant, list(prior))
+
+
+def composed_epsilon(history: Sequence[tuple[float, float, int]], delta: float, accountant: str) -> float:
+    """The epsilon of mechanisms composed by the accountant.
+
+    Args:
+        history: (sigma, sample rate, steps) entries, as an Opacus accountant's history.
+        delta: the target delta.
+        accountant: "prv", "rdp" or "gdp".
+
+    Returns:
+        epsilon.
+    """
+    from opacus.accountants import create_accountant
+
+    acc = create_accountant(mechanism=accountant)
+    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    if not acc.history:
+        return 0.0
+    with warnings.catch_warnings():  # PRV at sample rate 1 (a release on the whole data): log(1 - q) = -inf, unused
+        warnings.filterwarnings("ignore", message="divide by zero", category=RuntimeWarning)
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return float(acc.get_epsilon(delta=delta))
+
+
+def _after_prior(target: float, delta: float, q: float, steps: int, accountant: str,
+                 prior: list[tuple[float, float, int]], tolerance: float = 0.01, max_sigma: float = 2000.0) -> float:
+    # Opacus' bisection (get_noise_multiplier), with the prior mechanisms in the history
+    if composed_epsilon(prior, delta, accountant) >= target:
+        raise ValueError(f"the mechanisms before DP-SGD alone spend epsilon "
+                         f"{composed_epsilon(prior, delta, accountant):.3f} >= {target}")
+    low, high, eps_high = 0.0, 10.0, float("inf")
+    while eps_high > target:
+        high *= 2
+        if high > max_sigma:
+            raise ValueError("The privacy budget is too low.")
+        eps_high = composed_epsilon([*prior, (high, q, steps)], delta, accountant)
+    while target - eps_high > tolerance:
+        mid = (low + high) / 2
+        eps = composed_epsilon([*prior, (mid, q, steps)], delta, accountant)
+        if eps < target:
+            high, eps_high = mid, eps
+        else:
+            low = mid
+    return high

@@ -24,6 +24,8 @@ init, diffusion timesteps/noise, sampling, evaluation. --deterministic-noise see
 # The recipe, as run() reads top to bottom:
 #   prepare      options, private data, sigma, the run folder (dpldm.checkpoint.start_run: new, resume or refuse)
 #   load_base    the public autoencoder and LDM (pre-trained if missing), the private label set
+#   warm_up      (configs with a `warmup` section) one DP release of per-class statistics, the LDM trained on its
+#                samples (dpldm.warmup); accounted before the DP-SGD steps
 #   make_private the private latents, the trainable set, dpkernels.PrivacyEngine
 #   resume       the checkpoint's model, optimizer, engine and RNG state (a resumed run)
 #   dp_loop      logical Poisson steps, checkpointed
@@ -55,10 +57,11 @@ from dpldm import parallel
 from dpldm import pretrain as pretrain_stage
 from dpldm import pretrain_autoencoder as ae_stage
 from dpldm import sample as sample_stage
+from dpldm import warmup as warmup_stage
 from dpldm.base_models import BaseNotFound, base_record, check_layout, verified_base
 from dpldm.baselines import DPTarget
 from dpldm.baselines import table as baselines_table
-from dpldm.calibration import noise_multiplier, sample_rate
+from dpldm.calibration import composed_epsilon, noise_multiplier, sample_rate
 from dpldm.checkpoint import (
     RESTART,
     RESUME,
@@ -302,16 +305,17 @@ def engine_seed(opts: TrainOptions) -> int | None:
     return opts.seed
 
 
-def accounted_steps(engine: Any) -> int:
-    """The logical steps the engine's accountant has recorded.
+def accounted_steps(engine: Any, prior: list[tuple[float, float, int]]) -> int:
+    """The logical DP-SGD steps the engine's accountant has recorded.
 
     Args:
         engine: a dpkernels.PrivacyEngine.
+        prior: the history entries of the releases before DP-SGD (Job.prior), not counted.
 
     Returns:
         The number of steps.
     """
-    return int(sum(h[2] for h in engine.accountant.history))
+    return int(sum(h[2] for h in engine.accountant.history)) - sum(h[2] for h in prior)
 
 
 def base_parts(opts: TrainOptions, cfg: dict[str, Any], name: str, log: RunLog) -> tuple[Path, Path]:
@@ -430,6 +434,7 @@ def run(cfg: dict[str, Any], opts: TrainOptions, private: data_mod.DataSet | Non
     opts = opts.resolved(cfg)
     job = prepare(cfg, opts, private)
     vae, model, base_dirs = load_base(cfg, opts, job)
+    warm_up(cfg, opts, job, vae, model)
     dp = make_private(cfg, opts, job, vae, model)
     step = resume(opts, job, dp)
     step = dp_loop(cfg, opts, job, dp, step)
@@ -450,6 +455,7 @@ class Job:
         private: the private data set.
         public: the evaluation's public data (loaded up front, on rank 0, when the run evaluates), else None.
         sigma: the noise multiplier.
+        warmup: the config's DP warm-up (dpldm.warmup), or None.
         run_args: the settings a resume must share (TrainOptions.run_args).
         start: how the run starts (dpldm.checkpoint.start_run).
         log: the run's log (rank 0; a silent one on the others).
@@ -461,9 +467,15 @@ class Job:
     private: data_mod.DataSet
     public: data_mod.DataSet | None
     sigma: float
+    warmup: warmup_stage.Settings | None
     run_args: dict[str, Any]
     start: Start
     log: RunLog
+
+    @property
+    def prior(self) -> list[tuple[float, float, int]]:
+        """The accountant history entries of the releases before the DP-SGD steps (the warm-up's)."""
+        return self.warmup.history() if self.warmup else []
 
     @property
     def lead(self) -> bool:
@@ -496,7 +508,14 @@ def prepare(cfg: dict[str, Any], opts: TrainOptions, private: data_mod.DataSet |
         fail("--base and --no-base contradict each other: pass one of them")
     out: Path = opts.out
     private = private_data(cfg, opts, private)
-    sigma = calibrate(opts, len(private.train.labels))
+    try:
+        warmup = warmup_stage.Settings.of(cfg)
+    except warmup_stage.WarmupError as e:
+        fail(str(e))
+    if warmup is not None and world > 1:
+        fail(f"config {cfg['name']}'s DP warm-up runs in one process only (every rank would release the statistics "
+             "with its own noise): run it without torchrun, or drop the warmup section (--set warmup=null)")
+    sigma = calibrate(opts, len(private.train.labels), warmup.history() if warmup else [])
     run_args = opts.run_args()
     public, missing = None, unwritable(out)
     if missing is None and rank == 0 and not (opts.no_sample or opts.no_eval) and cfg["data"].get("public"):
@@ -511,7 +530,7 @@ def prepare(cfg: dict[str, Any], opts: TrainOptions, private: data_mod.DataSet |
                   "starting again from step 0")
     log.print(f"private data: {private.source}, {len(private.train.labels)} train / {len(private.test.labels)} test "
               f"examples; run folder {out}", **{k: v for k, v in run_args.items()})
-    return Job(out, rank, world, private, public, sigma, run_args, start, log)
+    return Job(out, rank, world, private, public, sigma, warmup, run_args, start, log)
 
 
 def private_data(cfg: dict[str, Any], opts: TrainOptions, private: data_mod.DataSet | None) -> data_mod.DataSet:
@@ -535,13 +554,15 @@ def private_data(cfg: dict[str, Any], opts: TrainOptions, private: data_mod.Data
     return private
 
 
-def calibrate(opts: TrainOptions, n: int) -> float:
-    """Sigma for the target epsilon over --epochs passes at the loader's rate (dpldm.calibration). N, the private
-    training set's size, is the one thing read off the private data (the sampling rate, the default delta).
+def calibrate(opts: TrainOptions, n: int, prior: list[tuple[float, float, int]]) -> float:
+    """Sigma for the target epsilon over --epochs passes at the loader's rate (dpldm.calibration), composed after
+    the `prior` releases. N, the private training set's size, is the one thing read off the private data (the
+    sampling rate, the default delta).
 
     Args:
         opts: the resolved options; opts.delta is set to default_delta(n) when None.
         n: the number of private training examples.
+        prior: accountant history entries of the releases before DP-SGD (the warm-up's), or [].
 
     Returns:
         The noise multiplier.
@@ -553,11 +574,12 @@ def calibrate(opts: TrainOptions, n: int) -> float:
     if not opts.target_epsilon > 0:
         fail(f"--target-epsilon must be positive, got {opts.target_epsilon}")
     try:
-        return noise_multiplier(opts.target_epsilon, opts.delta, n, opts.batch_size, opts.epochs, opts.accountant)
+        return noise_multiplier(opts.target_epsilon, opts.delta, n, opts.batch_size, opts.epochs, opts.accountant,
+                                prior=prior)
     except ValueError as e:
         fail(f"target epsilon {opts.target_epsilon} is unreachable with delta {opts.delta:g}, {opts.epochs} epochs "
              f"and sampling rate {sample_rate(n, opts.batch_size):.4g} ({e}). Raise --target-epsilon, or lower "
-             "--epochs or --batch-size.")
+             "--epochs or --batch-size" + (", or raise the warm-up's sigma (warmup.sigma)." if prior else "."))
 
 
 def evaluation_public_data(cfg: dict[str, Any]) -> tuple[data_mod.DataSet | None, str | None]:
@@ -610,6 +632,48 @@ def load_base(cfg: dict[str, Any], opts: TrainOptions, job: Job
         model.class_embedder = ClassEmbedder(job.private.num_classes, cfg["unet"]["cross_attention_dim"])
         job.log.print(f"the config gives the private data {job.private.num_classes} classes: new class embedder")
     return vae, model, (ae_dir, ldm_dir)
+
+
+# --- warm_up: the DP release of per-class statistics, the LDM trained on its samples ------------------------------
+
+
+def warm_up(cfg: dict[str, Any], opts: TrainOptions, job: Job, vae: Any, model: ConditionalUNet) -> None:
+    """dpldm.warmup on a new or restarted run (a resumed one's checkpoint holds the warmed model, and the release in
+    its accountant history): release the private training split's per-class statistics once, keep the release in
+    <out>/warmup/release.npz (a DP output; a restarted run reuses it, so the data are never released twice), then
+    train every LDM parameter on images drawn from it, non-privately (post-processing).
+
+    Args:
+        cfg: the config.
+        opts: the run's options (seed; deterministic_noise seeds the release's noise from --seed, tests only).
+        job: prepare()'s answer.
+        vae: the autoencoder.
+        model: the LDM, trained in place.
+    """
+    s = job.warmup
+    if s is None or job.start.mode == RESUME:
+        return
+    train_split, k = job.private.train, job.private.num_classes
+    path = job.out / "warmup" / warmup_stage.RELEASE_FILE
+    if job.start.mode == RESTART and path.exists():
+        rel = warmup_stage.Release.load(path)
+        if not rel.matches(s, train_split.images.shape[1:], k):
+            fail(f"{path}: a release made with other settings than the config's warmup section {s}: pass --fresh "
+                 "to start over")
+        job.log.print(f"DP warm-up: the release this run made before it was stopped ({path}), reused")
+    else:
+        noise = np.random.default_rng(opts.seed + 7919 if opts.deterministic_noise else None)  # OS entropy
+        rel = warmup_stage.release(train_split.images, train_split.labels, k, s, noise)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rel.save(path)  # before anything derived from it is written
+    eps = composed_epsilon(job.prior, opts.delta, opts.accountant)
+    job.log.print(f"DP warm-up: per-class statistics released (sigma {s.sigma}, {s.frequencies} frequencies, clip "
+                  f"{s.clip}; epsilon {eps:.3f} alone at delta {opts.delta:g}), {s.steps} steps on "
+                  f"{s.per_class * k} of its samples", warmup_epsilon=eps, warmup=dataclasses.asdict(s))
+    images, labels = rel.sample(s.per_class, np.random.default_rng(opts.seed))
+    z = encode_latents(vae, images_tensor(data_mod.Split(images, labels), cfg))
+    losses = warmup_stage.train_on_samples(model, z, torch.from_numpy(labels), cfg, s, opts.seed, opts.device)
+    job.log.log(warmup_losses=losses)
 
 
 # --- make_private: latents, trainable set, engine -----------------------------------------------------------------
@@ -669,6 +733,7 @@ def make_private(cfg: dict[str, Any], opts: TrainOptions, job: Job, vae: Any, mo
             max_grad_norm=opts.max_grad_norm, poisson_sampling=True, backend=opts.backend, seed=engine_seed(opts))
     except ValueError as e:  # unknown backend, non-positive clipping norm, unsupported trainable module
         fail(str(e))
+    engine.accountant.history[:0] = job.prior  # the warm-up's release came first (a resume loads its own history)
     dp = PrivateTraining(model, opt, loader, engine, n_trainable, opts.epochs * len(loader))
     log_setup(opts, job.log, dp)
     return dp
@@ -722,8 +787,9 @@ def resume(opts: TrainOptions, job: Job, dp: PrivateTraining) -> int:
         step = load_train_state(start.found, dp.model, dp.opt, dp.engine)
     except ValueError as e:
         fail(str(e))
-    if accounted_steps(dp.engine) != step:
-        fail(f"{start.found}: accountant history has {accounted_steps(dp.engine)} steps but the checkpoint says {step}")
+    if accounted_steps(dp.engine, job.prior) != step or dp.engine.accountant.history[:len(job.prior)] != job.prior:
+        fail(f"{start.found}: the accountant history {dp.engine.accountant.history} does not hold the warm-up's "
+             f"release {job.prior} and the {step} steps the checkpoint says")
     job.log.print(f"resumed from {start.found} at step {step}, epsilon so far {dp.engine.get_epsilon(opts.delta):.4f}",
                   resumed_step=step)
     return step
@@ -767,9 +833,9 @@ def dp_loop(cfg: dict[str, Any], opts: TrainOptions, job: Job, dp: PrivateTraini
                 loss.backward()
                 losses.append(loss.item())
             opt.step()  # an empty Poisson batch still steps: the update is pure noise
-            if accounted_steps(engine) == step:
+            if accounted_steps(engine, job.prior) == step:
                 continue  # a physical chunk inside a logical batch
-            step = accounted_steps(engine)
+            step = accounted_steps(engine, job.prior)
             bar.update()
             if losses:
                 job.log.log(step=step, loss=float(np.mean(losses)))
@@ -812,6 +878,9 @@ def finish(cfg: dict[str, Any], opts: TrainOptions, job: Job, dp: PrivateTrainin
                               "noise_seeding": noise_seeding(opts), "run": str(job.out),
                               # (sigma, sample rate, steps): what composes this run with others on the same data
                               "accountant_history": [list(h) for h in dp.engine.accountant.history]}
+    if job.warmup is not None:
+        result["warmup"] = {**dataclasses.asdict(job.warmup),
+                            "epsilon_alone": composed_epsilon(job.prior, opts.delta, opts.accountant)}
     if step < dp.total_steps:
         job.log.print(f"stopped at step {step} of {dp.total_steps} (--max-steps): continue with --resume --out "
                       f"{job.out}")

@@ -14,18 +14,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from opacus.accountants import create_accountant
+from dpldm import calibration
 
 History = Sequence[Sequence[float]]  # [(noise multiplier, sample rate, steps), ...]
 
 
 def composed_epsilon(histories: Sequence[History], delta: float, mechanism: str) -> float:
     """Epsilon at delta of the DP-SGD runs in `histories` applied to the same example, composed."""
-    acc = create_accountant(mechanism=mechanism)
-    acc.history = [(float(s), float(q), int(n)) for h in histories for s, q, n in h]
-    if not acc.history:
-        return 0.0
-    return float(acc.get_epsilon(delta=delta))
+    return calibration.composed_epsilon([entry for h in histories for entry in h], delta, mechanism)
 
 
 def privacy_report(compartments: Mapping[str, Mapping[str, Any]], delta: float, mechanism: str,

@@ -45,6 +45,7 @@ import torch
 
 from dpldm import data as data_mod
 from dpldm import train as train_stage
+from dpldm import warmup
 from dpldm.calibration import batches_per_epoch, noise_multiplier, sample_rate
 from dpldm.checkpoint import checkpoint_dir, latest_checkpoint
 from dpldm.common import add_config_args, config_from, images_tensor, private_classes
@@ -459,7 +460,9 @@ def plan_shard(cfg: dict[str, Any], args: argparse.Namespace, name: str, size: i
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="divide by zero", category=RuntimeWarning)  # PRV, q = 1
-                noise_multiplier(eps, delta, size, batch, epochs, args.accountant, quiet=True)
+                settings = warmup.Settings.of(cfg)  # each compartment's own release, composed before its DP-SGD
+                noise_multiplier(eps, delta, size, batch, epochs, args.accountant, quiet=True,
+                                 prior=settings.history() if settings else [])
         except ValueError as e:
             raise RunError(f"shard {name} ({size} examples, sampling rate {rate:.4g}): target epsilon {eps} is "
                            f"unreachable at delta {delta:g} in {epochs} epochs ({e}); nothing was trained. Raise "

@@ -1,0 +1,213 @@
+"""The DP warm-up (dpldm.warmup, issue 19): its release is the Gaussian mechanism at sensitivity 1, accounted by
+composition with the DP-SGD steps that follow, made once per run, and nothing after it reads the private images."""
+
+# ruff: noqa: F811  (pytest fixtures imported from tests.dpldm_helpers are redefined as arguments)
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpldm import train, warmup
+from dpldm.calibration import composed_epsilon, noise_multiplier
+from tests.dpldm_helpers import tiny_private, tiny_runs, train_args  # noqa: F401
+
+SETTINGS = warmup.Settings(sigma=4.0, frequencies=8, clip=6.0, per_class=8, steps=6, batch_size=16, lr=1e-3)
+WARMUP = ("--set", ("warmup={sigma: 4.0, frequencies: 8, clip: 6.0, per_class: 8, steps: 6, batch_size: 16, "
+                    "lr: 0.001}"))
+
+
+def hostile_images(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Images a hostile user would add: all white, checkerboards, single bright pixels, noise."""
+    white = np.full((1, 28, 28, 1), 255, np.uint8)
+    checker = ((np.indices((28, 28)).sum(0) % 2) * 255).astype(np.uint8)[None, ..., None]
+    dot = np.zeros((1, 28, 28, 1), np.uint8)
+    dot[0, 0, 0] = 255
+    noise = rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8)
+    return np.concatenate([white, checker, dot, noise])
+
+
+def test_one_example_moves_the_released_vector_by_at_most_one() -> None:
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (40, 28, 28, 1), dtype=np.uint8)
+    labels = rng.integers(0, 3, 40)
+    before = warmup.statistics(base, labels, 3, SETTINGS.clip, SETTINGS.frequencies)
+    worst = 0.0
+    for x in hostile_images(rng, 20):
+        for c in range(3):
+            after = warmup.statistics(np.concatenate([base, x[None]]), np.append(labels, c), 3, SETTINGS.clip,
+                                      SETTINGS.frequencies)
+            worst = max(worst, float(np.linalg.norm(after - before)))
+    assert 0.9 < worst <= 1.0 + 1e-9, worst  # the bound is reached (clipped images), never passed
+
+
+def test_release_is_the_statistics_plus_gaussian_noise_of_std_sigma() -> None:
+    rng = np.random.default_rng(1)
+    images, labels = rng.integers(0, 256, (50, 28, 28, 1), dtype=np.uint8), rng.integers(0, 2, 50)
+    exact = warmup.statistics(images, labels, 2, SETTINGS.clip, SETTINGS.frequencies)
+    rel = warmup.release(images, labels, 2, SETTINGS, np.random.default_rng(2))
+    a, b, cw = warmup.scales(SETTINGS.clip)
+    d = rel.sums.shape[1]
+    iu = np.triu_indices(d)
+    noisy = np.concatenate([rel.sums / a, rel.second_moments[:, iu[0], iu[1]] / b, rel.counts[:, None] / cw], 1)
+    noise = (noisy - exact).ravel()
+    se = 5 / np.sqrt(noise.size)  # five standard errors
+    assert abs(noise.std() / SETTINGS.sigma - 1) < se and abs(noise.mean()) < SETTINGS.sigma * se, noise.std()
+    assert np.allclose(rel.second_moments, rel.second_moments.transpose(0, 2, 1))
+
+
+def test_low_noise_release_gives_each_class_its_gaussian_and_samples_follow_it() -> None:
+    rng = np.random.default_rng(3)
+    basis = warmup.basis(28, 28, 6)
+    labels = np.repeat([0, 1], 400)
+    # smooth mid-grey images (no pixel clipped), class 1 brighter and more varied: a Gaussian in the kept basis
+    coef = rng.normal(0, 1.0, (800, len(basis))) * np.where(labels[:, None] == 1, 1.5, 1.0)
+    coef[:, 0] += np.where(labels == 1, 14.0, 12.0)
+    images = np.clip(np.rint((coef @ basis).reshape(800, 28, 28, 1) * 255), 0, 255).astype(np.uint8)
+    z = warmup.coefficients(images, 6)
+    s = warmup.Settings(sigma=1e-6, frequencies=6, clip=40.0, per_class=4000, steps=0, batch_size=1, lr=1.0)
+    rel = warmup.release(images, labels, 2, s, np.random.default_rng(4))
+    assert np.allclose(rel.counts, [400, 400], atol=1e-3)
+    means, roots = rel.gaussians()
+    fake, fake_labels = rel.sample(4000, np.random.default_rng(5))
+    zf = warmup.coefficients(fake, 6)
+    for c in range(2):
+        zc = z[labels == c]
+        assert np.allclose(means[c], zc.mean(0), atol=1e-4)
+        assert np.allclose(roots[c] @ roots[c].T, np.cov(zc.T, bias=True), atol=1e-4)
+        assert np.abs(zf[fake_labels == c].mean(0) - zc.mean(0)).max() < 0.1  # sampling error ~ 1.5 / sqrt(4000)
+        assert np.abs(np.cov(zf[fake_labels == c].T) - np.cov(zc.T)).max() < 0.5
+
+
+def test_composed_calibration_spends_the_target_and_counts_the_release() -> None:
+    prior = SETTINGS.history()
+    n, b, epochs = 6000, 256, 3
+    steps = epochs * -(-n // b)
+    alone = noise_multiplier(2.0, 1e-5, n, b, epochs, "rdp")
+    after = noise_multiplier(2.0, 1e-5, n, b, epochs, "rdp", prior=prior)
+    assert after > alone  # the release's share is paid for with more noise in DP-SGD
+    eps = composed_epsilon([*prior, (after, 1 / -(-n // b), steps)], 1e-5, "rdp")
+    assert 1.99 <= eps <= 2.0
+    # the RDP of the release is alpha / (2 sigma^2): Opacus' RDP accountant on its history says the same
+    from opacus.accountants.analysis.rdp import compute_rdp
+    assert np.allclose(compute_rdp(q=1.0, noise_multiplier=4.0, steps=1, orders=[2.0, 8.0]), [2 / 32, 8 / 32])
+    with pytest.raises(ValueError, match="alone spend"):
+        noise_multiplier(0.1, 1e-5, n, b, epochs, "prv", prior=[(0.5, 1.0, 1)])
+
+
+def test_settings_are_checked() -> None:
+    assert warmup.Settings.of({}) is None and warmup.Settings.of({"warmup": None}) is None
+    with pytest.raises(warmup.WarmupError, match="missing"):
+        warmup.Settings.of({"warmup": {"sigma": 1.0}})
+    with pytest.raises(warmup.WarmupError, match="out of range"):
+        warmup.Settings.of({"warmup": {**vars(SETTINGS), "sigma": 0.0}})
+
+
+def run_args(runs: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return train_args(runs, data, out, "--deterministic-noise", "--checkpoint-every", "1", *WARMUP, *extra)
+
+
+@pytest.mark.filterwarnings("ignore:--deterministic-noise")
+def test_a_run_with_warmup_accounts_the_release_and_resumes_without_releasing_again(
+        tiny_runs: Path, tiny_private: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    whole = train.main(run_args(tiny_runs, tiny_private, tmp_path / "whole"))
+    assert whole["accountant_history"][0] == [4.0, 1.0, 1] and whole["steps"] == 4
+    dp_sgd_only = composed_epsilon(whole["accountant_history"][1:], whole["delta"], "prv")
+    assert dp_sgd_only < whole["epsilon"] <= 10.0 + 1e-9
+    assert whole["warmup"]["epsilon_alone"] == pytest.approx(composed_epsilon([(4.0, 1.0, 1)], whole["delta"], "prv"))
+    plain = noise_multiplier(10.0, whole["delta"], 64, 16, 1, "prv", quiet=True)  # a run without the warm-up's
+    assert whole["sigma"] > plain  # the same target epsilon with the release in it
+
+    # stopped after 2 DP steps, resumed: no second release (counted), the model as uninterrupted
+    out = tmp_path / "killed"
+    train.main(run_args(tiny_runs, tiny_private, out, "--max-steps", "2"))
+    calls = []
+    real = warmup.release
+    monkeypatch.setattr(warmup, "release", lambda *a, **k: calls.append(1) or real(*a, **k))
+    res = train.main(run_args(tiny_runs, tiny_private, out, "--resume"))
+    assert calls == [] and res["accountant_history"] == whole["accountant_history"]
+    a, b = (load_file(d / "ldm" / "unet" / "diffusion_pytorch_model.safetensors") for d in (tmp_path / "whole", out))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert res["epsilon"] == whole["epsilon"]
+
+
+@pytest.mark.filterwarnings("ignore:--deterministic-noise")
+def test_a_restart_reuses_the_release_on_disk_and_refuses_another_one(
+        tiny_runs: Path, tiny_private: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "run"
+    path = out / "warmup" / warmup.RELEASE_FILE
+
+    class Killed(Exception):
+        pass
+
+    def killed(*a, **k):  # the process dies in the warm-up training, after the release reached the disk
+        raise Killed
+
+    monkeypatch.setattr(warmup, "train_on_samples", killed)
+    with pytest.raises(Killed):
+        train.main(run_args(tiny_runs, tiny_private, out))
+    monkeypatch.undo()
+    first = path.read_bytes()
+    calls = []
+    real = warmup.release
+    monkeypatch.setattr(warmup, "release", lambda *a, **k: calls.append(1) or real(*a, **k))
+    train.main(run_args(tiny_runs, tiny_private, out, "--resume", "--max-steps", "1"))
+    assert calls == [] and path.read_bytes() == first  # RESTART: the same release, not a second one
+    # a release made with other settings is refused, not silently replaced
+    other = tmp_path / "other"
+    monkeypatch.setattr(warmup, "train_on_samples", killed)
+    with pytest.raises(Killed):
+        train.main(run_args(tiny_runs, tiny_private, other))
+    monkeypatch.undo()
+    rel = warmup.Release.load(other / "warmup" / warmup.RELEASE_FILE)
+    warmup.Release(rel.sums, rel.second_moments, rel.counts, rel.shape, 9.0, rel.clip, rel.frequencies).save(
+        other / "warmup" / warmup.RELEASE_FILE)
+    with pytest.raises(SystemExit, match="other settings"):
+        train.main(run_args(tiny_runs, tiny_private, other, "--resume"))
+
+
+def test_nothing_after_the_release_reads_the_private_images(tiny_runs: Path, tiny_private: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The warm-up training sees only the release's samples: replace the private images by others after the
+    release and the warmed model is the same."""
+    seen = {}
+    real_train = warmup.train_on_samples
+
+    def spy(model, latents, labels, *a, **k):
+        seen.setdefault("latents", []).append(latents.clone())
+        return real_train(model, latents, labels, *a, **k)
+
+    monkeypatch.setattr(warmup, "train_on_samples", spy)
+    rel = {}
+    real_release = warmup.release
+
+    def fixed_release(images, labels, num_classes, settings, rng):
+        rel.setdefault("r", real_release(images, labels, num_classes, settings, np.random.default_rng(0)))
+        return rel["r"]
+
+    monkeypatch.setattr(warmup, "release", fixed_release)
+    with pytest.warns(UserWarning, match="NO privacy"):
+        train.main(run_args(tiny_runs, tiny_private, tmp_path / "a", "--max-steps", "1"))
+    other = tmp_path / "other.npz"
+    with np.load(tiny_private) as f:
+        np.savez(other, images=255 - f["images"], labels=f["labels"])
+    with pytest.warns(UserWarning, match="NO privacy"):
+        train.main(run_args(tiny_runs, other, tmp_path / "b", "--max-steps", "1"))
+    assert torch.equal(seen["latents"][0], seen["latents"][1])
+
+
+def test_every_preset_loads_its_warmup_and_matches_its_base() -> None:
+    from dpldm.base_models import check_layout, verified_base
+    from dpldm.config import load_config, presets
+
+    with_warmup = []
+    for name in presets():
+        cfg = load_config(name)
+        if warmup.Settings.of(cfg) is not None:
+            with_warmup.append(name)
+        if cfg.get("base"):
+            check_layout(verified_base(cfg["base"]), cfg)
+    assert {"fmnist", "fmnist-cpu"} <= set(with_warmup)
