@@ -90,10 +90,10 @@ def _faces() -> tuple[list[ImageFont.FreeTypeFont], list[ImageFont.FreeTypeFont]
     return [ImageFont.truetype(str(p), GLYPH_PX) for p in hand], print_faces
 
 
-def _glyph(digit: int, font: ImageFont.FreeTypeFont, rng: np.random.Generator) -> np.ndarray | None:
+def _glyph(char: str, font: ImageFont.FreeTypeFont, rng: np.random.Generator) -> np.ndarray | None:
     im = Image.new("L", (CANVAS_PX, CANVAS_PX), 0)
     c = CANVAS_PX // 2
-    ImageDraw.Draw(im).text((c, c), str(digit), fill=255, font=font, anchor="mm")
+    ImageDraw.Draw(im).text((c, c), char, fill=255, font=font, anchor="mm")
     thick = int(rng.integers(0, 3))  # pen width: 0, 1 or 2 px of dilation at 64 px
     if thick:
         im = im.filter(ImageFilter.MaxFilter(2 * thick + 1))
@@ -132,25 +132,34 @@ def _elastic(x: torch.Tensor, gen: torch.Generator, pixels: float = 1.5) -> torc
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
 
 
-def render(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Render digits from the installed fonts; the same seed and fonts give the same set.
+DIGITS = tuple("0123456789")
+# EMNIST letters' classes: 26, each drawn as its capital or its small letter (DP-LDM's public set for MNIST)
+LETTERS = tuple(a + b for a, b in zip("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz", strict=True))
+
+
+def render(n: int, seed: int = 0, classes: tuple[str, ...] = DIGITS) -> tuple[np.ndarray, np.ndarray]:
+    """Render characters from the installed fonts; the same seed, classes and fonts give the same set.
 
     Args:
-        n: how many (labels 0..9 in turn).
+        n: how many (labels 0..len(classes)-1 in turn).
         seed: the distortions' seed.
+        classes: per label, the characters that may stand for it (one drawn at random when several):
+            DIGITS (the default; the draws are then exactly the digit renderer's) or LETTERS.
 
     Returns:
         (images uint8 [n, 28, 28], labels int64 [n]).
     """
     rng = np.random.default_rng(seed)
     hand, other = _faces()
-    labels = np.arange(n, dtype=np.int64) % 10
+    labels = np.arange(n, dtype=np.int64) % len(classes)
     out = []
     for d in labels:
         g = None
         while g is None:  # a glyph that vanished under the transforms is drawn again
             pool = hand if rng.random() < HANDWRITING_FRACTION else other
-            g = _glyph(int(d), pool[rng.integers(len(pool))], rng)
+            chars = classes[d]
+            char = chars if len(chars) == 1 else chars[int(rng.integers(len(chars)))]
+            g = _glyph(char, pool[rng.integers(len(pool))], rng)
         out.append(_centre(g))
     x = _elastic(torch.from_numpy(np.stack(out))[:, None], torch.Generator().manual_seed(seed))[:, 0]
     x = x / x.amax(dim=(1, 2), keepdim=True).clamp(min=1.0) * 255  # full ink range, as MNIST's
