@@ -311,23 +311,14 @@ def release(images: np.ndarray, labels: np.ndarray, num_classes: int, settings: 
     v = statistics(images, labels, num_classes, settings.clip, settings.frequencies)
     v = v + settings.sigma * rng.standard_normal(v.shape)
     a, b, cw = scales(settings.clip)
-    d = _dim(v.shape[1])
+    h, w, ch = images.shape[1:]
+    d = ch * len(basis(h, w, settings.frequencies))  # the coefficients per image
     iu = np.triu_indices(d)
     seconds = np.zeros((num_classes, d, d))
     seconds[:, iu[0], iu[1]] = v[:, d:-1] * b
     seconds = seconds + np.triu(seconds, 1).transpose(0, 2, 1)
     return Release(v[:, :d] * a, seconds, v[:, -1] * cw, tuple(images.shape[1:]), settings.sigma, settings.clip,
                    settings.frequencies)
-
-
-def _dim(width: int) -> int:
-    # width = d + d (d + 1) / 2 + 1  ->  d
-    d = int((np.sqrt(9 + 8 * (width - 1)) - 3) / 2)
-    while d + d * (d + 1) // 2 + 1 < width:
-        d += 1
-    if d + d * (d + 1) // 2 + 1 != width:
-        raise ValueError(f"{width} is not a statistics width")
-    return d
 
 
 def train_on_samples(model: torch.nn.Module, latents: torch.Tensor, labels: torch.Tensor, cfg: dict[str, Any],
