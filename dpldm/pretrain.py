@@ -16,21 +16,13 @@ from typing import Any
 
 import torch
 
-from dpldm.common import (
-    add_config_args,
-    config_from,
-    cycle_batches,
-    images_tensor,
-    load_public,
-    public_dir,
-    seed_all,
-    warmup_cosine,
-)
-from dpldm.diffusion import diffusion_loss, encode_latents, train_scheduler
+from dpldm.common import add_config_args, config_from, images_tensor, load_public, public_dir, seed_all
+from dpldm.diffusion import encode_latents
 from dpldm.files import existing_dir
+from dpldm.fit import Recipe, fit
 from dpldm.models import build_unet, load_autoencoder, save_ldm
 from dpldm.provenance import autoencoder_hashes, command_line, run_record
-from dpldm.runlog import RunLog, progress
+from dpldm.runlog import RunLog
 
 
 def parser() -> argparse.ArgumentParser:
@@ -47,6 +39,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int)
     return p
+
+
+def resume_file(out: Path) -> Path:
+    """Where a pre-training into `out` keeps its checkpoint until it is done.
+
+    Args:
+        out: the LDM folder it writes.
+
+    Returns:
+        out's sibling <name>.resume.pt.
+    """
+    return out.with_name(out.name + ".resume.pt")
 
 
 def run(cfg: dict[str, Any], ae_dir: Path, out: Path, seed: int = 0, device: str = "cpu", steps: int | None = None,
@@ -78,29 +82,15 @@ def run(cfg: dict[str, Any], ae_dir: Path, out: Path, seed: int = 0, device: str
     z = encode_latents(vae, images_tensor(public.train, cfg).to(device)).cpu()
     y = torch.from_numpy(public.train.labels)
     model = build_unet(cfg).to(device)
-    sched = train_scheduler(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=hp["lr"])
-    lr_sched = warmup_cosine(opt, steps)
     n_params = sum(p.numel() for p in model.parameters())
     log.print(f"LDM: {n_params:,} parameters, {len(z)} public latents {tuple(z.shape[1:])} ({public.source}), "
               f"{steps} steps", params=n_params)
-    batches = cycle_batches(len(z), batch_size, gen)
-    model.train()
-    bar = progress(steps, "pretrain LDM")
-    for step in range(steps):
-        idx = next(batches)
-        loss = diffusion_loss(model, sched, z[idx].to(device), y[idx].to(device), hp["label_dropout"], gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        lr_sched.step()
-        bar.update()
-        if step % 50 == 0 or step == steps - 1:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            log.log(step=step, loss=loss.item())
-    bar.close()
-    record = run_record(cfg, steps=steps, batch_size=batch_size, seed=seed, device=device, t_start=t_start,
-                        public_images=len(z), command=command)
+    recipe = Recipe(steps, batch_size, hp["lr"], hp["label_dropout"])
+    # hours on a CPU: a killed pre-training is resumed by the same command (its checkpoint beside `out`)
+    done = fit(model, z, y, cfg, recipe, gen, device, "pretrain LDM", log, checkpoint=resume_file(out))
+    record = run_record(cfg, steps=steps, batch_size=batch_size, seed=seed, device=device,
+                        t_start=t_start - done.earlier_s, public_images=len(z), command=command)
+    record["resumed_at_steps"] = done.resumed_at  # wall_s: every segment's time, up to its last checkpoint
     save_ldm(model.cpu(), out, {"stage": "pretrain", "public": public.source, "autoencoder": str(ae_dir),
                                 "autoencoder_sha256": ae_hashes, **record})
     log.print(f"LDM saved to {out}", out=str(out))

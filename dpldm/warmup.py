@@ -338,30 +338,9 @@ def train_on_samples(model: torch.nn.Module, latents: torch.Tensor, labels: torc
     Returns:
         The loss of every 50th step.
     """
-    from dpldm.common import cycle_batches, warmup_cosine
-    from dpldm.diffusion import diffusion_loss, train_scheduler
-    from dpldm.runlog import progress
+    from dpldm.fit import Recipe, fit
 
-    gen = torch.Generator().manual_seed(seed)
-    sched = train_scheduler(cfg)
     for p in model.parameters():
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr)
-    lr_sched = warmup_cosine(opt, settings.steps)
-    batches = cycle_batches(len(latents), settings.batch_size, gen)
-    model.to(device).train()
-    losses = []
-    bar = progress(settings.steps, desc)
-    for step in range(settings.steps):
-        idx = next(batches)
-        loss = diffusion_loss(model, sched, latents[idx].to(device), labels[idx].to(device),
-                              cfg["train"].get("label_dropout", 0.0), gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        lr_sched.step()
-        bar.update()
-        if step % 50 == 0:
-            losses.append(loss.item())
-    bar.close()
-    return losses
+    recipe = Recipe(settings.steps, settings.batch_size, settings.lr, cfg["train"].get("label_dropout", 0.0))
+    return fit(model, latents, labels, cfg, recipe, torch.Generator().manual_seed(seed), device, desc).losses

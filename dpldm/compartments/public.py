@@ -11,10 +11,10 @@ from typing import Any
 import torch
 
 from dpldm import data as data_mod
-from dpldm.common import cycle_batches, images_tensor, seed_all
-from dpldm.diffusion import diffusion_loss, encode_latents, train_scheduler
+from dpldm.common import images_tensor, seed_all
+from dpldm.diffusion import encode_latents
+from dpldm.fit import Recipe, fit
 from dpldm.models import ConditionalUNet, load_autoencoder, load_ldm
-from dpldm.runlog import progress
 from dpldm.trainable import select_trainable
 
 
@@ -40,18 +40,8 @@ def train_public(cfg: dict[str, Any], data: data_mod.DataSet, base: dict[str, An
     model, _ = load_ldm(Path(base["ldm"]), cfg)
     select_trainable(model, hp["trainable"], hp["ablation"], hp["lora_rank"])
     model.to(device).train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=hp["lr"], weight_decay=0.0)
     batch = min(hp["batch_size"], len(y))
     steps = hp["epochs"] * math.ceil(len(y) / batch)
-    sched, batches = train_scheduler(cfg), cycle_batches(len(y), batch, gen)
-    bar = progress(steps, "public compartment")
-    for _ in range(steps):
-        idx = next(batches)
-        loss = diffusion_loss(model, sched, z[idx].to(device), y[idx].to(device), cfg["train"].get("label_dropout", 0.0))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        bar.update()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-    bar.close()
+    recipe = Recipe(steps, batch, hp["lr"], cfg["train"].get("label_dropout", 0.0), weight_decay=0.0, cosine=False)
+    fit(model, z, y, cfg, recipe, gen, device, "public compartment")
     return model, steps
