@@ -41,6 +41,8 @@ SPLIT_SEED = 1234  # fixed: the private train/test split never changes between r
 SHIPPED_DIR = Path(__file__).parent / "datasets"
 FONTDIGITS_FILE = "fontdigits.npz"
 FONTDIGITS_N = 20_000
+FONTLETTERS_FILE = "fontletters.npz"
+FONTLETTERS_N = 20_800  # 800 per letter class
 REBUILD_HINT = "python -m dpldm.font_digits --check (with the fonts installed; its --help says how)"
 
 
@@ -144,6 +146,15 @@ def fontdigits() -> DataSet:
     images, labels = read_npz(path)
     train, test = _fixed_split(_check(images, labels, str(path), 10), len(labels) // 10)
     return DataSet(train, test, 10, "fontdigits")
+
+
+def fontletters() -> DataSet:
+    """Letters rendered from the same fonts as fontdigits, with the same distortions (dpldm/font_digits.py): 26
+    classes as in EMNIST letters (each its capital or small letter; no digit drawn), 18,720 train / 2,080 test."""
+    path = shipped_file(FONTLETTERS_FILE)
+    images, labels = read_npz(path)
+    train, test = _fixed_split(_check(images, labels, str(path), 26), len(labels) // 10)
+    return DataSet(train, test, 26, "fontletters")
 
 
 def shipped_sums() -> dict[str, str]:
@@ -447,7 +458,7 @@ def user_data(path: str | Path, channels: int, num_classes: int, image_size: int
 # The loaders' docstrings are the model card's description of the public data (dpldm.ship.describe_public): a change
 # to one changes the card of the next base shipped.
 BUILT_IN = {"mnist5k": mnist5k, "mnist": mnist, "digits": digits28, "fontdigits": fontdigits,
-            "fmnist": fashion_mnist}
+            "fontletters": fontletters, "fmnist": fashion_mnist}
 
 
 def load(name: str, channels: int = 1, num_classes: int | None = None, image_size: int | None = None) -> DataSet:

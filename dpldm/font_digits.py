@@ -1,4 +1,4 @@
-"""Public digits rendered from fonts: an offline stand-in for EMNIST, DP-LDM's public set for MNIST.
+"""Public digits and letters rendered from fonts: an offline stand-in for EMNIST, DP-LDM's public set for MNIST.
 
 Each digit is drawn in a TrueType/OpenType font, 90% of the time one of the handwriting fonts Debian
 packages (HANDWRITING_PACKAGES), else a print font (PRINT_PACKAGES, DejaVu, and the Aileron font bundled
@@ -10,10 +10,13 @@ The mix was chosen on a public proxy, sklearn's handwritten digits (a CNN traine
 old DejaVu-only set 57.8%, this one 75.6%), never on MNIST. Install the fonts with:
     apt-get install -y $(python -c "import dpldm.font_digits as f; print(' '.join(f.PACKAGES))")
 
-The set the shipped base was pre-trained on ships with the package (dpldm/datasets/fontdigits.npz, its sha256 in
-SHA256SUMS there), so runs need no fonts. The fonts are needed only to rebuild it:
-    python -m dpldm.font_digits --check          # render from the installed fonts, compare with the shipped file
-    python -m dpldm.font_digits --out DIR        # write DIR/fontdigits.npz, fontdigits.json and SHA256SUMS
+Letters (LETTERS: EMNIST letters' 26 classes, each its capital or small letter) are drawn the same way: a public
+set with no digit in it, for DP-LDM's protocol (pre-train on letters, fine-tune on MNIST).
+
+Both sets ship with the package (dpldm/datasets/fontdigits.npz and fontletters.npz, their sha256 in SHA256SUMS
+there), so runs need no fonts. The fonts are needed only to rebuild them:
+    python -m dpldm.font_digits --check [--set fontletters]     # render from the installed fonts, compare
+    python -m dpldm.font_digits --out DIR [--set fontletters]   # write DIR/<set>.npz, <set>.json, SHA256SUMS
 Fonts are looked up under /usr/share/fonts, or under $DPLDM_FONTS when set.
 """
 
@@ -166,14 +169,29 @@ def render(n: int, seed: int = 0, classes: tuple[str, ...] = DIGITS) -> tuple[np
     return x.clamp(0, 255).round().to(torch.uint8).numpy(), labels
 
 
-# --- the shipped set: rebuild and check ------------------------------------------------------------------------
+# --- the shipped sets: rebuild and check ----------------------------------------------------------------------
 
-def record(images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-    """fontdigits.json: what the shipped set is and what it was rendered with (fonts, library versions).
+# name -> (classes, the label's description); the file, size and seed are dpldm.data's
+SHIPPED = {"fontdigits": (DIGITS, "uint8, the digit drawn (0..9 in turn)"),
+           "fontletters": (LETTERS, "uint8, the letter drawn (0 = A or a, ..., 25 = Z or z, in turn)")}
+
+
+def _file_and_n(name: str) -> tuple[str, int]:
+    from dpldm import data
+
+    if name not in SHIPPED:
+        raise ValueError(f"unknown shipped set {name!r}: one of {sorted(SHIPPED)}")
+    return {"fontdigits": (data.FONTDIGITS_FILE, data.FONTDIGITS_N),
+            "fontletters": (data.FONTLETTERS_FILE, data.FONTLETTERS_N)}[name]
+
+
+def record(images: np.ndarray, labels: np.ndarray, name: str = "fontdigits") -> dict[str, Any]:
+    """<name>.json: what a shipped set is and what it was rendered with (fonts, library versions).
 
     Args:
         images: the rendered images.
         labels: their labels.
+        name: the set (a key of SHIPPED).
 
     Returns:
         The record.
@@ -186,50 +204,55 @@ def record(images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     from dpldm import data
 
     hand, other = font_files()
-    return {"name": "fontdigits", "file": data.FONTDIGITS_FILE, "images": list(images.shape), "dtype": "uint8",
-            "labels": "uint8, the digit drawn (0..9 in turn)", "seed": data.SPLIT_SEED,
-            "split": f"dpldm.data.fontdigits(): fixed permutation (seed {data.SPLIT_SEED}), last 90% train, "
+    return {"name": name, "file": _file_and_n(name)[0], "images": list(images.shape), "dtype": "uint8",
+            "labels": SHIPPED[name][1], "seed": data.SPLIT_SEED,
+            "split": f"dpldm.data.{name}(): fixed permutation (seed {data.SPLIT_SEED}), last 90% train, "
                      "first 10% test",
             "arrays_sha256": data.arrays_sha256(images, labels), "font_set": font_set_id(),
             "fonts": {"handwriting": len(hand), "print": len(other)}, "packages": list(PACKAGES),
             "rendered_with": {"pillow": PIL.__version__, "freetype": features.version("freetype2"),
                               "numpy": np.__version__, "torch": torch.__version__,
                               "zlib": zlib.ZLIB_RUNTIME_VERSION},  # the .npz's bytes depend on it, not the arrays
-            "rebuild": "python -m dpldm.font_digits --out DIR (then compare, or --check)"}
+            "rebuild": f"python -m dpldm.font_digits --set {name} --out DIR (then compare, or --check)"}
 
 
-def render_fontdigits() -> tuple[np.ndarray, np.ndarray]:
-    """The fontdigits set rendered from the installed fonts: what the shipped file holds when the fonts are the
-    ones it was rendered from. Only needed to rebuild that file.
+def render_shipped(name: str = "fontdigits") -> tuple[np.ndarray, np.ndarray]:
+    """A shipped set rendered from the installed fonts: what the shipped file holds when the fonts are the ones it
+    was rendered from. Only needed to rebuild that file.
+
+    Args:
+        name: the set (a key of SHIPPED).
 
     Returns:
         (images uint8 [N, 28, 28], labels).
     """
     from dpldm import data
 
-    return render(data.FONTDIGITS_N, seed=data.SPLIT_SEED)
+    return render(_file_and_n(name)[1], seed=data.SPLIT_SEED, classes=SHIPPED[name][0])
 
 
-def build(out: Path) -> dict[str, Any]:
-    """Render the fontdigits set from the installed fonts into out/: fontdigits.npz (uint8, compressed),
-    fontdigits.json (record()) and SHA256SUMS (both files).
+def build(out: Path, name: str = "fontdigits") -> dict[str, Any]:
+    """Render a shipped set from the installed fonts into out/: <name>.npz (uint8, compressed), <name>.json
+    (record()) and SHA256SUMS (every file it lists, these two added).
 
     Args:
         out: the folder to write (created if needed); dpldm/datasets is the package's.
+        name: the set (a key of SHIPPED).
 
     Returns:
         The record.
     """
     from dpldm import data
 
-    images, labels = render_fontdigits()
+    file = _file_and_n(name)[0]
+    images, labels = render_shipped(name)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    data.write_npz(out / data.FONTDIGITS_FILE, images=images, labels=labels.astype(np.uint8))
-    rec = record(images, labels)
-    json_name = Path(data.FONTDIGITS_FILE).with_suffix(".json").name
+    data.write_npz(out / file, images=images, labels=labels.astype(np.uint8))
+    rec = record(images, labels, name)
+    json_name = Path(file).with_suffix(".json").name
     (out / json_name).write_text(json.dumps(rec, indent=1) + "\n")
-    names = sorted({data.FONTDIGITS_FILE, json_name} | set(_listed(out)))
+    names = sorted({file, json_name} | set(_listed(out)))
     write_sha256sums(out, [n for n in names if (out / n).is_file()])
     return rec
 
@@ -239,8 +262,11 @@ def _listed(folder: Path) -> list[str]:
     return list(read_sha256sums(path, strict=False)) if path.is_file() else []
 
 
-def check() -> tuple[bool, str]:
-    """Render the set from the installed fonts and compare it with the shipped file.
+def check(name: str = "fontdigits") -> tuple[bool, str]:
+    """Render a shipped set from the installed fonts and compare it with the shipped file.
+
+    Args:
+        name: the set (a key of SHIPPED).
 
     Returns:
         (whether the arrays are the same, a report).
@@ -250,13 +276,14 @@ def check() -> tuple[bool, str]:
     """
     from dpldm import data
 
-    images, labels = render_fontdigits()
-    shipped_images, shipped_labels = data.read_npz(data.shipped_file(data.FONTDIGITS_FILE))
+    file = _file_and_n(name)[0]
+    images, labels = render_shipped(name)
+    shipped_images, shipped_labels = data.read_npz(data.shipped_file(file))
     got, want = data.arrays_sha256(images, labels), data.arrays_sha256(shipped_images, shipped_labels)
-    shipped = json.loads((data.SHIPPED_DIR / Path(data.FONTDIGITS_FILE).with_suffix(".json").name).read_text())
+    shipped = json.loads((data.SHIPPED_DIR / Path(file).with_suffix(".json").name).read_text())
     hand, other = font_files()
     report = (f"rendered from {len(hand)} handwriting + {len(other)} print fonts under {FONT_ROOT} (font set "
-              f"{font_set_id()}): arrays sha256 {got}; shipped {data.FONTDIGITS_FILE}: {want} (rendered from "
+              f"{font_set_id()}): arrays sha256 {got}; shipped {file}: {want} (rendered from "
               f"{shipped['fonts']['handwriting']} + {shipped['fonts']['print']} fonts, font set {shipped['font_set']})")
     return got == want, report
 
@@ -271,19 +298,20 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--check", action="store_true", help="render from the installed fonts and compare with the "
-                                                           "shipped dpldm/datasets/fontdigits.npz")
-    what.add_argument("--out", type=Path, help="write fontdigits.npz, fontdigits.json and SHA256SUMS there")
+                                                           "shipped dpldm/datasets/<set>.npz")
+    what.add_argument("--out", type=Path, help="write <set>.npz, <set>.json and SHA256SUMS there")
+    p.add_argument("--set", default="fontdigits", choices=sorted(SHIPPED), help="which shipped set")
     args = p.parse_args(argv)
     try:
         if args.check:
-            same, report = check()
+            same, report = check(args.set)
             print(report)
             if not same:
                 raise SystemExit("error: the rendered set differs from the shipped one (other fonts or library "
-                                 "versions than fontdigits.json records)")
+                                 f"versions than {args.set}.json records)")
             print("same data as the shipped file")
         else:
-            rec = build(args.out)
+            rec = build(args.out, args.set)
             print(f"wrote {args.out / rec['file']}: {rec['images']} uint8, arrays sha256 {rec['arrays_sha256']}, "
                   f"font set {rec['font_set']}")
     except (RuntimeError, ValueError) as e:  # no fonts to render from, no shipped file to compare with

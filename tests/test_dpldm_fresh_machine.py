@@ -21,9 +21,9 @@ from dpldm.files import sha256_file
 from tests.dpldm_helpers import tiny_private, tiny_runs, train_args  # noqa: F401
 
 
-def record() -> dict:
-    """fontdigits.json, the shipped set's record (its arrays' sha256, the fonts it was rendered from)."""
-    return json.loads((data.SHIPPED_DIR / "fontdigits.json").read_text())
+def record(name: str = "fontdigits") -> dict:
+    """<name>.json, a shipped set's record (its arrays' sha256, the fonts it was rendered from)."""
+    return json.loads((data.SHIPPED_DIR / f"{name}.json").read_text())
 
 
 @pytest.fixture
@@ -55,10 +55,20 @@ def test_fontdigits_loads_from_the_shipped_file_without_fonts(no_fonts: Path) ->
     assert np.array_equal(ds.train.images[..., 0], images[ds.train.rows])  # the split is of those arrays
 
 
-def test_shipped_file_is_small_and_listed() -> None:
-    path = data.SHIPPED_DIR / data.FONTDIGITS_FILE
+def test_fontletters_loads_without_fonts_and_has_no_digit_class(no_fonts: Path) -> None:
+    ds = data.load("fontletters")
+    assert (len(ds.train.labels), len(ds.test.labels), ds.num_classes) == (18720, 2080, 26)
+    images, labels = data.read_npz(data.SHIPPED_DIR / data.FONTLETTERS_FILE)
+    assert images.shape == (20800, 28, 28) and np.bincount(labels).tolist() == [800] * 26
+    assert data.arrays_sha256(images, labels) == record("fontletters")["arrays_sha256"]
+    assert all(c.isalpha() for chars in font_digits.SHIPPED["fontletters"][0] for c in chars)
+
+
+@pytest.mark.parametrize("file", [data.FONTDIGITS_FILE, data.FONTLETTERS_FILE])
+def test_shipped_file_is_small_and_listed(file: str) -> None:
+    path = data.SHIPPED_DIR / file
     assert path.stat().st_size < 6 * 2**20, "keep the shipped public data small (uint8, compressed)"
-    assert data.shipped_sums()[data.FONTDIGITS_FILE] == sha256_file(path)
+    assert data.shipped_sums()[file] == sha256_file(path)
 
 
 @pytest.mark.parametrize("attack", ["one byte changed", "removed",
@@ -93,12 +103,22 @@ def test_rebuilding_from_the_fonts_gives_the_shipped_hash(tmp_path: Path) -> Non
     hand, other = font_digits.font_files()
     assert (len(hand), len(other), font_digits.font_set_id()) == (
         rec["fonts"]["handwriting"], rec["fonts"]["print"], rec["font_set"]), "other fonts than the shipped set's"
-    images, labels = font_digits.render_fontdigits()
+    images, labels = font_digits.render_shipped("fontdigits")
     assert data.arrays_sha256(images, labels) == rec["arrays_sha256"]
     rebuilt = tmp_path / data.FONTDIGITS_FILE
     data.write_npz(rebuilt, images=images, labels=labels.astype(np.uint8))
     if zlib.ZLIB_RUNTIME_VERSION == rec["rendered_with"]["zlib"]:  # the same compressor writes the same bytes
         assert sha256_file(rebuilt) == data.shipped_sums()[data.FONTDIGITS_FILE]
+
+
+@pytest.mark.skipif(not font_digits.font_files()[0], reason=f"no handwriting font under {font_digits.FONT_ROOT}")
+def test_fontletters_renders_from_the_fonts_as_shipped() -> None:
+    # the first 520 draws of the shipped set's renderer (its full rebuild takes 25 s: --check does it)
+    rec = record("fontletters")
+    assert font_digits.font_set_id() == rec["font_set"], "other fonts than the shipped set's"
+    images, labels = font_digits.render(520, seed=rec["seed"], classes=font_digits.LETTERS)
+    shipped_images, shipped_labels = data.read_npz(data.SHIPPED_DIR / data.FONTLETTERS_FILE)
+    assert np.array_equal(images, shipped_images[:520]) and np.array_equal(labels, shipped_labels[:520])
 
 
 def steps_logged(out: Path) -> list[int]:
