@@ -58,7 +58,8 @@ def select_trainable(model: ConditionalUNet, mode: str, ablation: int = 1, lora_
     if mode == "attention":
         for block in blocks[ablation - 1 :]:
             block.requires_grad_(True)
-        model.class_embedder.requires_grad_(True)
+        if hasattr(model, "class_embedder"):  # a text-conditioned UNet's context comes from a frozen text encoder
+            model.class_embedder.requires_grad_(True)
     elif mode == "lora":
         add_lora(model, lora_rank)
         model.requires_grad_(False)
