@@ -181,3 +181,37 @@ class TextConditionalUNet(nn.Module):
         """
         context = self.class_embedder(labels).to(next(self.unet.parameters()).dtype)
         return self.unet(z, t, encoder_hidden_states=context, return_dict=False)[0]
+
+
+def save_lora(unet: nn.Module, folder: Path, rank: int, alpha: float | None = None) -> Path:
+    """Save the LoRA adapters of a pipeline's UNet in diffusers' LoRA format, so that
+    `pipeline.load_lora_weights(folder)` puts them back (pytorch_lora_weights.safetensors, with the adapter's
+    rank and alpha as metadata).
+
+    Args:
+        unet: the UNet2DConditionModel with peft adapters (dpldm.trainable.add_lora).
+        folder: where to write (created).
+        rank: the adapters' rank.
+        alpha: their alpha (default rank: scale 1, as add_lora).
+
+    Returns:
+        The file written.
+
+    Raises:
+        ValueError: the UNet has no LoRA adapter.
+    """
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    from dpldm.trainable import LORA_TARGETS
+
+    state = get_peft_model_state_dict(unet)
+    if not state:
+        raise ValueError("the UNet has no LoRA adapter to save")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"r": rank, "lora_alpha": alpha or rank, "target_modules": LORA_TARGETS, "lora_dropout": 0.0}
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=convert_state_dict_to_diffusers(state),
+                                              unet_lora_adapter_metadata=meta, safe_serialization=True)
+    return folder / "pytorch_lora_weights.safetensors"

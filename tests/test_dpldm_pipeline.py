@@ -106,3 +106,26 @@ def test_the_null_condition_is_the_empty_caption_and_no_caption_is_saved(tiny_fo
     state = model.state_dict()
     assert not any(k.startswith("class_embedder") for k in state), "private caption contexts in the state_dict"
     assert set(state) == {"unet." + k for k in pipe.unet.state_dict()}
+
+
+def test_saved_adapters_load_into_the_pipeline_and_change_it_as_trained(tiny_folder: Path, tmp_path: Path,
+                                                                         offline: None) -> None:
+    pipe = pipeline_mod.load_pipeline(tiny_folder)
+    model = text_model(pipe)
+    select_trainable(model, "lora", lora_rank=4)
+    torch.manual_seed(5)
+    for n, p in model.named_parameters():
+        if "lora_" in n:  # as if trained: B away from its zero start
+            torch.nn.init.normal_(p, std=0.2)
+    path = pipeline_mod.save_lora(model.unet, tmp_path / "run", rank=4)
+    assert path.is_file()
+    fresh = pipeline_mod.load_pipeline(tiny_folder).pipe
+    z, t, labels, _ = text_batch(pipe)
+    context = model.class_embedder(labels)
+    with torch.no_grad():
+        before = fresh.unet(z, t, encoder_hidden_states=context).sample
+        fresh.load_lora_weights(tmp_path / "run")
+        after = fresh.unet(z, t, encoder_hidden_states=context).sample
+        trained = model(z, t, labels)
+    assert (after - before).abs().max() > 1e-3, "the adapters did not change the pipeline"
+    torch.testing.assert_close(after, trained, rtol=1e-5, atol=1e-6)
