@@ -54,7 +54,7 @@ _PRIVATE = re.compile(r"\.?checkpoint(?:-rank(\d+))?(?:\.prev|\.old|\.tmp-.+)?")
 # The dpldm.train options that define the private computation: a resumed run must use the same ones.
 RESUME_KEYS = ("data", "target_epsilon", "delta", "epochs", "batch_size", "max_grad_norm", "noise_multiplicity",
                "trainable", "ablation", "lora_rank", "accountant", "lr", "config", "set", "secure_mode",
-               "deterministic_noise")
+               "deterministic_noise", "pipeline", "captions", "prompt")
 
 
 def save_train_state(folder: Path, model: nn.Module, optimizer: Any, engine: Any, step: int, meta: dict[str, Any]

@@ -215,3 +215,156 @@ def save_lora(unet: nn.Module, folder: Path, rank: int, alpha: float | None = No
     StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=convert_state_dict_to_diffusers(state),
                                               unet_lora_adapter_metadata=meta, safe_serialization=True)
     return folder / "pytorch_lora_weights.safetensors"
+
+
+# --- a dpldm.train run on a pipeline (--pipeline) -----------------------------------------------------------------
+
+
+@dataclass
+class TextRun:
+    """What `dpldm.train --pipeline` fine-tunes: the pipeline, the private captioned data, the UNet as loaded."""
+
+    pipeline: Pipeline
+    captioned: Any  # dpldm.captions.Captioned
+    pristine: nn.Module  # a copy of the UNet before training: the plain model after training is rebuilt on it
+
+
+def run_config(cfg: dict[str, Any], pipeline: Pipeline, num_classes: int) -> dict[str, Any]:
+    """The run's config on a pipeline: the pipeline's image layout, latent shape and noise schedule in place of the
+    preset's model sections (the preset keeps train, sample and evaluate); no public data, no warm-up.
+
+    Args:
+        cfg: the preset's config.
+        pipeline: the loaded pipeline.
+        num_classes: the number of captions (or class prompts).
+
+    Returns:
+        A new config.
+    """
+    unet, vae, sched = pipeline.unet.config, pipeline.vae.config, pipeline.pipe.scheduler.config
+    size = unet.sample_size * pipeline.pipe.vae_scale_factor
+    out = {k: v for k, v in cfg.items() if k not in ("warmup", "autoencoder", "base")}
+    out["data"] = {"image_size": size, "pad_to": size, "channels": vae.in_channels, "num_classes": num_classes,
+                   "private": None, "public": None}
+    out["unet"] = {"in_channels": unet.in_channels, "sample_size": unet.sample_size,
+                   "cross_attention_dim": unet.cross_attention_dim}
+    out["scheduler"] = {k: sched[k] for k in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end")}
+    return out
+
+
+def text_run(cfg: dict[str, Any], folder: Path, data: str | None, captions_file: Path | None,
+             prompt: str | None) -> tuple[dict[str, Any], TextRun]:
+    """Load the pipeline and the private captioned data of `dpldm.train --pipeline`.
+
+    Args:
+        cfg: the preset's config.
+        folder: the pipeline folder.
+        data: --data, the private images' folder.
+        captions_file: --captions, or None.
+        prompt: --prompt, or None (exactly one of the two).
+
+    Returns:
+        (the run's config, the TextRun).
+
+    Raises:
+        PipelineError: a missing --data, both or neither of --captions and --prompt, a bad pipeline folder.
+        DataError: bad private data.
+    """
+    from dpldm import captions as captions_mod
+
+    if not data:
+        raise PipelineError("--pipeline needs --data FOLDER: the private images (with --captions FILE, or class "
+                            "sub-folders with --prompt TEMPLATE)")
+    if (captions_file is None) == (prompt is None):
+        raise PipelineError("--pipeline needs exactly one of --captions FILE (a caption per image) and --prompt "
+                            "TEMPLATE (class sub-folders, e.g. --prompt 'a photo of a {label}')")
+    if cfg.get("warmup"):
+        raise PipelineError(f"config {cfg['name']}'s DP warm-up releases per-class image statistics of a model of "
+                            "its own: not for a pipeline; pass --set warmup=null, or another config")
+    pipeline = load_pipeline(folder)
+    layout = run_config(cfg, pipeline, 1)["data"]
+    if captions_file is not None:
+        captioned = captions_mod.captioned_folder(Path(data), captions_file, layout["channels"], layout["image_size"])
+    else:
+        classes = sorted(p.name for p in Path(data).iterdir() if p.is_dir()) if Path(data).is_dir() else []
+        captioned = captions_mod.prompted_folder(Path(data), prompt, layout["channels"], max(1, len(classes)),
+                                                 layout["image_size"])
+    import copy
+
+    return (run_config(cfg, pipeline, len(captioned.captions)),
+            TextRun(pipeline, captioned, copy.deepcopy(pipeline.unet)))
+
+
+def text_model(run: TextRun, prompts: list[str]) -> TextConditionalUNet:
+    """The module to fine-tune (or sample): the pipeline's UNet on the contexts of `prompts`.
+
+    Args:
+        run: the TextRun.
+        prompts: the condition of each index.
+
+    Returns:
+        The model (the pipeline's UNet itself, in train mode).
+    """
+    table = CaptionContexts(encode_captions(run.pipeline, prompts), encode_captions(run.pipeline, [""]))
+    return TextConditionalUNet(run.pipeline.unet, table).train()
+
+
+def plain_text_copy(model: nn.Module, run: TextRun, prompts: list[str], trainable: str, lora_rank: int
+                    ) -> TextConditionalUNet:
+    """The trained weights in a fresh copy of the pipeline's UNet (no engine patch; LoRA adapters kept separate, as
+    diffusers loads them), conditioned on `prompts` (public: never the private captions).
+
+    Args:
+        model: the trained model.
+        run: the TextRun.
+        prompts: the sampling conditions.
+        trainable: the trainable set.
+        lora_rank: the adapters' rank (lora).
+
+    Returns:
+        The copy, in eval mode.
+    """
+    import copy
+
+    from dpldm.trainable import add_lora
+
+    unet = copy.deepcopy(run.pristine)
+    if trainable == "lora":
+        add_lora(TextConditionalUNet(unet, model.class_embedder), lora_rank)  # adapters injected into `unet`
+    unet.load_state_dict({k.removeprefix("unet."): v for k, v in model.state_dict().items()})
+    table = CaptionContexts(encode_captions(run.pipeline, prompts), encode_captions(run.pipeline, [""]))
+    return TextConditionalUNet(unet, table).eval()
+
+
+def save_text_model(plain: TextConditionalUNet, out: Path, trainable: str, lora_rank: int,
+                    record: dict[str, Any]) -> list[Path]:
+    """Save what diffusers loads: LoRA adapters in its LoRA format in `out` (pipeline.load_lora_weights(out)), or
+    the fine-tuned UNet as a diffusers folder out/unet; and out/README.md, the model card.
+
+    Args:
+        plain: plain_text_copy's model.
+        out: the run folder.
+        trainable: the trainable set.
+        lora_rank: the adapters' rank (lora).
+        record: the privacy and provenance figures for the card (epsilon, delta, sigma, q, steps, C, pipeline
+            and its sha256, trainable set).
+
+    Returns:
+        The paths written.
+    """
+    if trainable == "lora":
+        written = [save_lora(plain.unet, out, lora_rank)]
+    else:
+        plain.unet.save_pretrained(out / "unet", safe_serialization=True)
+        written = [out / "unet"]
+    intro = ("Differentially private fine-tuning (DP-SGD: per-example clipping and Gaussian noise) of a diffusers "
+             "pipeline on private images with text. Load it with:")
+    lines = ["# DP fine-tuned with dpldm", "", intro, "", "```python", "from diffusers import DiffusionPipeline",
+             f"pipe = DiffusionPipeline.from_pretrained({record['pipeline']!r})"]
+    lines += ([f"pipe.load_lora_weights({str(out)!r})"] if trainable == "lora" else
+              ["from diffusers import UNet2DConditionModel",
+               f"pipe.unet = UNet2DConditionModel.from_pretrained({str(out / 'unet')!r})"])
+    lines += ["```", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in record.items()]
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+    return written + [out / "README.md"]

@@ -18,12 +18,19 @@ init, diffusion timesteps/noise, sampling, evaluation. --deterministic-noise see
     python -m dpldm.train --preset fmnist --target-epsilon 1
     python -m dpldm.train --data my_images/ --trainable lora --lora-rank 8
     python -m dpldm.train --resume                          # continue a killed run
+    python -m dpldm.train --pipeline SD_FOLDER --data imgs/ --captions imgs/metadata.jsonl --trainable lora
+
+With --pipeline DIR the model is a local diffusers pipeline folder (Stable-Diffusion style, text-conditioned;
+dpldm/pipeline.py): its frozen text encoder turns each private image's caption (--captions FILE, or the class prompt
+of --prompt TEMPLATE) into its cross-attention context, and the result is saved as diffusers loads it (LoRA
+adapters for pipeline.load_lora_weights(run folder), or a UNet folder).
 """
 
 
 # The recipe, as run() reads top to bottom:
 #   prepare      options, private data, sigma, the run folder (dpldm.checkpoint.start_run: new, resume or refuse)
-#   load_base    the public autoencoder and LDM (pre-trained if missing), the private label set
+#                (--pipeline: the pipeline and the captioned private data first, dpldm.pipeline.text_run)
+#   load_base    the public autoencoder and LDM (pre-trained if missing), the private label set; or the pipeline's
 #   warm_up      (configs with a `warmup` section) one DP release of per-class statistics, the LDM trained on its
 #                samples (dpldm.warmup); accounted before the DP-SGD steps
 #   make_private the private latents, the trainable set, dpkernels.PrivacyEngine
@@ -54,6 +61,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from dpldm import data as data_mod
 from dpldm import evaluate as evaluate_stage
 from dpldm import parallel
+from dpldm import pipeline as pipeline_stage
 from dpldm import pretrain as pretrain_stage
 from dpldm import pretrain_autoencoder as ae_stage
 from dpldm import sample as sample_stage
@@ -155,6 +163,10 @@ class TrainOptions:
     no_eval: bool = False
     no_baselines: bool = False
     per_class: int | None = None
+    pipeline: Path | None = None
+    captions: Path | None = None
+    prompt: str | None = None
+    prompts: Path | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TrainOptions:
@@ -248,6 +260,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-baselines", action="store_true", help="evaluate without the baselines (public-only, "
                                                                "DP-SGD and non-private CNNs)")
     p.add_argument("--per-class", type=int, help="synthetic images per class")
+    text = p.add_argument_group("a diffusers pipeline (dpldm/pipeline.py)")
+    text.add_argument("--pipeline", type=Path, help="a local text-conditioned diffusers pipeline folder to fine-tune "
+                                                    "(unet, vae, text_encoder, tokenizer, scheduler)")
+    text.add_argument("--captions", type=Path, help="with --pipeline: the private images' captions, JSONL "
+                                                    "(file_name, text) or CSV (image, caption), paths under --data")
+    text.add_argument("--prompt", help="with --pipeline: --data has class sub-folders; class c's caption is "
+                                       "PROMPT.format(label=c), e.g. 'a photo of a {label}'")
+    text.add_argument("--prompts", type=Path, help="with --captions: public prompts to sample, one per line (the "
+                                                   "private captions are never sampled)")
     return p
 
 
@@ -432,7 +453,16 @@ def run(cfg: dict[str, Any], opts: TrainOptions, private: data_mod.DataSet | Non
     """
     t_start = time.time()
     opts = opts.resolved(cfg)
-    job = prepare(cfg, opts, private)
+    text = None
+    if opts.pipeline is not None:
+        try:
+            cfg, text = pipeline_stage.text_run(cfg, opts.pipeline, opts.data, opts.captions, opts.prompt)
+        except (pipeline_stage.PipelineError, data_mod.DataError) as e:
+            fail(str(e))
+        private = text.captioned.data
+    elif opts.captions or opts.prompt or opts.prompts:
+        fail("--captions, --prompt and --prompts go with --pipeline DIR")
+    job = prepare(cfg, opts, private, text)
     vae, model, base_dirs = load_base(cfg, opts, job)
     warm_up(cfg, opts, job, vae, model)
     dp = make_private(cfg, opts, job, vae, model)
@@ -459,6 +489,7 @@ class Job:
         run_args: the settings a resume must share (TrainOptions.run_args).
         start: how the run starts (dpldm.checkpoint.start_run).
         log: the run's log (rank 0; a silent one on the others).
+        text: the pipeline and captioned data of a --pipeline run, else None.
     """
 
     out: Path
@@ -471,6 +502,7 @@ class Job:
     run_args: dict[str, Any]
     start: Start
     log: RunLog
+    text: pipeline_stage.TextRun | None = None
 
     @property
     def prior(self) -> list[tuple[float, float, int]]:
@@ -488,7 +520,8 @@ class Job:
         return checkpoint_dir(self.out, self.rank)
 
 
-def prepare(cfg: dict[str, Any], opts: TrainOptions, private: data_mod.DataSet | None) -> Job:
+def prepare(cfg: dict[str, Any], opts: TrainOptions, private: data_mod.DataSet | None,
+            text: pipeline_stage.TextRun | None = None) -> Job:
     """Refuse early, before anything is loaded or trained: contradicting options, bad private data, an unreachable
     epsilon, an unwritable run folder, missing evaluation data, an inconsistent resume. Then clear or keep the run
     folder (dpldm.checkpoint.start_run) and open its log.
@@ -497,6 +530,7 @@ def prepare(cfg: dict[str, Any], opts: TrainOptions, private: data_mod.DataSet |
         cfg: the config.
         opts: the resolved options; opts.delta is set here when None (default_delta of the private set's size).
         private: the private data set, if the caller loaded it.
+        text: a --pipeline run's pipeline and captioned data.
 
     Returns:
         The Job.
@@ -530,7 +564,7 @@ def prepare(cfg: dict[str, Any], opts: TrainOptions, private: data_mod.DataSet |
                   "starting again from step 0")
     log.print(f"private data: {private.source}, {len(private.train.labels)} train / {len(private.test.labels)} test "
               f"examples; run folder {out}", **{k: v for k, v in run_args.items()})
-    return Job(out, rank, world, private, public, sigma, warmup, run_args, start, log)
+    return Job(out, rank, world, private, public, sigma, warmup, run_args, start, log, text)
 
 
 def private_data(cfg: dict[str, Any], opts: TrainOptions, private: data_mod.DataSet | None) -> data_mod.DataSet:
@@ -615,6 +649,14 @@ def load_base(cfg: dict[str, Any], opts: TrainOptions, job: Job
     Returns:
         (the autoencoder, the LDM, (autoencoder folder, LDM folder)).
     """
+    if job.text is not None:  # --pipeline: its VAE, its UNet on the private captions' contexts (frozen text encoder)
+        seed_all(opts.seed)
+        text = job.text
+        job.log.print(f"pipeline {text.pipeline.folder} (sha256 {text.pipeline.sha256[:16]}): "
+                      f"{len(text.captioned.captions)} distinct captions", pipeline=str(text.pipeline.folder),
+                      pipeline_sha256=text.pipeline.sha256)
+        model = pipeline_stage.text_model(text, text.captioned.captions)
+        return text.pipeline.vae, model, (text.pipeline.folder, text.pipeline.folder)
     try:
         if not job.lead:
             parallel.barrier(job.world)
@@ -888,7 +930,8 @@ def finish(cfg: dict[str, Any], opts: TrainOptions, job: Job, dp: PrivateTrainin
     if not job.lead:  # rank 0 saves, samples and evaluates
         discard_train_state(job.ckpt)
         return result, dp.model
-    plain = save_model(cfg, opts, job, dp.model, epsilon, base_dirs)
+    plain = (save_text_model(opts, job, dp, epsilon) if job.text is not None
+             else save_model(cfg, opts, job, dp.model, epsilon, base_dirs))
     if not opts.no_sample:
         result.update(sample_and_evaluate(cfg, opts, job, plain, vae))
     result["wall_s"] = time.time() - t_start
@@ -937,6 +980,50 @@ def save_model(cfg: dict[str, Any], opts: TrainOptions, job: Job, model: Any, ep
     return plain
 
 
+def save_text_model(opts: TrainOptions, job: Job, dp: PrivateTraining, epsilon: float) -> Any:
+    """save_model for a --pipeline run: what diffusers loads (LoRA adapters in the run folder, or out/unet) and the
+    model card, put in place only once every private checkpoint is gone; then the plain model, conditioned on the
+    public sampling prompts (class prompts of --prompt, --prompts lines; never the private captions).
+
+    Args:
+        opts: the run's options.
+        job: prepare()'s answer.
+        dp: make_private()'s answer (the trained model, engine-patched).
+        epsilon: the epsilon spent.
+
+    Returns:
+        The plain model to sample (no condition when there is no public prompt).
+    """
+    text = job.text
+    if text.captioned.per_class:
+        prompts = text.captioned.captions  # the class prompts: the template and the class names, no private text
+    elif opts.prompts is not None:
+        prompts = [line.strip() for line in Path(opts.prompts).read_text().splitlines() if line.strip()]
+    else:
+        prompts = []
+    plain = pipeline_stage.plain_text_copy(dp.model, text, prompts, opts.trainable, opts.lora_rank)
+    record = {"epsilon": round(epsilon, 4), "delta": opts.delta, "sigma": dp.opt.noise_multiplier,
+              "sample rate q": dp.engine.sample_rate, "steps": accounted_steps(dp.engine, job.prior),
+              "max_grad_norm C": opts.max_grad_norm, "trainable": opts.trainable,
+              **({"lora_rank": opts.lora_rank} if opts.trainable == "lora" else {}),
+              "pipeline": str(text.pipeline.folder), "pipeline sha256": text.pipeline.sha256,
+              "private examples": len(job.private.train.labels)}
+    staged = job.out / ".text.staged"
+    if staged.exists():
+        shutil.rmtree(staged)
+    names = [p.name for p in pipeline_stage.save_text_model(plain, staged, opts.trainable, opts.lora_rank, record)]
+    discard_train_state(job.ckpt)
+    discard_private_checkpoints(job.out)
+    for name in names:
+        if (job.out / name).is_dir():
+            shutil.rmtree(job.out / name)
+        os.replace(staged / name, job.out / name)
+    shutil.rmtree(staged)
+    job.log.print(f"fine-tuned {opts.trainable} weights saved to {job.out} ({', '.join(names)}): diffusers loads "
+                  "them", saved=names)
+    return plain
+
+
 def sample_and_evaluate(cfg: dict[str, Any], opts: TrainOptions, job: Job, plain: ConditionalUNet, vae: Any
                         ) -> dict[str, Any]:
     """Sample the fine-tuned model and, unless --no-eval, evaluate the samples beside the baselines.
@@ -951,9 +1038,14 @@ def sample_and_evaluate(cfg: dict[str, Any], opts: TrainOptions, job: Job, plain
     Returns:
         What they add to result.json (samples, grid, the evaluation's numbers).
     """
+    if plain.class_embedder.num_classes == 0:
+        job.log.print("no public prompt to sample (--captions without --prompts): nothing sampled")
+        return {}
     npz, grid = sample_stage.run(cfg, plain, vae, job.out, opts.per_class, seed=opts.seed, device=opts.device)
     result: dict[str, Any] = {"samples": str(npz), "grid": str(grid)}
-    if not opts.no_eval:
+    if job.text is not None and not job.text.captioned.per_class:
+        job.log.print("samples of the --prompts lines: no class labels to evaluate them by")
+    elif not opts.no_eval:
         synthetic = data_mod.from_npz(npz, plain.class_embedder.num_classes)
         # the DP-SGD baselines spend the same (epsilon, delta) again, separately: comparison only, never released
         target = DPTarget(opts.target_epsilon, opts.delta, opts.accountant)

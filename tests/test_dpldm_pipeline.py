@@ -129,3 +129,106 @@ def test_saved_adapters_load_into_the_pipeline_and_change_it_as_trained(tiny_fol
         trained = model(z, t, labels)
     assert (after - before).abs().max() > 1e-3, "the adapters did not change the pipeline"
     torch.testing.assert_close(after, trained, rtol=1e-5, atol=1e-6)
+
+
+# --- dpldm.train --pipeline, end to end ---------------------------------------------------------------------------
+
+SECRET = "a handwritten zebra"  # a private caption: it must not appear in anything the run writes
+
+
+def private_folder(root: Path, captions: bool) -> tuple[Path, list[str]]:
+    """24 RGB images in two classes; with captions, a metadata.jsonl (one private caption among them)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(24):
+        cls = ["seven", "one"][i % 2]
+        rel = f"{cls}/{i}.png"
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        img = np.full((32, 32, 3), 30 + 180 * (i % 2), np.uint8) + rng.integers(0, 40, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(img).save(root / rel)
+        rows.append({"file_name": rel, "text": SECRET if i == 5 else f"a handwritten {cls}"})
+    extra: list[str] = []
+    if captions:
+        (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        (root.parent / "prompts.txt").write_text("a handwritten seven\na handwritten one\n")
+        extra = ["--captions", str(root / "metadata.jsonl"), "--prompts", str(root.parent / "prompts.txt")]
+    else:
+        extra = ["--prompt", "a handwritten {label}"]
+    return root, extra
+
+
+def pipeline_args(folder: Path, data: Path, out: Path, mode: str, *extra: str) -> list[str]:
+    return ["--config", "tiny", "--pipeline", str(folder), "--data", str(data), "--out", str(out), "--trainable",
+            mode, "--lora-rank", "4", "--batch-size", "8", "--max-physical-batch-size", "8", "--epochs", "2",
+            "--per-class", "2", "--deterministic-noise", "--no-baselines", *extra]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,captions", [("lora", True), ("attention", False)])
+def test_train_on_a_pipeline_saves_what_diffusers_loads(tiny_folder: Path, tmp_path: Path, offline: None,
+                                                        mode: str, captions: bool) -> None:
+    import numpy as np
+
+    from dpldm import train
+
+    data, extra = private_folder(tmp_path / "private", captions)
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match="NO privacy"):
+        result, trained = train.run(*_cfg_and_opts(pipeline_args(tiny_folder, data, out, mode, *extra)))
+    assert 0 < result["epsilon"] <= 10.0 + 1e-6 and result["steps"] == result["total_steps"] > 0
+    card = (out / "README.md").read_text()
+    assert f"| epsilon | {round(result['epsilon'], 4)} |" in card and pipeline_mod.folder_sha256(tiny_folder) in card
+    fresh = pipeline_mod.load_pipeline(tiny_folder).pipe
+    if mode == "lora":
+        fresh.load_lora_weights(out)
+    else:
+        from diffusers import UNet2DConditionModel
+
+        fresh.unet = UNet2DConditionModel.from_pretrained(out / "unet")
+    prompts = ["a handwritten seven", "a handwritten one"]
+    context = pipeline_mod.encode_captions(pipeline_mod.load_pipeline(tiny_folder), prompts)
+    g = torch.Generator().manual_seed(0)
+    z, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 500])
+    trained.eval()
+    with torch.no_grad():
+        want = trained.unet(z, t, encoder_hidden_states=context).sample
+        got = fresh.unet.eval()(z, t, encoder_hidden_states=context).sample
+        base = pipeline_mod.load_pipeline(tiny_folder).unet(z, t, encoder_hidden_states=context).sample
+    assert (want - base).abs().max() > 1e-4, "training did not move the model"
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with np.load(out / "samples.npz") as f:
+        assert f["images"].shape == (4, 32, 32, 3) and sorted(f["labels"].tolist()) == [0, 0, 1, 1]
+    assert ("cnn_test_acc" in result) == (not captions)  # captions: no class labels to evaluate by
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), f"{path} holds a private caption"
+    assert not any(p.name.startswith(".") for p in out.iterdir()), "a staged or private folder was left behind"
+
+
+def _cfg_and_opts(argv: list[str]):
+    from dpldm import train
+    from dpldm.config import load_config
+
+    opts = train.TrainOptions.from_args(train.parser().parse_args(argv))
+    return load_config(opts.config, opts.set), opts
+
+
+@pytest.mark.parametrize("extra,match", [
+    ([], "exactly one of --captions FILE"),
+    (["--prompt", "x {label}", "--captions", "c.jsonl"], "exactly one of --captions FILE"),
+    (["--prompt", "no label here"], "needs {label}"),
+])
+def test_bad_pipeline_runs_are_refused_before_training(tiny_folder: Path, tmp_path: Path, extra: list[str],
+                                                       match: str) -> None:
+    from dpldm import train
+
+    data, _ = private_folder(tmp_path / "private", captions=False)
+    argv = pipeline_args(tiny_folder, data, tmp_path / "run", "lora", *extra)
+    with pytest.raises(SystemExit, match=match):
+        train.main(argv)
+    assert not (tmp_path / "run").exists()
