@@ -2,6 +2,9 @@
 
     python -m dpldm.sample --ldm runs/mnist/dp-attention-eps10/ldm --autoencoder runs/mnist/public/autoencoder \
         --per-class 500 --guidance-scale 2 --out runs/mnist/dp-attention-eps10
+    python -m dpldm.sample --pipeline SD_FOLDER --lora RUN --prompts prompts.txt --out samples/
+        (a diffusers pipeline, with the LoRA adapters or --unet of a `dpldm.train --pipeline` run; one class per
+        prompt line)
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dpldm.sample", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
-    p.add_argument("--ldm", type=Path, required=True, help="LDM folder (unet/, class_embedder/)")
+    p.add_argument("--ldm", type=Path, help="LDM folder (unet/, class_embedder/); or --pipeline")
     p.add_argument("--autoencoder", type=Path, help="default: the one the LDM was trained with (its ldm.json), "
                                                       "else the config's base, else <runs>/<config>/public/autoencoder")
     p.add_argument("--out", type=Path, required=True, help="folder for samples.npz and grid.png")
@@ -38,6 +41,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ddim-steps", type=int)
     p.add_argument("--guidance-scale", type=float, help="1 = no guidance")
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--pipeline", type=Path, help="a diffusers pipeline folder (text-conditioned) instead of --ldm")
+    p.add_argument("--lora", type=Path, help="with --pipeline: a run folder with LoRA adapters to load into it")
+    p.add_argument("--unet", type=Path, help="with --pipeline: a fine-tuned UNet folder to use in place of its own")
+    p.add_argument("--prompts", type=Path, help="with --pipeline: prompts, one per line (a class each)")
     return p
 
 
@@ -98,7 +105,7 @@ def label_column(texts: list[str], cell: int, channels: int) -> np.ndarray:
 
 def run(cfg: dict[str, Any], model: ConditionalUNet, vae: Any, out: Path, per_class: int | None = None,
         ddim_steps: int | None = None, guidance_scale: float | None = None, batch_size: int | None = None,
-        seed: int = 0, device: str = "cpu") -> tuple[Path, Path]:
+        seed: int = 0, device: str = "cpu", names: list[str] | None = None) -> tuple[Path, Path]:
     """Sample `per_class` images of every class with DDIM and save samples.npz and grid.png.
 
     Args:
@@ -112,6 +119,7 @@ def run(cfg: dict[str, Any], model: ConditionalUNet, vae: Any, out: Path, per_cl
         batch_size: images per sampling batch.
         seed: the sampling seed.
         device: where to sample.
+        names: the grid's row labels (default the class indices).
 
     Returns:
         (samples.npz, grid.png).
@@ -140,7 +148,7 @@ def run(cfg: dict[str, Any], model: ConditionalUNet, vae: Any, out: Path, per_cl
     tmp = out / ".samples.tmp.npz"
     np.savez_compressed(tmp, images=imgs, labels=labs)
     tmp.replace(npz)
-    save_grid(imgs, labs, grid, hp.get("grid_per_row", 10), hp.get("grid_scale", 4))
+    save_grid(imgs, labs, grid, hp.get("grid_per_row", 10), hp.get("grid_scale", 4), names)
     log.print(f"{len(labs)} samples ({per_class} per class, {ddim_steps} DDIM steps, guidance {guidance_scale}) "
               f"-> {npz}, grid {grid}", samples=str(npz), grid=str(grid))
     return npz, grid
@@ -172,10 +180,56 @@ def main(argv: list[str] | None = None) -> None:
     """
     args = parser().parse_args(argv)
     cfg = config_from(args)
+    if args.pipeline is not None:
+        try:
+            cfg, model, vae, prompts = pipeline_model(cfg, args)
+        except (ValueError, OSError) as e:
+            raise SystemExit(f"error: {e}") from None
+        run(cfg, model, vae, args.out, args.per_class, args.ddim_steps, args.guidance_scale, args.batch_size,
+            args.seed, args.device, names=prompts)
+        return
+    if args.ldm is None or args.lora or args.unet or args.prompts:
+        raise SystemExit("error: pass --ldm FOLDER, or --pipeline DIR (with --lora/--unet and --prompts)")
     model, meta = load_ldm(args.ldm, cfg)
     vae = load_autoencoder(args.autoencoder or default_autoencoder(args, cfg, meta), cfg)
     run(cfg, model, vae, args.out, args.per_class, args.ddim_steps, args.guidance_scale, args.batch_size,
         args.seed, args.device)
+
+
+def pipeline_model(cfg: dict[str, Any], args: argparse.Namespace) -> tuple[dict[str, Any], Any, Any, list[str]]:
+    """The model `--pipeline` samples: the pipeline's UNet (its LoRA adapters from --lora loaded by diffusers, or
+    --unet in its place) on the contexts of the --prompts lines.
+
+    Args:
+        cfg: the preset's config (its sample section).
+        args: the parsed command line.
+
+    Returns:
+        (the run's config, the model, the VAE, the prompts).
+
+    Raises:
+        ValueError: no prompts, or --lora and --unet together.
+    """
+    from diffusers import UNet2DConditionModel
+
+    from dpldm import pipeline as pipeline_mod
+
+    if args.prompts is None:
+        raise ValueError("--pipeline needs --prompts FILE: one prompt per line")
+    prompts = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{args.prompts}: no prompt in it")
+    if args.lora and args.unet:
+        raise ValueError("--lora and --unet exclude each other: a run saves one of them")
+    pipe = pipeline_mod.load_pipeline(args.pipeline)
+    if args.lora is not None:
+        pipe.pipe.load_lora_weights(args.lora)
+    if args.unet is not None:
+        pipe.pipe.unet = UNet2DConditionModel.from_pretrained(args.unet).eval()
+    table = pipeline_mod.CaptionContexts(pipeline_mod.encode_captions(pipe, prompts),
+                                         pipeline_mod.encode_captions(pipe, [""]))
+    model = pipeline_mod.TextConditionalUNet(pipe.unet, table)
+    return pipeline_mod.run_config(cfg, pipe, len(prompts)), model, pipe.vae, prompts
 
 
 if __name__ == "__main__":

@@ -204,6 +204,14 @@ def test_train_on_a_pipeline_saves_what_diffusers_loads(tiny_folder: Path, tmp_p
     with np.load(out / "samples.npz") as f:
         assert f["images"].shape == (4, 32, 32, 3) and sorted(f["labels"].tolist()) == [0, 0, 1, 1]
     assert ("cnn_test_acc" in result) == (not captions)  # captions: no class labels to evaluate by
+    if captions:  # dpldm.sample on the saved adapters draws what the run drew (same seed, prompts, weights)
+        from dpldm import sample
+
+        sample.main(["--config", "tiny", "--pipeline", str(tiny_folder), "--lora", str(out), "--prompts",
+                     str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "again"), "--per-class", "2"])
+        with np.load(out / "samples.npz") as a, np.load(tmp_path / "again" / "samples.npz") as b:
+            assert np.abs(a["images"].astype(int) - b["images"]).max() <= 1 and np.array_equal(a["labels"], b["labels"])
+        assert (tmp_path / "again" / "grid.png").is_file()
     for path in out.rglob("*"):
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), f"{path} holds a private caption"
