@@ -24,8 +24,11 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> dict[s
         raise ValueError(f"unknown config {name_or_path!r}: not a file, and not a preset ({', '.join(presets())})")
     text = path.read_text()
     cfg = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    if not isinstance(cfg, dict) or not {"data", "autoencoder", "unet", "scheduler"} <= cfg.keys():
-        raise ValueError(f"{path}: a config needs sections data, autoencoder, unet, scheduler")
+    # a pipeline preset (requires_pipeline: true) takes its model from the pipeline folder (dpldm/pipeline.py)
+    needed = {"data", "train"} if isinstance(cfg, dict) and cfg.get("requires_pipeline") else {
+        "data", "autoencoder", "unet", "scheduler"}
+    if not isinstance(cfg, dict) or not needed <= cfg.keys():
+        raise ValueError(f"{path}: a config needs sections {', '.join(sorted(needed))}")
     cfg = copy.deepcopy(cfg)
     cfg.setdefault("name", path.stem)
     for item in overrides or []:

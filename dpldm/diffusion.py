@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
@@ -124,6 +125,32 @@ def encode_latents(vae: AutoencoderKL, x: torch.Tensor, batch_size: int = 256) -
         Contiguous latents [N, c, h, w], on x's device.
     """
     return (encode(vae, x, batch_size) * vae.config.scaling_factor).contiguous()
+
+
+def encode_split(vae: AutoencoderKL, images: np.ndarray, cfg: dict[str, Any], device: str = "cpu",
+                 batch_size: int = 64) -> torch.Tensor:
+    """encode_latents of uint8 images, converted a batch at a time on `device`: at 512 px a whole private set as
+    one float tensor would take gigabytes.
+
+    Args:
+        vae: the frozen autoencoder (moved to `device` for the call, then back).
+        images: uint8 [N, H, W, C].
+        cfg: the config (its data layout).
+        device: where to encode.
+        batch_size: images per forward.
+
+    Returns:
+        Latents [N, c, h, w] on the CPU.
+    """
+    from dpldm.data import to_model_tensor
+
+    d, home = cfg["data"], next(vae.parameters()).device
+    vae.to(device)
+    out = [encode_latents(vae, to_model_tensor(images[i : i + batch_size], d["image_size"], d["pad_to"],
+                                               d["channels"]).to(device), batch_size).cpu()
+           for i in range(0, len(images), batch_size)]
+    vae.to(home)
+    return torch.cat(out).contiguous()
 
 
 def decode_latents(vae: AutoencoderKL, z: torch.Tensor, batch_size: int = 256) -> torch.Tensor:

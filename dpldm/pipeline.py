@@ -222,11 +222,10 @@ def save_lora(unet: nn.Module, folder: Path, rank: int, alpha: float | None = No
 
 @dataclass
 class TextRun:
-    """What `dpldm.train --pipeline` fine-tunes: the pipeline, the private captioned data, the UNet as loaded."""
+    """What `dpldm.train --pipeline` fine-tunes: the pipeline and the private captioned data."""
 
     pipeline: Pipeline
     captioned: Any  # dpldm.captions.Captioned
-    pristine: nn.Module  # a copy of the UNet before training: the plain model after training is rebuilt on it
 
 
 def run_config(cfg: dict[str, Any], pipeline: Pipeline, num_classes: int) -> dict[str, Any]:
@@ -289,10 +288,7 @@ def text_run(cfg: dict[str, Any], folder: Path, data: str | None, captions_file:
         classes = sorted(p.name for p in Path(data).iterdir() if p.is_dir()) if Path(data).is_dir() else []
         captioned = captions_mod.prompted_folder(Path(data), prompt, layout["channels"], max(1, len(classes)),
                                                  layout["image_size"])
-    import copy
-
-    return (run_config(cfg, pipeline, len(captioned.captions)),
-            TextRun(pipeline, captioned, copy.deepcopy(pipeline.unet)))
+    return run_config(cfg, pipeline, len(captioned.captions)), TextRun(pipeline, captioned)
 
 
 def text_model(run: TextRun, prompts: list[str]) -> TextConditionalUNet:
@@ -311,8 +307,8 @@ def text_model(run: TextRun, prompts: list[str]) -> TextConditionalUNet:
 
 def plain_text_copy(model: nn.Module, run: TextRun, prompts: list[str], trainable: str, lora_rank: int
                     ) -> TextConditionalUNet:
-    """The trained weights in a fresh copy of the pipeline's UNet (no engine patch; LoRA adapters kept separate, as
-    diffusers loads them), conditioned on `prompts` (public: never the private captions).
+    """The trained weights in a fresh UNet of the pipeline's config (no engine patch; LoRA adapters kept separate,
+    as diffusers loads them), conditioned on `prompts` (public: never the private captions).
 
     Args:
         model: the trained model.
@@ -324,11 +320,9 @@ def plain_text_copy(model: nn.Module, run: TextRun, prompts: list[str], trainabl
     Returns:
         The copy, in eval mode.
     """
-    import copy
-
     from dpldm.trainable import add_lora
 
-    unet = copy.deepcopy(run.pristine)
+    unet = type(run.pipeline.unet).from_config(run.pipeline.unet.config)
     if trainable == "lora":
         add_lora(TextConditionalUNet(unet, model.class_embedder), lora_rank)  # adapters injected into `unet`
     unet.load_state_dict({k.removeprefix("unet."): v for k, v in model.state_dict().items()})

@@ -95,7 +95,7 @@ from dpldm.common import (
     public_dir,
     seed_all,
 )
-from dpldm.diffusion import diffusion_loss, encode_latents, train_scheduler
+from dpldm.diffusion import diffusion_loss, encode_latents, encode_split, train_scheduler
 from dpldm.export import plain_copy
 from dpldm.models import (
     CheckpointError,
@@ -462,6 +462,8 @@ def run(cfg: dict[str, Any], opts: TrainOptions, private: data_mod.DataSet | Non
         private = text.captioned.data
     elif opts.captions or opts.prompt or opts.prompts:
         fail("--captions, --prompt and --prompts go with --pipeline DIR")
+    elif cfg.get("requires_pipeline"):
+        fail(f"config {cfg['name']} fine-tunes a diffusers pipeline: pass --pipeline DIR")
     job = prepare(cfg, opts, private, text)
     vae, model, base_dirs = load_base(cfg, opts, job)
     warm_up(cfg, opts, job, vae, model)
@@ -759,7 +761,7 @@ def make_private(cfg: dict[str, Any], opts: TrainOptions, job: Job, vae: Any, mo
     """
     from dpkernels import PrivacyEngine
 
-    z = encode_latents(vae, images_tensor(job.private.train, cfg))
+    z = encode_split(vae, job.private.train.images, cfg, opts.device)
     y = torch.from_numpy(job.private.train.labels)
     try:
         n_trainable = select_trainable(model, opts.trainable, opts.ablation, opts.lora_rank)

@@ -240,3 +240,20 @@ def test_bad_pipeline_runs_are_refused_before_training(tiny_folder: Path, tmp_pa
     with pytest.raises(SystemExit, match=match):
         train.main(argv)
     assert not (tmp_path / "run").exists()
+
+
+def test_encoding_a_batch_at_a_time_gives_the_whole_sets_latents() -> None:
+    import numpy as np
+
+    from dpldm.common import images_tensor
+    from dpldm.config import load_config
+    from dpldm.data import Split
+    from dpldm.diffusion import encode_latents, encode_split
+    from dpldm.models import build_autoencoder
+
+    cfg = load_config("tiny")
+    torch.manual_seed(0)
+    vae = build_autoencoder(cfg).eval()
+    images = np.random.default_rng(0).integers(0, 256, (11, 28, 28, 1), dtype=np.uint8)
+    whole = encode_latents(vae, images_tensor(Split(images, np.zeros(11, np.int64)), cfg))
+    torch.testing.assert_close(encode_split(vae, images, cfg, batch_size=4), whole, rtol=1e-5, atol=1e-5)
