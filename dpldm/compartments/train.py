@@ -422,11 +422,15 @@ def absolute(path: str | Path | None) -> str | None:
 
 
 def check_config(cfg: dict[str, Any]) -> None:
-    """Refuse a config whose private label set is not the base's (compartments share its class embedder).
+    """Refuse a config whose private label set is not the base's (compartments share its class embedder), and a
+    pipeline preset (compartments of a diffusers pipeline are not built yet: issue 20).
 
     Args:
         cfg: the config.
     """
+    if cfg.get("requires_pipeline"):
+        raise RunError(f"config {cfg['name']} fine-tunes a diffusers pipeline (dpldm.train --pipeline): compartments "
+                       "of a pipeline are not supported yet")
     if private_classes(cfg) != cfg["data"]["num_classes"]:
         raise RunError("compartments share the base's class embedder: the private label set must be the base's "
                        "(data.private_num_classes is set)")
