@@ -33,6 +33,7 @@ def lora_param_count(model: ConditionalUNet, rank: int) -> int:
     total = 0
     for block in transformer_blocks(model):
         for name, m in block.named_modules():
+            m = getattr(m, "base_layer", m)  # once peft has injected adapters, the Linear is its base_layer
             if isinstance(m, nn.Linear) and any(name == t or name.endswith("." + t) for t in LORA_TARGETS):
                 total += rank * (m.in_features + m.out_features)
     return total

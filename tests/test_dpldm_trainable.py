@@ -84,3 +84,14 @@ def test_lora_trains_only_adapters_with_analytic_count(cfg: dict, rank: int) -> 
 def test_all_trains_everything(cfg: dict) -> None:
     model = build_unet(cfg)
     assert select_trainable(model, "all") == sum(p.numel() for p in model.parameters())
+
+
+def test_lora_param_count_is_the_same_before_and_after_the_adapters_are_injected() -> None:
+    from dpldm.config import load_config
+    from dpldm.models import build_unet
+    from dpldm.trainable import lora_param_count, select_trainable
+
+    model = build_unet(load_config("tiny"))
+    before = lora_param_count(model, 4)
+    assert before > 0
+    assert select_trainable(model, "lora", lora_rank=4) == before == lora_param_count(model, 4)
