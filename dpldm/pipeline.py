@@ -243,8 +243,10 @@ def run_config(cfg: dict[str, Any], pipeline: Pipeline, num_classes: int) -> dic
     unet, vae, sched = pipeline.unet.config, pipeline.vae.config, pipeline.pipe.scheduler.config
     size = unet.sample_size * pipeline.pipe.vae_scale_factor
     out = {k: v for k, v in cfg.items() if k not in ("warmup", "autoencoder", "base")}
-    out["data"] = {"image_size": size, "pad_to": size, "channels": vae.in_channels, "num_classes": num_classes,
-                   "private": None, "public": None}
+    # a preset made for this latent size keeps its layout (MNIST's 28 px padded to 32); otherwise the full size
+    keep = cfg.get("data", {}).get("pad_to") == size and cfg["data"].get("channels") == vae.in_channels
+    out["data"] = {"image_size": cfg["data"]["image_size"] if keep else size, "pad_to": size,
+                   "channels": vae.in_channels, "num_classes": num_classes, "private": None, "public": None}
     out["unet"] = {"in_channels": unet.in_channels, "sample_size": unet.sample_size,
                    "cross_attention_dim": unet.cross_attention_dim}
     out["scheduler"] = {k: sched[k] for k in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end")}

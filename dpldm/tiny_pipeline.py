@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -74,6 +75,51 @@ def write_tokenizer(folder: Path) -> int:
     return len(vocab)
 
 
+def text_parts(folder: Path, width: int = WIDTH) -> tuple[Any, Any]:
+    """The tokenizer (written to folder/tokenizer) and a freshly initialised CLIP text encoder of `width`.
+
+    Args:
+        folder: the pipeline folder being written.
+        width: the hidden size (the UNet's cross_attention_dim).
+
+    Returns:
+        (tokenizer, text encoder).
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab_size = write_tokenizer(folder / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=MAX_TOKENS, projection_dim=width,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id))
+    return tokenizer, text_encoder
+
+
+def save_pipeline(out: Path, vae: Any, text_encoder: Any, tokenizer: Any, unet: Any, scheduler: Any) -> Path:
+    """A StableDiffusionPipeline of these parts, saved with diffusers' save_pretrained (no safety checker).
+
+    Args:
+        out: the folder.
+        vae: the AutoencoderKL.
+        text_encoder: the CLIP text encoder.
+        tokenizer: its tokenizer.
+        unet: the UNet2DConditionModel.
+        scheduler: the noise scheduler.
+
+    Returns:
+        `out`.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
 def build(out: Path, seed: int = 0, channels: int = 3, sample_size: int = 32) -> Path:
     """Write a tiny pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).
 
@@ -89,20 +135,13 @@ def build(out: Path, seed: int = 0, channels: int = 3, sample_size: int = 32) ->
     Raises:
         FileExistsError: `out` holds files.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty")
     torch.manual_seed(seed)
-    vocab_size = write_tokenizer(out / "tokenizer")
-    tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=MAX_TOKENS, projection_dim=WIDTH,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id))
+    tokenizer, text_encoder = text_parts(out)
     vae = AutoencoderKL(in_channels=channels, out_channels=channels, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                         block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8,
@@ -114,11 +153,7 @@ def build(out: Path, seed: int = 0, channels: int = 3, sample_size: int = 32) ->
         norm_num_groups=16)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                               beta_end=0.012, clip_sample=False)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(out, safe_serialization=True)
-    return out
+    return save_pipeline(out, vae, text_encoder, tokenizer, unet, scheduler)
 
 
 def main(argv: list[str] | None = None) -> None:
