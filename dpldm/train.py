@@ -654,9 +654,9 @@ def load_base(cfg: dict[str, Any], opts: TrainOptions, job: Job
     if job.text is not None:  # --pipeline: its VAE, its UNet on the private captions' contexts (frozen text encoder)
         seed_all(opts.seed)
         text = job.text
-        job.log.print(f"pipeline {text.pipeline.folder} (sha256 {text.pipeline.sha256[:16]}): "
-                      f"{len(text.captioned.captions)} distinct captions", pipeline=str(text.pipeline.folder),
-                      pipeline_sha256=text.pipeline.sha256)
+        # (never the number of distinct captions: like every figure of the private data but N, it is not logged)
+        job.log.print(f"pipeline {text.pipeline.folder} (sha256 {text.pipeline.sha256[:16]})",
+                      pipeline=str(text.pipeline.folder), pipeline_sha256=text.pipeline.sha256)
         model = pipeline_stage.text_model(text, text.captioned.captions)
         return text.pipeline.vae, model, (text.pipeline.folder, text.pipeline.folder)
     try:
