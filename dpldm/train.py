@@ -455,6 +455,8 @@ def run(cfg: dict[str, Any], opts: TrainOptions, private: data_mod.DataSet | Non
     opts = opts.resolved(cfg)
     text = None
     if opts.pipeline is not None:
+        if opts.prompts is not None and not Path(opts.prompts).is_file():
+            fail(f"--prompts {opts.prompts}: no such file")  # read after training: checked before it
         try:
             cfg, text = pipeline_stage.text_run(cfg, opts.pipeline, opts.data, opts.captions, opts.prompt)
         except (pipeline_stage.PipelineError, data_mod.DataError) as e:

@@ -259,6 +259,7 @@ def _cfg_and_opts(argv: list[str]):
     ([], "exactly one of --captions FILE"),
     (["--prompt", "x {label}", "--captions", "c.jsonl"], "exactly one of --captions FILE"),
     (["--prompt", "no label here"], "needs {label}"),
+    (["--prompt", "x {label}", "--prompts", "missing.txt"], "--prompts missing.txt: no such file"),
 ])
 def test_bad_pipeline_runs_are_refused_before_training(tiny_folder: Path, tmp_path: Path, extra: list[str],
                                                        match: str) -> None:
