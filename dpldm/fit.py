@@ -56,6 +56,18 @@ class BatchStream:
         self.perm, self.pos = state["perm"], state["pos"]
 
 
+def resume_file(out: Path) -> Path:
+    """Where a pre-training into the folder `out` keeps its checkpoint until it is done.
+
+    Args:
+        out: the folder the pre-training writes.
+
+    Returns:
+        out's sibling <name>.resume.pt.
+    """
+    return out.with_name(out.name + ".resume.pt")
+
+
 @dataclass(frozen=True)
 class Recipe:
     """What a fit runs: a checkpoint is resumed only by the same recipe on the same latents."""

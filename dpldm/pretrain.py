@@ -19,7 +19,7 @@ import torch
 from dpldm.common import add_config_args, config_from, images_tensor, load_public, public_dir, seed_all
 from dpldm.diffusion import encode_latents
 from dpldm.files import existing_dir
-from dpldm.fit import Recipe, fit
+from dpldm.fit import Recipe, fit, resume_file
 from dpldm.models import build_unet, load_autoencoder, save_ldm
 from dpldm.provenance import autoencoder_hashes, command_line, run_record
 from dpldm.runlog import RunLog
@@ -39,18 +39,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int)
     return p
-
-
-def resume_file(out: Path) -> Path:
-    """Where a pre-training into `out` keeps its checkpoint until it is done.
-
-    Args:
-        out: the LDM folder it writes.
-
-    Returns:
-        out's sibling <name>.resume.pt.
-    """
-    return out.with_name(out.name + ".resume.pt")
 
 
 def run(cfg: dict[str, Any], ae_dir: Path, out: Path, seed: int = 0, device: str = "cpu", steps: int | None = None,

@@ -28,22 +28,10 @@ from dpldm import tiny_pipeline
 from dpldm.base_models import verified_base
 from dpldm.common import add_config_args, config_from, load_public, seed_all
 from dpldm.diffusion import encode_split
-from dpldm.fit import Recipe, fit
+from dpldm.fit import Recipe, fit, resume_file
 from dpldm.models import load_autoencoder
 from dpldm.provenance import command_line, run_record
 from dpldm.runlog import RunLog
-
-
-def resume_file(out: Path) -> Path:
-    """Where a pre-training into `out` keeps its checkpoint until it is done.
-
-    Args:
-        out: the pipeline folder it writes.
-
-    Returns:
-        out's sibling <name>.resume.pt.
-    """
-    return out.with_name(out.name + ".resume.pt")
 
 
 def untrained(cfg: dict[str, Any], out: Path, seed: int, autoencoder: Path | None = None) -> None:
