@@ -55,6 +55,11 @@ _PRIVATE = re.compile(r"\.?checkpoint(?:-rank(\d+))?(?:\.prev|\.old|\.tmp-.+)?")
 RESUME_KEYS = ("data", "target_epsilon", "delta", "epochs", "batch_size", "max_grad_norm", "noise_multiplicity",
                "trainable", "ablation", "lora_rank", "accountant", "lr", "config", "set", "secure_mode",
                "deterministic_noise", "pipeline", "captions", "prompt")
+# What the options' paths held when the run started: a resume must find the same pipeline files and private data.
+CONTENT_KEYS = ("pipeline_sha256", "data_sha256")
+# Of those, the ones never written to the run's log (which may be shared): a hash of the whole private training set
+# tells whoever holds a candidate data set whether it is the one, so it lives only in the private checkpoint's meta.
+UNLOGGED_KEYS = ("data_sha256",)
 
 
 def save_train_state(folder: Path, model: nn.Module, optimizer: Any, engine: Any, step: int, meta: dict[str, Any]
@@ -372,7 +377,7 @@ def started_run_args(out: Path) -> dict[str, Any] | None:
         out: the run folder.
 
     Returns:
-        The RESUME_KEYS of its log's first train record; None when `out` holds no such run.
+        The RESUME_KEYS and CONTENT_KEYS of its log's first train record; None when `out` holds no such run.
     """
     log = out / "log.jsonl"
     if (out / "ldm").exists() or (out / "result.json").exists() or not log.is_file():
@@ -383,7 +388,7 @@ def started_run_args(out: Path) -> dict[str, Any] | None:
         except json.JSONDecodeError:  # a line cut by the kill
             continue
         if isinstance(rec, dict) and rec.get("stage") == "train" and "target_epsilon" in rec:
-            return {k: rec.get(k) for k in RESUME_KEYS}
+            return {k: rec.get(k) for k in RESUME_KEYS + CONTENT_KEYS}
     return None
 
 
@@ -424,7 +429,8 @@ def start_mode(resume: bool, fresh: bool, out: Path, rank: int, world: int, run_
         started = started_run_args(out)
         if started is None:
             return REFUSE, f"--resume: no unfinished checkpoint in {out}"
-        diff = {k: (started.get(k), v) for k, v in run_args.items() if started.get(k) != v}
+        diff = {k: (started.get(k), v) for k, v in run_args.items()
+                if k not in UNLOGGED_KEYS and started.get(k) != v}
         if diff:
             return REFUSE, (f"--resume: the run in {out} was started with other settings: "
                             + "; ".join(f"{k}: then {a!r}, now {b!r}" for k, (a, b) in diff.items()))
@@ -434,7 +440,9 @@ def start_mode(resume: bool, fresh: bool, out: Path, rank: int, world: int, run_
     diff = {k: (meta["args"].get(k), v) for k, v in run_args.items() if meta["args"].get(k) != v}
     if diff:
         return REFUSE, (f"--resume: the checkpoint in {found} was made with other settings: "
-                        + "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items()))
+                        + "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" if k not in UNLOGGED_KEYS
+                                    else f"{k}: the private training images or labels changed since" for k, (a, b)
+                                    in diff.items()))
     # each rank's sampler and RNG streams live in its own checkpoint: another number of ranks cannot continue them
     written_by = meta.get("world") or max(ranks) + 1  # older checkpoints did not record it
     how = ("plain `python -m dpldm.train" if written_by == 1

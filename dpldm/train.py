@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -74,6 +75,7 @@ from dpldm.checkpoint import (
     RESTART,
     RESUME,
     RESUME_KEYS,
+    UNLOGGED_KEYS,
     Start,
     StartRefused,
     checkpoint_dir,
@@ -554,7 +556,9 @@ def prepare(cfg: dict[str, Any], opts: TrainOptions, private: data_mod.DataSet |
         fail(f"config {cfg['name']}'s DP warm-up runs in one process only (every rank would release the statistics "
              "with its own noise): run it without torchrun, or drop the warmup section (--set warmup=null)")
     sigma = calibrate(opts, len(private.train.labels), warmup.history() if warmup else [])
-    run_args = opts.run_args()
+    # what a resume must find unchanged beyond the options: the pipeline's files and the private images themselves
+    run_args = {**opts.run_args(), "pipeline_sha256": text.pipeline.sha256 if text else None,
+                "data_sha256": data_sha256(private.train)}
     public, missing = None, unwritable(out)
     if missing is None and rank == 0 and not (opts.no_sample or opts.no_eval) and cfg["data"].get("public"):
         public, missing = evaluation_public_data(cfg)
@@ -567,7 +571,7 @@ def prepare(cfg: dict[str, Any], opts: TrainOptions, private: data_mod.DataSet |
         log.print(f"--resume: the run in {out} was stopped before its first checkpoint, so nothing of it was kept: "
                   "starting again from step 0")
     log.print(f"private data: {private.source}, {len(private.train.labels)} train / {len(private.test.labels)} test "
-              f"examples; run folder {out}", **{k: v for k, v in run_args.items()})
+              f"examples; run folder {out}", **{k: v for k, v in run_args.items() if k not in UNLOGGED_KEYS})
     return Job(out, rank, world, private, public, sigma, warmup, run_args, start, log, text)
 
 
@@ -590,6 +594,24 @@ def private_data(cfg: dict[str, Any], opts: TrainOptions, private: data_mod.Data
     except data_mod.DataError as e:
         fail(str(e))
     return private
+
+
+def data_sha256(split: data_mod.Split) -> str:
+    """One sha256 over a split's images and labels (their bytes, shapes and types): a resume checks the private
+    data did not change under the same path. Never logged (checkpoint.UNLOGGED_KEYS).
+
+    Args:
+        split: the private training split.
+
+    Returns:
+        The hex digest.
+    """
+    h = hashlib.sha256()
+    for a in (split.images, split.labels):
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
 
 
 def calibrate(opts: TrainOptions, n: int, prior: list[tuple[float, float, int]]) -> float:

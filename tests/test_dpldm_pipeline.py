@@ -247,6 +247,29 @@ def test_train_on_a_pipeline_saves_what_diffusers_loads(tiny_folder: Path, tmp_p
     assert not any(p.name.startswith(".") for p in out.iterdir()), "a staged or private folder was left behind"
 
 
+def test_a_resume_on_a_changed_pipeline_is_refused(tiny_folder: Path, tmp_path: Path, offline: None) -> None:
+    """The pipeline's path is not enough: its files are hashed when the run starts, and a resume on other weights
+    under the same path (a re-download, an edited config) is refused."""
+    import json
+    import shutil
+
+    from dpldm import train
+
+    folder = tmp_path / "pipe"
+    shutil.copytree(tiny_folder, folder)
+    data, extra = private_folder(tmp_path / "private", captions=False)
+    out = tmp_path / "run"
+    argv = pipeline_args(folder, data, out, "lora", *extra)
+    with pytest.warns(UserWarning, match="NO privacy"):
+        train.main([*argv, "--max-steps", "1", "--checkpoint-every", "1"])
+    before = pipeline_mod.folder_sha256(folder)
+    assert json.loads((out / "checkpoint" / "meta.json").read_text())["args"]["pipeline_sha256"] == before
+    config = folder / "scheduler" / "scheduler_config.json"
+    config.write_text(config.read_text().replace("0.012", "0.0125"))
+    with pytest.raises(SystemExit, match="pipeline_sha256"):
+        train.main([*argv, "--resume"])
+
+
 def _cfg_and_opts(argv: list[str]):
     from dpldm import train
     from dpldm.config import load_config

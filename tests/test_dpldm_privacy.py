@@ -74,6 +74,31 @@ def test_resume_continues_accounting(tiny_runs: Path, tiny_private: Path, tmp_pa
     assert [r["step"] for r in log if "loss" in r] == list(range(1, 9))  # steps 4..8 after the resume
 
 
+def test_resume_refuses_private_data_changed_under_the_same_path(tiny_runs: Path, tiny_private: Path,
+                                                                  tmp_path: Path) -> None:
+    """A user who edits the data file between the stop and --resume (one pixel) is refused, and the data's hash,
+    which would let anyone holding a candidate data set confirm it, is in no file the run keeps once it is done."""
+    data, out = tmp_path / "private.npz", tmp_path / "run"
+    with np.load(tiny_private) as f:
+        images, labels = f["images"].copy(), f["labels"].copy()
+    np.savez(data, images=images, labels=labels)
+    train.main(train_args(tiny_runs, data, out, "--max-steps", "1", "--checkpoint-every", "1"))
+    digest = json.loads((out / "checkpoint" / "meta.json").read_text())["args"]["data_sha256"]
+    assert len(digest) == 64 and digest not in (out / "log.jsonl").read_text()
+    images[3, 5, 5] ^= 1
+    np.savez(data, images=images, labels=labels)
+    with pytest.raises(SystemExit, match="private training images or labels changed"):
+        train.main(train_args(tiny_runs, data, out, "--resume"))
+    assert digest not in (tmp_path / "run" / "log.jsonl").read_text()
+    images[3, 5, 5] ^= 1  # the same images again: the resume goes on to the end
+    np.savez(data, images=images, labels=labels)
+    res = train.main(train_args(tiny_runs, data, out, "--resume"))
+    assert res["steps"] == res["total_steps"]
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert digest.encode() not in path.read_bytes(), f"{path} holds the private data's hash"
+
+
 def test_noise_multiplicity_rows_share_example_ids(tiny_runs: Path, tiny_private: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list = []
