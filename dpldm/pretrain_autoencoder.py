@@ -45,6 +45,25 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def autoencoder_loss(vae: Any, xb: torch.Tensor, kl_weight: float, generator: torch.Generator | None = None
+                     ) -> tuple[torch.Tensor, float]:
+    """The autoencoder's training loss on one batch: L2 + L1 reconstruction of a latent sample, plus the KL term.
+
+    Args:
+        vae: the AutoencoderKL.
+        xb: images [B, C, H, W] in [-1, 1].
+        kl_weight: the KL term's weight.
+        generator: for the latent sample (None: the global generator).
+
+    Returns:
+        (the loss to minimise, its reconstruction part as a float).
+    """
+    post = vae.encode(xb).latent_dist
+    rec = vae.decode(post.sample(generator=generator)).sample
+    rec_loss = F.mse_loss(rec, xb) + F.l1_loss(rec, xb)
+    return rec_loss + kl_weight * post.kl().mean(), rec_loss.item()
+
+
 def run(cfg: dict[str, Any], out: Path, seed: int = 0, device: str = "cpu", steps: int | None = None,
         batch_size: int | None = None, command: str | None = None) -> Path:
     """Pre-train the autoencoder on the public images, measure its latents' scaling factor, and save it.
@@ -77,19 +96,15 @@ def run(cfg: dict[str, Any], out: Path, seed: int = 0, device: str = "cpu", step
     vae.train()
     bar = progress(steps, "autoencoder")
     for step in range(steps):
-        xb = x[next(batches)].to(device)
-        post = vae.encode(xb).latent_dist
-        rec = vae.decode(post.sample(generator=None)).sample
-        rec_loss = F.mse_loss(rec, xb) + F.l1_loss(rec, xb)
-        loss = rec_loss + hp["kl_weight"] * post.kl().mean()
+        loss, rec_loss = autoencoder_loss(vae, x[next(batches)].to(device), hp["kl_weight"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         bar.update()
         if step % 50 == 0 or step == steps - 1:
-            bar.set_postfix(rec=f"{rec_loss.item():.4f}")
-            log.log(step=step, loss=loss.item(), rec=rec_loss.item())
+            bar.set_postfix(rec=f"{rec_loss:.4f}")
+            log.log(step=step, loss=loss.item(), rec=rec_loss)
     bar.close()
     # scale latents to unit variance, as LDM does; stored in the diffusers config (scaling_factor)
     z = encode(vae, x.to(device))
