@@ -74,7 +74,9 @@ def warmed(args: argparse.Namespace, cfg: dict, settings: warmup.Settings, rel: 
     """The base after the warm-up alone (the run's recipe, this seed), sampled and evaluated as the run does."""
     t0 = time.time()
     base = verified_base(cfg["base"])
-    vae = load_autoencoder(base / "autoencoder", cfg)
+    # a run that adapted its autoencoder (warmup.autoencoder_steps) samples through its own
+    vae = load_autoencoder(args.run / "autoencoder" if (args.run / "autoencoder").is_dir() else base / "autoencoder",
+                           cfg)
     model, _ = load_ldm(base / "ldm", cfg)
     torch.manual_seed(args.seed)
     warm_images, warm_labels = rel.sample(settings.per_class, np.random.default_rng(args.seed))  # as train.warm_up

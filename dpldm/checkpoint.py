@@ -551,7 +551,7 @@ def rewind_to_common_step(ckpt: Path, step: int, world: int) -> tuple[Path, dict
 def clear_for_new_run(out: Path, ckpt: Path, rank: int, world: int) -> None:
     """What a new run (or a restart) removes from its folder first: this rank's checkpoint and, on rank 0, the
     checkpoints of ranks this job does not have (an earlier job's private state, of no use to a new run), the
-    previous model and its log.
+    previous model, its adapted autoencoder and its log.
 
     Args:
         out: the run folder.
@@ -563,6 +563,6 @@ def clear_for_new_run(out: Path, ckpt: Path, rank: int, world: int) -> None:
     if rank != 0:
         return
     discard_private_checkpoints(out, from_rank=world)
-    for stale in ("ldm", "log.jsonl"):
+    for stale in ("ldm", "autoencoder", "log.jsonl"):
         p = out / stale
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)

@@ -155,8 +155,8 @@ def run(cfg: dict[str, Any], model: ConditionalUNet, vae: Any, out: Path, per_cl
 
 
 def default_autoencoder(args: argparse.Namespace, cfg: dict[str, Any], ldm_meta: dict[str, Any]) -> Path:
-    """The autoencoder the LDM was trained with (its ldm.json records it), else the config's shipped base's,
-    else the public cache <runs>/<config>/public/autoencoder.
+    """The autoencoder the LDM was trained with: its run's adapted one beside it, or the one its ldm.json records,
+    else the config's shipped base's, else the public cache <runs>/<config>/public/autoencoder.
 
     Args:
         args: the parsed command line (--runs).
@@ -165,7 +165,16 @@ def default_autoencoder(args: argparse.Namespace, cfg: dict[str, Any], ldm_meta:
 
     Returns:
         The autoencoder folder.
+
+    Raises:
+        FileNotFoundError: the run's adapted autoencoder is not beside its LDM.
     """
+    if ldm_meta.get("autoencoder_adapted"):  # the run adapted it (dpldm.adapt_autoencoder): never the base's
+        beside = Path(args.ldm).parent / "autoencoder"
+        if not beside.is_dir():
+            raise FileNotFoundError(f"{args.ldm} was trained with its run's adapted autoencoder, which is not "
+                                    f"beside it ({beside}): pass --autoencoder FOLDER")
+        return beside
     if ldm_meta.get("autoencoder") and Path(ldm_meta["autoencoder"]).is_dir():
         return Path(ldm_meta["autoencoder"])
     base = config_base(cfg)
@@ -191,7 +200,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.ldm is None or args.lora or args.unet or args.prompts:
         raise SystemExit("error: pass --ldm FOLDER, or --pipeline DIR (with --lora/--unet and --prompts)")
     model, meta = load_ldm(args.ldm, cfg)
-    vae = load_autoencoder(args.autoencoder or default_autoencoder(args, cfg, meta), cfg)
+    try:
+        ae_dir = args.autoencoder or default_autoencoder(args, cfg, meta)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
+    vae = load_autoencoder(ae_dir, cfg)
     run(cfg, model, vae, args.out, args.per_class, args.ddim_steps, args.guidance_scale, args.batch_size,
         args.seed, args.device)
 

@@ -59,9 +59,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from dpldm import adapt_autoencoder, parallel
 from dpldm import data as data_mod
 from dpldm import evaluate as evaluate_stage
-from dpldm import parallel
 from dpldm import pipeline as pipeline_stage
 from dpldm import pretrain as pretrain_stage
 from dpldm import pretrain_autoencoder as ae_stage
@@ -105,6 +105,7 @@ from dpldm.models import (
     ConditionalUNet,
     load_autoencoder,
     load_ldm,
+    save_autoencoder,
     save_ldm,
     trained_on,
 )
@@ -470,7 +471,7 @@ def run(cfg: dict[str, Any], opts: TrainOptions, private: data_mod.DataSet | Non
         fail(f"config {cfg['name']} fine-tunes a diffusers pipeline: pass --pipeline DIR")
     job = prepare(cfg, opts, private, text)
     vae, model, base_dirs = load_base(cfg, opts, job)
-    warm_up(cfg, opts, job, vae, model)
+    vae, base_dirs = warm_up(cfg, opts, job, vae, model, base_dirs)
     dp = make_private(cfg, opts, job, vae, model)
     step = resume(opts, job, dp)
     step = dp_loop(cfg, opts, job, dp, step)
@@ -552,6 +553,9 @@ def prepare(cfg: dict[str, Any], opts: TrainOptions, private: data_mod.DataSet |
         warmup = warmup_stage.Settings.of(cfg)
     except warmup_stage.WarmupError as e:
         fail(str(e))
+    if warmup is not None and warmup.autoencoder_steps and not cfg["data"].get("public"):
+        fail(f"config {cfg['name']}: warmup.autoencoder_steps adapts the autoencoder on public images too, and the "
+             "config names no public data (data.public)")
     if warmup is not None and world > 1:
         fail(f"config {cfg['name']}'s DP warm-up runs in one process only (every rank would release the statistics "
              "with its own noise): run it without torchrun, or drop the warmup section (--set warmup=null)")
@@ -705,22 +709,38 @@ def load_base(cfg: dict[str, Any], opts: TrainOptions, job: Job
 # --- warm_up: the DP release of per-class statistics, the LDM trained on its samples ------------------------------
 
 
-def warm_up(cfg: dict[str, Any], opts: TrainOptions, job: Job, vae: Any, model: ConditionalUNet) -> None:
+def warm_up(cfg: dict[str, Any], opts: TrainOptions, job: Job, vae: Any, model: ConditionalUNet,
+            base_dirs: tuple[Path, Path]) -> tuple[Any, tuple[Path, Path]]:
     """dpldm.warmup on a new or restarted run (a resumed one's checkpoint holds the warmed model, and the release in
     its accountant history): release the private training split's per-class statistics once, keep the release in
     <out>/warmup/release.npz (a DP output; a restarted run reuses it, so the data are never released twice), then
-    train every LDM parameter on images drawn from it, non-privately (post-processing).
+    train every LDM parameter on images drawn from it, non-privately (post-processing). With
+    warmup.autoencoder_steps, the autoencoder is first adapted on the same images plus the public ones
+    (dpldm.adapt_autoencoder, post-processing too) and saved in <out>/autoencoder, which the rest of the run, its
+    resumes and dpldm.sample use.
 
     Args:
         cfg: the config.
         opts: the run's options (seed; deterministic_noise seeds the release's noise from --seed, tests only).
         job: prepare()'s answer.
-        vae: the autoencoder.
+        vae: the base's autoencoder.
         model: the LDM, trained in place.
+        base_dirs: the (autoencoder, LDM) folders the run started from.
+
+    Returns:
+        (the autoencoder the run uses, the (autoencoder, LDM) folders to record with the model).
     """
     s = job.warmup
-    if s is None or job.start.mode == RESUME:
-        return
+    adapted = job.out / "autoencoder"
+    if s is None:
+        return vae, base_dirs
+    if job.start.mode == RESUME:
+        if not s.autoencoder_steps:
+            return vae, base_dirs
+        try:  # written before the first checkpoint, so a resumable run has it
+            return load_autoencoder(adapted, cfg), (adapted, base_dirs[1])
+        except CheckpointError as e:
+            fail(f"--resume: the run's adapted autoencoder cannot be read ({e}): pass --fresh to start over")
     train_split, k = job.private.train, job.private.num_classes
     path = job.out / "warmup" / warmup_stage.RELEASE_FILE
     if job.start.mode == RESTART and path.exists():
@@ -739,9 +759,39 @@ def warm_up(cfg: dict[str, Any], opts: TrainOptions, job: Job, vae: Any, model: 
                   f"{s.clip}; epsilon {eps:.3f} alone at delta {opts.delta:g}), {s.steps} steps on "
                   f"{s.per_class * k} of its samples", warmup_epsilon=eps, warmup=dataclasses.asdict(s))
     images, labels = rel.sample(s.per_class, np.random.default_rng(opts.seed))
-    z = encode_latents(vae, images_tensor(data_mod.Split(images, labels), cfg))
+    x = images_tensor(data_mod.Split(images, labels), cfg)
+    if s.autoencoder_steps:
+        public = images_tensor(load_public(cfg).train, cfg)
+        job.log.print(f"DP warm-up: the autoencoder adapted for {s.autoencoder_steps} steps on these samples and "
+                      f"{len(public)} public images ({cfg['data']['public']}), saved in {adapted}")
+        ae_losses = adapt_autoencoder.adapt(vae, x, public, s.autoencoder_steps, s.autoencoder_batch_size,
+                                            s.autoencoder_lr, autoencoder_kl_weight(base_dirs[0]),
+                                            opts.seed, opts.device)
+        save_autoencoder(vae.cpu(), adapted, {"stage": "adapt_autoencoder", "from": str(base_dirs[0]),
+                                              "public": cfg["data"]["public"], "steps": s.autoencoder_steps,
+                                              "release": str(path)})
+        vae.to(opts.device)
+        job.log.log(autoencoder_losses=ae_losses)
+        base_dirs = (adapted, base_dirs[1])
+    z = encode_latents(vae, x)
     losses = warmup_stage.train_on_samples(model, z, torch.from_numpy(labels), cfg, s, opts.seed, opts.device)
     job.log.log(warmup_losses=losses)
+    return vae, base_dirs
+
+
+def autoencoder_kl_weight(folder: Path) -> float:
+    """The KL weight the autoencoder in `folder` was pre-trained with (the config in its dpldm.json), else the
+    presets' 1e-6.
+
+    Args:
+        folder: an autoencoder folder.
+
+    Returns:
+        The weight.
+    """
+    meta = folder / "dpldm.json"
+    found = json.loads(meta.read_text()) if meta.is_file() else {}
+    return float(found.get("config", {}).get("pretrain_autoencoder", {}).get("kl_weight", 1e-6))
 
 
 # --- make_private: latents, trainable set, engine -----------------------------------------------------------------
@@ -996,7 +1046,9 @@ def save_model(cfg: dict[str, Any], opts: TrainOptions, job: Job, model: Any, ep
     # the staged copy, which a resumed run writes again)
     staged = job.out / ".ldm.staged"
     save_ldm(plain, staged, {"stage": "train", "epsilon": epsilon, "delta": opts.delta,
-                             "autoencoder": str(ae_dir), "pretrained": str(ldm_dir)})
+                             "autoencoder": str(ae_dir), "pretrained": str(ldm_dir),
+                             # the run's own (warmup.autoencoder_steps): it stays beside ldm/ wherever the run moves
+                             "autoencoder_adapted": ae_dir == job.out / "autoencoder"})
     discard_train_state(job.ckpt)  # only for resuming
     discard_private_checkpoints(job.out)  # nor any rank's (each deletes its own too; whoever is first wins)
     if (job.out / "ldm").exists():

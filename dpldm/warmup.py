@@ -23,7 +23,7 @@ until the DP-SGD steps.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ import torch
 # need, the count needs little (N ~ thousands per class)
 WEIGHTS = {"mean": 0.2, "second_moment": 0.75, "count": 0.05}
 RELEASE_FILE = "release.npz"
+_CASTS = {"float": float, "int": int}  # a Settings field's annotation (a string here) -> how a YAML value is read
 
 
 class WarmupError(ValueError):
@@ -52,6 +53,10 @@ class Settings:
         steps: optimizer steps of the warm-up training.
         batch_size: its batch size.
         lr: its learning rate (AdamW, cosine with warm-up, every LDM parameter).
+        autoencoder_steps: before the LDM's warm-up, steps of dpldm.adapt_autoencoder on the same samples plus the
+            public images (0: the base's autoencoder as it is).
+        autoencoder_batch_size: that adaptation's batch, half samples, half public images.
+        autoencoder_lr: its learning rate.
     """
 
     sigma: float
@@ -61,6 +66,9 @@ class Settings:
     steps: int
     batch_size: int
     lr: float
+    autoencoder_steps: int = 0
+    autoencoder_batch_size: int = 64
+    autoencoder_lr: float = 3e-4
 
     @classmethod
     def of(cls, cfg: dict[str, Any]) -> Settings | None:
@@ -78,19 +86,22 @@ class Settings:
         section = cfg.get("warmup")
         if not section:
             return None
-        names = set(cls.__dataclass_fields__)
-        if set(section) != names:
-            raise WarmupError(f"config warmup section: missing {sorted(names - set(section))}, unknown "
+        fields = cls.__dataclass_fields__
+        names = set(fields)
+        required = {n for n, f in fields.items() if f.default is MISSING}
+        if not required <= set(section) <= names:
+            raise WarmupError(f"config warmup section: missing {sorted(required - set(section))}, unknown "
                               f"{sorted(set(section) - names)}")
         try:
-            s = cls(float(section["sigma"]), int(section["frequencies"]), float(section["clip"]),
-                    int(section["per_class"]), int(section["steps"]), int(section["batch_size"]), float(section["lr"]))
+            s = cls(**{n: _CASTS[str(fields[n].type)](v) for n, v in section.items()})
         except (TypeError, ValueError) as e:
             raise WarmupError(f"config warmup section: {e}") from e
         if not (s.sigma > 0 and s.clip > 0 and s.frequencies >= 1 and s.per_class >= 1 and s.steps >= 0
-                and s.batch_size >= 1 and s.lr > 0):
-            raise WarmupError(f"config warmup section out of range: {asdict(s)} (sigma, clip, lr > 0; frequencies, "
-                              "per_class, batch_size >= 1; steps >= 0)")
+                and s.batch_size >= 1 and s.lr > 0 and s.autoencoder_steps >= 0 and s.autoencoder_batch_size >= 2
+                and s.autoencoder_lr > 0):
+            raise WarmupError(f"config warmup section out of range: {asdict(s)} (sigma, clip, lr, autoencoder_lr > 0; "
+                              "frequencies, per_class, batch_size >= 1; autoencoder_batch_size >= 2; steps, "
+                              "autoencoder_steps >= 0)")
         return s
 
     def history(self) -> list[tuple[float, float, int]]:

@@ -4,6 +4,7 @@ composition with the DP-SGD steps that follow, made once per run, and nothing af
 # ruff: noqa: F811  (pytest fixtures imported from tests.dpldm_helpers are redefined as arguments)
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -173,10 +174,13 @@ def test_a_restart_reuses_the_release_on_disk_and_refuses_another_one(
         train.main(run_args(tiny_runs, tiny_private, other, "--resume"))
 
 
+@pytest.mark.parametrize("autoencoder_steps", [0, 3])
 def test_nothing_after_the_release_reads_the_private_images(tiny_runs: Path, tiny_private: Path, tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """The warm-up training sees only the release's samples: replace the private images by others after the
-    release and the warmed model is the same."""
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            autoencoder_steps: int) -> None:
+    """The warm-up training (and the autoencoder's adaptation before it) sees only the release's samples and public
+    images: replace the private images by others after the release and the warmed latents are the same."""
+    adapt = ("--set", f"warmup.autoencoder_steps={autoencoder_steps}")
     seen = {}
     real_train = warmup.train_on_samples
 
@@ -194,13 +198,68 @@ def test_nothing_after_the_release_reads_the_private_images(tiny_runs: Path, tin
 
     monkeypatch.setattr(warmup, "release", fixed_release)
     with pytest.warns(UserWarning, match="NO privacy"):
-        train.main(run_args(tiny_runs, tiny_private, tmp_path / "a", "--max-steps", "1"))
+        train.main(run_args(tiny_runs, tiny_private, tmp_path / "a", "--max-steps", "1", *adapt))
     other = tmp_path / "other.npz"
     with np.load(tiny_private) as f:
         np.savez(other, images=255 - f["images"], labels=f["labels"])
     with pytest.warns(UserWarning, match="NO privacy"):
-        train.main(run_args(tiny_runs, other, tmp_path / "b", "--max-steps", "1"))
+        train.main(run_args(tiny_runs, other, tmp_path / "b", "--max-steps", "1", *adapt))
     assert torch.equal(seen["latents"][0], seen["latents"][1])
+    assert (tmp_path / "a" / "autoencoder").is_dir() == bool(autoencoder_steps)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:--deterministic-noise")
+def test_the_adapted_autoencoder_is_the_runs_own_through_resume_and_sampling(
+        tiny_runs: Path, tiny_private: Path, tmp_path: Path) -> None:
+    """warmup.autoencoder_steps: the adapted autoencoder is saved in the run, a resume uses it (the model equals
+    the uninterrupted run's), the LDM records it, and dpldm.sample decodes with it, never silently with the base's."""
+    import shutil
+
+    from dpldm import sample
+    from dpldm.config import load_config
+    from dpldm.models import load_autoencoder
+
+    adapt = ("--set", "warmup.autoencoder_steps=4", "--set", "warmup.autoencoder_batch_size=8")
+    whole = tmp_path / "whole"
+    train.main(run_args(tiny_runs, tiny_private, whole, *adapt))
+    out = tmp_path / "killed"
+    train.main(run_args(tiny_runs, tiny_private, out, "--max-steps", "2", *adapt))
+    train.main(run_args(tiny_runs, tiny_private, out, "--resume", *adapt))
+    for part in ("ldm/unet/diffusion_pytorch_model.safetensors", "autoencoder/diffusion_pytorch_model.safetensors"):
+        a, b = load_file(whole / part), load_file(out / part)
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+    base = load_file(tiny_runs / "tiny" / "public" / "autoencoder" / "diffusion_pytorch_model.safetensors")
+    ours = load_file(out / "autoencoder" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(base[k], ours[k]) for k in base), "the autoencoder was not adapted"
+    meta = json.loads((out / "ldm" / "ldm.json").read_text())
+    assert meta["autoencoder_adapted"] is True and meta["autoencoder"] == str(out / "autoencoder")
+
+    moved = tmp_path / "moved"
+    shutil.move(out, moved)
+    args = sample.parser().parse_args(["--config", "tiny", "--runs", str(tiny_runs), "--ldm", str(moved / "ldm"),
+                                        "--out", str(tmp_path / "s")])
+    assert sample.default_autoencoder(args, load_config("tiny"), meta) == moved / "autoencoder"
+    load_autoencoder(moved / "autoencoder", load_config("tiny"))
+    shutil.rmtree(moved / "autoencoder")
+    with pytest.raises(SystemExit, match="adapted autoencoder"):
+        sample.main(["--config", "tiny", "--runs", str(tiny_runs), "--ldm", str(moved / "ldm"), "--out",
+                     str(tmp_path / "s"), "--per-class", "1"])
+
+
+def test_adapting_the_autoencoder_needs_public_data_and_no_compartments(tiny_runs: Path, tiny_private: Path,
+                                                                       tmp_path: Path) -> None:
+    from dpldm.compartments.train import RunError, check_config
+    from dpldm.config import load_config
+
+    with pytest.raises(SystemExit, match="names no public data"):
+        train.main(run_args(tiny_runs, tiny_private, tmp_path / "run", "--set", "warmup.autoencoder_steps=2",
+                            "--set", "data.public=null"))
+    section = ("warmup={sigma: 4.0, frequencies: 8, clip: 6.0, per_class: 8, steps: 6, batch_size: 16, lr: 0.001, "
+               "autoencoder_steps: 2}")
+    cfg = load_config("tiny", [section])
+    with pytest.raises(RunError, match="share the base's autoencoder"):
+        check_config(cfg)
 
 
 def test_every_preset_loads_its_warmup_and_matches_its_base() -> None:

@@ -422,8 +422,8 @@ def absolute(path: str | Path | None) -> str | None:
 
 
 def check_config(cfg: dict[str, Any]) -> None:
-    """Refuse a config whose private label set is not the base's (compartments share its class embedder), and a
-    pipeline preset (compartments of a diffusers pipeline are not built yet: issue 20).
+    """Refuse a config whose private label set is not the base's (compartments share its class embedder), one that
+    adapts the autoencoder per shard, and a pipeline preset (compartments of a diffusers pipeline are not built yet: issue 20).
 
     Args:
         cfg: the config.
@@ -434,6 +434,13 @@ def check_config(cfg: dict[str, Any]) -> None:
     if private_classes(cfg) != cfg["data"]["num_classes"]:
         raise RunError("compartments share the base's class embedder: the private label set must be the base's "
                        "(data.private_num_classes is set)")
+    try:
+        settings = warmup.Settings.of(cfg)
+    except warmup.WarmupError as e:
+        raise RunError(str(e)) from e
+    if settings is not None and settings.autoencoder_steps:
+        raise RunError("compartments share the base's autoencoder (their samples are decoded by it together): "
+                       "warmup.autoencoder_steps would give each shard its own; pass --set warmup.autoencoder_steps=0")
 
 
 def plan_shard(cfg: dict[str, Any], args: argparse.Namespace, name: str, size: int, full_batch: int, n: int,
