@@ -73,3 +73,13 @@ def test_full_disk_while_checkpointing_keeps_the_previous_latest(tiny_runs: Path
     assert [p.name for p in out.iterdir() if p.name.startswith(".checkpoint")] == []  # no half-written folder left
     monkeypatch.setattr(checkpoint, "save_file", real)
     assert run_to(tiny_runs, tiny_private, out, "--resume")["steps"] == 8
+
+
+def test_a_new_run_clears_the_earlier_runs_model_and_adapted_autoencoder(tmp_path: Path) -> None:
+    """Else a new run without warmup.autoencoder_steps would leave an old adapted autoencoder beside its ldm/."""
+    out = tmp_path / "run"
+    for folder in ("ldm", "autoencoder", "warmup"):
+        (out / folder).mkdir(parents=True)
+    (out / "log.jsonl").write_text("{}\n")
+    checkpoint.clear_for_new_run(out, checkpoint.checkpoint_dir(out, 0), 0, 1)
+    assert sorted(p.name for p in out.iterdir()) == ["warmup"]  # a new warm-up writes its own release over it
