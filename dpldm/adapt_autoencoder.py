@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from dpldm.common import cycle_batches, warmup_cosine
-from dpldm.pretrain_autoencoder import autoencoder_loss
+from dpldm.pretrain_autoencoder import autoencoder_step
 from dpldm.runlog import progress
 
 
@@ -55,11 +55,8 @@ def adapt(vae: Any, released: torch.Tensor, public: torch.Tensor, steps: int, ba
     bar = progress(steps, "autoencoder adaptation")
     for step in range(steps):
         xb = torch.cat([released[next(ours)], public[next(theirs)]]).to(device)
-        loss, rec = autoencoder_loss(vae, xb, kl_weight, torch.Generator(device).manual_seed(seed * 100003 + step))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        _, rec = autoencoder_step(vae, opt, sched, xb, kl_weight,
+                                  torch.Generator(device).manual_seed(seed * 100003 + step))
         bar.update()
         if step % 50 == 0 or step == steps - 1:
             losses.append(rec)

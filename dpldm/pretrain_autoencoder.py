@@ -64,6 +64,29 @@ def autoencoder_loss(vae: Any, xb: torch.Tensor, kl_weight: float, generator: to
     return rec_loss + kl_weight * post.kl().mean(), rec_loss.item()
 
 
+def autoencoder_step(vae: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any, xb: torch.Tensor,
+                     kl_weight: float, generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
+    """One optimizer step of the autoencoder on the batch `xb` (pre-training and adaptation alike).
+
+    Args:
+        vae: the AutoencoderKL, in train mode.
+        opt: its optimizer.
+        sched: the learning-rate schedule, stepped once.
+        xb: images in [-1, 1], (B, C, H, W).
+        kl_weight: the KL term's weight.
+        generator: for the posterior sample (default torch's global generator).
+
+    Returns:
+        The loss and the reconstruction loss as a float.
+    """
+    loss, rec = autoencoder_loss(vae, xb, kl_weight, generator)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return loss, rec
+
+
 def run(cfg: dict[str, Any], out: Path, seed: int = 0, device: str = "cpu", steps: int | None = None,
         batch_size: int | None = None, command: str | None = None) -> Path:
     """Pre-train the autoencoder on the public images, measure its latents' scaling factor, and save it.
@@ -96,11 +119,7 @@ def run(cfg: dict[str, Any], out: Path, seed: int = 0, device: str = "cpu", step
     vae.train()
     bar = progress(steps, "autoencoder")
     for step in range(steps):
-        loss, rec_loss = autoencoder_loss(vae, x[next(batches)].to(device), hp["kl_weight"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        loss, rec_loss = autoencoder_step(vae, opt, sched, x[next(batches)].to(device), hp["kl_weight"])
         bar.update()
         if step % 50 == 0 or step == steps - 1:
             bar.set_postfix(rec=f"{rec_loss:.4f}")

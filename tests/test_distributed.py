@@ -124,19 +124,25 @@ def case_dpldm_refused(rank: int, out: Path, argv: list[str]) -> None:
     (out / f"rank{rank}.txt").write_text(str(e.value))
 
 
-def case_dpldm_sequence(rank: int, out: Path, calls: list[tuple[str, list[str]]]) -> None:
-    """Several dpldm.train jobs one after the other on the same process group: ("train", argv) runs one,
-    ("refused", argv) expects it to stop with an error and keeps the message."""
+def case_dpldm_sequence(rank: int, out: Path, calls: list[tuple[str, object]]) -> None:
+    """Several dpldm.train jobs one after the other on the same process group (one spawn for all): ("train", argv)
+    runs one, ("refused", argv) expects it to stop with an error and keeps the message, ("files", name) has rank 0
+    apply FILE_STEPS[name] between two barriers, as a job killed in between would have left the files."""
     from dpldm import train
 
     os.environ["WORLD_SIZE"] = str(WORLD)
     done: dict[str, list] = {"train": [], "refused": []}
-    for kind, argv in calls:
-        if kind == "train":
-            done["train"].append({k: float(v) for k, v in train.main(argv).items() if k in ("epsilon", "steps")})
+    for kind, arg in calls:
+        if kind == "files":
+            dist.barrier()
+            if rank == 0:
+                FILE_STEPS[arg](out)
+            dist.barrier()
+        elif kind == "train":
+            done["train"].append({k: float(v) for k, v in train.main(arg).items() if k in ("epsilon", "steps")})
         else:
             with pytest.raises(SystemExit) as e:
-                train.main(argv)
+                train.main(arg)
             done["refused"].append(str(e.value))
     torch.save(done, out / f"rank{rank}.pt")
 
@@ -290,11 +296,18 @@ def test_dpldm_train_on_two_ranks(tmp_path: Path, tiny_runs: Path, tiny_private:
     assert not [p for p in run_dir.iterdir() if p.name.startswith("checkpoint")]  # every rank's seeds deleted
 
 
-def killed_while_checkpointing(run_dir: Path) -> None:
-    """The state a job killed between its ranks' checkpoint writes leaves: rank 1 still at the step before."""
+def killed_while_checkpointing(job: Path) -> None:
+    """The state a job killed between its ranks' checkpoint writes leaves (job/killed: rank 1 still at the step
+    before), and a copy of it with no step in common (job/apart: rank 0 holds step 3 only, rank 1 step 2 only)."""
+    run_dir = job / "killed"
     behind = run_dir / "checkpoint-rank1"
     shutil.rmtree(behind)
     (run_dir / "checkpoint-rank1.prev").rename(behind)
+    shutil.copytree(run_dir, job / "apart")
+    shutil.rmtree(job / "apart" / "checkpoint.prev")
+
+
+FILE_STEPS = {"killed_while_checkpointing": killed_while_checkpointing}
 
 
 def test_two_ranks_resume_at_the_step_they_all_hold(tmp_path: Path, tiny_runs: Path,  # noqa: F811
@@ -303,34 +316,23 @@ def test_two_ranks_resume_at_the_step_they_all_hold(tmp_path: Path, tiny_runs: P
     rank holds, and finish as an uninterrupted 2-rank run; with no step in common every rank stops, clearly."""
     from tests.dpldm_helpers import train_args
 
-    def argv(out: Path, *extra: str) -> list[str]:
-        return train_args(tiny_runs, tiny_private, out, "--deterministic-noise",
+    def argv(name: str, *extra: str) -> list[str]:
+        return train_args(tiny_runs, tiny_private, tmp_path / name, "--deterministic-noise",
                           "--checkpoint-every", "1", *extra)
 
-    calls = iter(range(100))
-
-    def ranks(case: str, args: list[str]) -> list:
-        d = tmp_path / f"call{next(calls)}"  # a fresh rendezvous file per job
-        d.mkdir()
-        return run(case, d, args)
-
-    whole = ranks("dpldm_train", argv(tmp_path / "whole"))
-    out = tmp_path / "killed"
-    ranks("dpldm_train", argv(out, "--max-steps", "3"))
-    killed_while_checkpointing(out)
-    apart = tmp_path / "apart"
-    shutil.copytree(out, apart)
-    shutil.rmtree(apart / "checkpoint.prev")  # rank 0 now holds step 3 only, rank 1 step 2 only
-    messages = ranks("dpldm_refused", argv(apart, "--resume"))
-    assert all("no step in common" in m and "pass --fresh" in m for m in messages), messages
-
-    resumed = ranks("dpldm_train", argv(out, "--resume"))
+    r0, r1 = run("dpldm_sequence", tmp_path, [
+        ("train", argv("whole")), ("train", argv("killed", "--max-steps", "3")),
+        ("files", "killed_while_checkpointing"), ("refused", argv("apart", "--resume")),
+        ("train", argv("killed", "--resume"))])
+    assert r0["train"] == r1["train"]
+    messages = r0["refused"] + r1["refused"]
+    assert len(messages) == 2 and all("no step in common" in m and "pass --fresh" in m for m in messages), messages
+    whole, _, resumed = r0["train"]
     assert resumed == whole
-    a, b = (load_file(d / "ldm" / "unet" / "diffusion_pytorch_model.safetensors") for d in (tmp_path / "whole", out))
+    a, b = (load_file(tmp_path / d / "ldm" / "unet" / "diffusion_pytorch_model.safetensors")
+            for d in ("whole", "killed"))
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed at the common step, the model differs"
-    assert '"resumed_step": 2' in (out / "log.jsonl").read_text()
-
-
+    assert '"resumed_step": 2' in (tmp_path / "killed" / "log.jsonl").read_text()
 
 
 @pytest.mark.slow

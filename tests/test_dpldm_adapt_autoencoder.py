@@ -55,8 +55,9 @@ def test_every_batch_is_half_released_half_public(monkeypatch: pytest.MonkeyPatc
         seen.append(xb.clone())
         return original(v, xb, kl_weight, generator)
 
-    monkeypatch.setattr(adapt_autoencoder, "autoencoder_loss", spy)
+    monkeypatch.setattr(pretrain_autoencoder, "autoencoder_loss", spy)  # what autoencoder_step calls
     adapt_autoencoder.adapt(vae, released, public, steps=3, batch_size=10, lr=1e-3, kl_weight=1e-6, seed=1)
+    assert len(seen) == 3
     filled = (released > 0).flatten(1).sum(1)
     for xb in seen:
         assert xb.shape[0] == 10

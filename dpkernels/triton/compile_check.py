@@ -2,15 +2,17 @@
 
 CI has no GPU; this catches what the interpreter cannot: code that does not lower (types, tl.dot
 shapes, libdevice calls, globals), for each autotune config and input dtype.
-    TRITON_INTERPRET=0 python -m dpkernels.triton.compile_check [--all-configs] [--arch 90 80]
+    TRITON_INTERPRET=0 python -m dpkernels.triton.compile_check [--all-configs] [--arch 90 80] [--jobs N]
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import multiprocessing
 import os
 import sys
+from concurrent.futures import ProcessPoolExecutor
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -72,20 +74,10 @@ def _with_t1(dt: str):
             yield kernel, sig, {**consts, "T": 1}
 
 
-def compile_all(archs: list[int], all_configs: bool, dtypes=DTYPES) -> int:
-    """Compile every kernel variant ahead of time for NVIDIA targets (no GPU needed).
-
-    Args:
-        archs: compute capabilities, e.g. [90, 80].
-        all_configs: every autotune config (else the first, safe one).
-        dtypes: input dtypes among DTYPES.
-
-    Returns:
-        The number of variants compiled.
-    """
-    n = 0
+def _variants(archs: list[int], all_configs: bool, dtypes) -> list[tuple]:
+    """(arch, kernel, signature, constexprs, options) for every variant to compile, in a fixed order."""
+    out = []
     for arch, dt in itertools.product(archs, dtypes):
-        target = GPUTarget("cuda", arch, 32)
         for kernel, sig, consts in _with_t1(dt):
             tuned = isinstance(kernel, triton.runtime.Autotuner)
             fn = kernel.fn if tuned else kernel
@@ -99,9 +91,36 @@ def compile_all(archs: list[int], all_configs: bool, dtypes=DTYPES) -> int:
                     s.update({k: "constexpr" for k in cfg.kwargs})
                     opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
                 s.update({k: "constexpr" for k in c})
-                triton.compile(ASTSource(fn, s, c), target=target, options=opts)
-                n += 1
-    return n
+                out.append((arch, fn, s, c, opts))
+    return out
+
+
+def _compile_share(archs: list[int], all_configs: bool, dtypes, share: int, shares: int) -> int:
+    """Compile every `shares`-th variant, starting at `share` (one worker's part)."""
+    todo = _variants(archs, all_configs, dtypes)[share::shares]
+    for arch, fn, sig, consts, opts in todo:
+        triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", arch, 32), options=opts)
+    return len(todo)
+
+
+def compile_all(archs: list[int], all_configs: bool, dtypes=DTYPES, jobs: int = 1) -> int:
+    """Compile every kernel variant ahead of time for NVIDIA targets (no GPU needed).
+
+    Args:
+        archs: compute capabilities, e.g. [90, 80].
+        all_configs: every autotune config (else the first, safe one).
+        dtypes: input dtypes among DTYPES.
+        jobs: worker processes (each compile is single-threaded).
+
+    Returns:
+        The number of variants compiled.
+    """
+    if jobs <= 1:
+        return _compile_share(archs, all_configs, dtypes, 0, 1)
+    # forked before any compile: the workers inherit the imported kernels, nothing of LLVM's state
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+        parts = [pool.submit(_compile_share, archs, all_configs, tuple(dtypes), i, jobs) for i in range(jobs)]
+        return sum(f.result() for f in parts)
 
 
 def main() -> None:
@@ -110,8 +129,9 @@ def main() -> None:
     ap.add_argument("--arch", type=int, nargs="+", default=[90])
     ap.add_argument("--all-configs", action="store_true")
     ap.add_argument("--dtypes", nargs="+", default=list(DTYPES))
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes (default: every core)")
     args = ap.parse_args()
-    n = compile_all(args.arch, args.all_configs, args.dtypes)
+    n = compile_all(args.arch, args.all_configs, args.dtypes, args.jobs)
     print(f"compiled {n} kernel variants for sm_{args.arch}")
 
 
