@@ -1119,7 +1119,11 @@ def sample_and_evaluate(cfg: dict[str, Any], opts: TrainOptions, job: Job, plain
     if plain.class_embedder.num_classes == 0:
         job.log.print("no public prompt to sample (--captions without --prompts): nothing sampled")
         return {}
-    npz, grid = sample_stage.run(cfg, plain, vae, job.out, opts.per_class, seed=opts.seed, device=opts.device)
+    # a class folder's label is its index in sorted name order: the grid names each row by its class prompt (never
+    # by private captions, which are not the sampled conditions)
+    names = job.text.captioned.captions if job.text is not None and job.text.captioned.per_class else None
+    npz, grid = sample_stage.run(cfg, plain, vae, job.out, opts.per_class, seed=opts.seed, device=opts.device,
+                                 names=names)
     result: dict[str, Any] = {"samples": str(npz), "grid": str(grid)}
     if job.text is not None and not job.text.captioned.per_class:
         job.log.print("samples of the --prompts lines: no class labels to evaluate them by")
