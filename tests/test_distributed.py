@@ -107,23 +107,6 @@ def case_rank_dies(rank: int, out: Path) -> None:
         os._exit(0)  # the process group cannot be torn down cleanly with a dead peer
 
 
-def case_dpldm_train(rank: int, out: Path, argv: list[str]) -> None:
-    from dpldm import train
-
-    os.environ["WORLD_SIZE"] = str(WORLD)  # what torchrun sets; the process group is already up
-    res = train.main(argv)
-    torch.save({k: float(v) for k, v in res.items() if k in ("epsilon", "steps", "sigma")}, out / f"rank{rank}.pt")
-
-
-def case_dpldm_refused(rank: int, out: Path, argv: list[str]) -> None:
-    from dpldm import train
-
-    os.environ["WORLD_SIZE"] = str(WORLD)
-    with pytest.raises(SystemExit) as e:
-        train.main(argv)
-    (out / f"rank{rank}.txt").write_text(str(e.value))
-
-
 def case_dpldm_sequence(rank: int, out: Path, calls: list[tuple[str, object]]) -> None:
     """Several dpldm.train jobs one after the other on the same process group (one spawn for all): ("train", argv)
     runs one, ("refused", argv) expects it to stop with an error and keeps the message, ("files", name) has rank 0
@@ -180,8 +163,7 @@ def case_settings_differ(rank: int, out: Path) -> None:
 
 
 CASES = {"same_update": case_same_update, "settings_differ": case_settings_differ, "noise": case_noise,
-         "epoch": case_epoch, "rank_dies": case_rank_dies, "dpldm_train": case_dpldm_train,
-         "dpldm_refused": case_dpldm_refused, "dpldm_sequence": case_dpldm_sequence}
+         "epoch": case_epoch, "rank_dies": case_rank_dies, "dpldm_sequence": case_dpldm_sequence}
 
 
 def worker(rank: int, out: Path, case: str, args: tuple) -> None:
@@ -214,7 +196,7 @@ def run(case: str, tmp_path: Path, *args: object) -> list[dict]:
     errors = [f.read_text() for f in sorted(tmp_path.glob("error*.txt"))]
     assert not hung, f"a rank hung: {errors}"
     assert not errors and all(p.exitcode == 0 for p in procs), errors
-    if case in ("dpldm_refused", "settings_differ"):  # each rank's error messages
+    if case == "settings_differ":  # each rank's error messages
         return [(tmp_path / f"rank{r}.txt").read_text() for r in range(WORLD)]
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
