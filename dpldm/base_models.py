@@ -1,12 +1,17 @@
-"""Shipped base models: a public pre-trained autoencoder + class-conditional LDM that installs with the package.
+"""Shipped base models: a public pre-trained autoencoder + class-conditional LDM that installs with the package,
+or a text-conditioned diffusers pipeline (`--pipeline NAME`).
 
-A base is a folder (dpldm/bases/<name>/ in the package, or any folder named by a path):
+A class-conditional base is a folder (dpldm/bases/<name>/ in the package, or any folder named by a path):
 
     autoencoder/    diffusers AutoencoderKL folder (config.json, diffusion_pytorch_model.safetensors, dpldm.json)
     ldm/            unet/ (diffusers), class_embedder/, ldm.json: the layout save_ldm writes
     base.json       machine-readable record: name, dtype, each stage's steps / wall time / machine / command
     MODEL_CARD.md   the same for people, with the rebuild command and the sha256 of every file
     SHA256SUMS      sha256 of every other file in the folder, in `sha256sum -c` format
+
+A pipeline base holds, in place of autoencoder/ and ldm/, a diffusers pipeline folder's files (model_index.json,
+unet/, vae/, text_encoder/, tokenizer/, scheduler/) and dpldm.json, the pre-training's record
+(`python -m dpldm.ship_pipeline` writes it). Its SHA256SUMS lists model_index.json; a class-conditional one does not.
 
 Weights are stored as fp16 safetensors (half the size) and loaded back as fp32. Before anything is loaded every
 file is checked against SHA256SUMS: a changed, missing or unlisted file is refused (CheckpointError naming it).
@@ -38,6 +43,11 @@ RECORD = "base.json"
 REQUIRED = ("autoencoder/config.json", "autoencoder/diffusion_pytorch_model.safetensors", "ldm/ldm.json",
             "ldm/unet/config.json", "ldm/unet/diffusion_pytorch_model.safetensors",
             "ldm/class_embedder/config.json", "ldm/class_embedder/model.safetensors")
+PIPELINE_REQUIRED = ("model_index.json", "dpldm.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                     "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json",
+                     "text_encoder/model.safetensors", "tokenizer/tokenizer_config.json",
+                     "scheduler/scheduler_config.json")
+KINDS = ("ldm", "pipeline")
 # How images were laid out for the base (its architecture alone does not say: 28 px padded to 32 fits a 32 px VAE).
 LAYOUT_KEYS = ("image_size", "pad_to", "channels")
 
@@ -127,25 +137,47 @@ def files_in(folder: Path) -> set[str]:
     return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir()} - {MANIFEST}
 
 
-def verify_base(folder: Path) -> dict[str, str]:
+def base_kind(expected: dict[str, str]) -> str:
+    """What a base holds, from its SHA256SUMS.
+
+    Args:
+        expected: the base's SHA256SUMS, {relative path: sha256}.
+
+    Returns:
+        "pipeline" if it lists model_index.json (a diffusers pipeline folder), else "ldm".
+    """
+    return "pipeline" if "model_index.json" in expected else "ldm"
+
+
+def verify_base(folder: Path, kind: str | None = None) -> dict[str, str]:
     """Check every file of a base against SHA256SUMS; refuse a mismatch, a missing file or an unlisted one.
 
     Unlisted files are refused whatever their kind: diffusers reads any weight or index file it finds.
 
     Args:
         folder: the base folder.
+        kind: "ldm" (autoencoder + class-conditional LDM) or "pipeline" (a text-conditioned diffusers pipeline):
+            refuse a base of the other kind; None accepts either.
 
     Returns:
         Its SHA256SUMS, {relative path: sha256}.
 
     Raises:
-        CheckpointError: naming the first file that is missing, unlisted or changed (with both hashes).
+        CheckpointError: a base of the other kind, or naming the first file that is missing, unlisted or changed
+            (with both hashes).
     """
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"kind {kind!r}: one of {KINDS}")
     folder = Path(folder)
     expected = read_base_sha256sums(folder)
-    for rel in REQUIRED:
+    found = base_kind(expected)
+    for rel in REQUIRED if found == "ldm" else PIPELINE_REQUIRED:
         if rel not in expected:
             raise CheckpointError(f"base {folder}: {MANIFEST} does not list {rel}, which a base needs")
+    if kind is not None and found != kind:
+        what, use = (("a text-conditioned diffusers pipeline", f"--pipeline {folder.name}") if found == "pipeline"
+                     else ("a class-conditional autoencoder + LDM", f"--base {folder.name} (or a config naming it)"))
+        raise CheckpointError(f"base {folder} is {what}, not a {kind} base: pass it as {use}")
     present = files_in(folder)
     missing, extra = sorted(expected.keys() - present), sorted(present - expected.keys())
     if missing:
@@ -166,17 +198,18 @@ def verify_base(folder: Path) -> dict[str, str]:
     return expected
 
 
-def verified_base(name: str) -> Path:
-    """Locate a base and verify it; its autoencoder/ and ldm/ folders are then safe to load.
+def verified_base(name: str, kind: str = "ldm") -> Path:
+    """Locate a base and verify it; its files are then safe to load.
 
     Args:
         name: a base name or folder, as locate_base takes it.
+        kind: "ldm" (autoencoder/ and ldm/) or "pipeline" (a diffusers pipeline folder).
 
     Returns:
         The verified folder.
     """
     folder = locate_base(name)
-    verify_base(folder)
+    verify_base(folder, kind)
     return folder
 
 

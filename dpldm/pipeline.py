@@ -61,22 +61,54 @@ def folder_sha256(folder: Path) -> str:
     return h.hexdigest()
 
 
+def pipeline_folder(value: str | Path) -> tuple[Path, bool]:
+    """Where `--pipeline VALUE` points: a folder, or the name of an installed pipeline base (dpldm.base_models: a
+    folder of $DPLDM_BASES or the package's bases/), which is verified against its SHA256SUMS first.
+
+    Args:
+        value: a pipeline folder, a shipped base's folder, or a base name.
+
+    Returns:
+        (the folder, whether it is a verified shipped base).
+
+    Raises:
+        PipelineError: neither an existing folder nor an installed base's name, or a base that fails verification
+            or is not a pipeline.
+    """
+    from dpldm.base_models import MANIFEST, RECORD, BaseNotFound, search_dirs, verified_base
+    from dpldm.models import CheckpointError
+
+    path = Path(value).expanduser()
+    shipped = path.is_dir() and (path / MANIFEST).is_file() and (path / RECORD).is_file()
+    if path.is_dir() and not shipped:
+        return path, False  # a user's own pipeline folder: loaded as it is
+    try:
+        return verified_base(str(path.resolve()) if shipped else str(value), kind="pipeline"), True
+    except BaseNotFound:
+        where = ", ".join(str(d) for d in search_dirs())
+        raise PipelineError(f"--pipeline {value}: no such folder, and no installed pipeline base of that name "
+                            f"(searched {where})") from None
+    except CheckpointError as e:
+        raise PipelineError(str(e)) from None
+
+
 def load_pipeline(folder: str | Path) -> Pipeline:
     """Load a local diffusers pipeline folder without touching the network, its models frozen.
 
     Args:
-        folder: the folder holding model_index.json and the components' sub-folders.
+        folder: the folder holding model_index.json and the components' sub-folders, or the name of an installed
+            pipeline base (pipeline_folder), whose fp16 weights are loaded as float32.
 
     Returns:
         The loaded pipeline.
 
     Raises:
         PipelineError: the folder, model_index.json or a component is missing, or the UNet does not cross-attend
-            to a text encoder's hidden states of its width.
+            to a text encoder's hidden states of its width; a base that fails verification.
     """
     from diffusers import DiffusionPipeline
 
-    folder = Path(folder)
+    folder, shipped = pipeline_folder(folder)
     if not (folder / "model_index.json").is_file():
         raise PipelineError(f"{folder}: no model_index.json (not a diffusers pipeline folder: "
                             "pipeline.save_pretrained(DIR) writes one)")
@@ -86,7 +118,9 @@ def load_pipeline(folder: str | Path) -> Pipeline:
                             f"pipeline needs {list(COMPONENTS)}")
     pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
     for name in ("vae", "text_encoder", "unet"):
-        getattr(pipe, name).requires_grad_(False).eval()
+        module = getattr(pipe, name).requires_grad_(False).eval()
+        if shipped:
+            module.float()  # stored in fp16 to halve the package, trained and sampled in fp32
     ctx, width = pipe.unet.config.cross_attention_dim, pipe.text_encoder.config.hidden_size
     if ctx != width:
         raise PipelineError(f"{folder}: the UNet cross-attends to width {ctx}, the text encoder gives {width}")

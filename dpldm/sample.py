@@ -41,7 +41,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ddim-steps", type=int)
     p.add_argument("--guidance-scale", type=float, help="1 = no guidance")
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--pipeline", type=Path, help="a diffusers pipeline folder (text-conditioned) instead of --ldm")
+    p.add_argument("--pipeline", type=Path, help="a diffusers pipeline folder (text-conditioned), or a shipped "
+                                                 "pipeline base's name, instead of --ldm")
     p.add_argument("--lora", type=Path, help="with --pipeline: a run folder with LoRA adapters to load into it")
     p.add_argument("--unet", type=Path, help="with --pipeline: a fine-tuned UNet folder to use in place of its own")
     p.add_argument("--prompts", type=Path, help="with --pipeline: prompts, one per line (a class each)")

@@ -265,7 +265,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--per-class", type=int, help="synthetic images per class")
     text = p.add_argument_group("a diffusers pipeline (dpldm/pipeline.py)")
     text.add_argument("--pipeline", type=Path, help="a local text-conditioned diffusers pipeline folder to fine-tune "
-                                                    "(unet, vae, text_encoder, tokenizer, scheduler)")
+                                                    "(unet, vae, text_encoder, tokenizer, scheduler), or the name "
+                                                    "of a shipped pipeline base (e.g. mnist-fontdigits-text)")
     text.add_argument("--captions", type=Path, help="with --pipeline: the private images' captions, JSONL "
                                                     "(file_name, text) or CSV (image, caption), paths under --data")
     text.add_argument("--prompt", help="with --pipeline: --data has class sub-folders; class c's caption is "

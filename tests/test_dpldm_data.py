@@ -246,3 +246,28 @@ def test_ci_installs_the_font_packages() -> None:
     text = (Path(__file__).parents[1] / ".ci" / "run").read_text()
     listed = text.split('FONTS="', 1)[1].split('"', 1)[0].split()
     assert sorted(listed) == sorted(PACKAGES)
+
+
+def test_class_folders_write_every_image_under_its_class_name(tmp_path: Path) -> None:
+    """python -m dpldm.class_folders: the folders --data reads back as the same images and labels, by name."""
+    from dpldm import class_folders
+    from dpldm.data import DataError, digits28, from_folder
+
+    ds = digits28()
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    n = class_folders.write("digits", tmp_path / "digits", names)
+    assert n == len(ds.train.labels) + len(ds.test.labels)
+    back, classes = from_folder(tmp_path / "digits", 1, 10, 28, classes=names)
+    assert classes == names and len(back.labels) == n
+    want = np.concatenate([ds.train.images, ds.test.images]).reshape(n, -1)
+    want_labels = np.concatenate([ds.train.labels, ds.test.labels])
+    order = np.lexsort(want.T)  # the same multiset of (image, label), whatever the file order
+    got_order = np.lexsort(back.images.reshape(n, -1).T)
+    np.testing.assert_array_equal(back.images.reshape(n, -1)[got_order], want[order])
+    np.testing.assert_array_equal(back.labels[got_order], want_labels[order])
+    with pytest.raises(DataError, match="not empty"):
+        class_folders.write("digits", tmp_path / "digits", names)
+    with pytest.raises(DataError, match="9 class names"):
+        class_folders.write("digits", tmp_path / "other", names[:9])
+    with pytest.raises(DataError, match="not a built-in"):
+        class_folders.write("no-such-set", tmp_path / "other")

@@ -15,7 +15,6 @@ import dpkernels
 from dpldm import pipeline as pipeline_mod
 from dpldm import tiny_pipeline
 from dpldm.trainable import select_trainable
-from tests.dpldm_helpers import tiny_runs  # noqa: F401
 from tests.test_engine_parity import assert_same_update, one_step
 
 CAPTIONS = ["a handwritten seven", "a photo of a coat", "", "a handwritten zero", "the digit nine"]
@@ -310,33 +309,3 @@ def test_encoding_a_batch_at_a_time_gives_the_whole_sets_latents() -> None:
     images = np.random.default_rng(0).integers(0, 256, (11, 28, 28, 1), dtype=np.uint8)
     whole = encode_latents(vae, images_tensor(Split(images, np.zeros(11, np.int64)), cfg))
     torch.testing.assert_close(encode_split(vae, images, cfg, batch_size=4), whole, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.slow
-def test_a_text_base_pretrained_on_public_captions_then_dp_fine_tuned(tiny_runs: Path, tmp_path: Path) -> None:  # noqa: F811
-    import numpy as np
-    from PIL import Image
-
-    from dpldm import pretrain_pipeline, train
-    from dpldm.data import mnist5k
-
-    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-    out = tmp_path / "text-base"
-    pretrain_pipeline.main(["--config", "tiny", "--out", str(out), "--prompt", "a handwritten {label}",
-                            "--class-names", ",".join(names), "--steps", "3", "--autoencoder",
-                            str(tiny_runs / "tiny" / "public" / "autoencoder")])
-    pipe = pipeline_mod.load_pipeline(out)
-    assert pipe.unet.config.cross_attention_dim == pipe.pipe.text_encoder.config.hidden_size == 16
-    ds = mnist5k()
-    private = tmp_path / "digits"
-    for i in range(40):  # 4 per digit, as class folders named like the captions
-        (private / names[ds.train.labels[i]]).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(ds.train.images[i, ..., 0]).save(private / names[ds.train.labels[i]] / f"{i}.png")
-    with pytest.warns(UserWarning, match="NO privacy"):
-        result = train.main(["--config", "tiny", "--pipeline", str(out), "--data", str(private), "--prompt",
-                             "a handwritten {label}", "--out", str(tmp_path / "run"), "--batch-size", "8",
-                             "--max-physical-batch-size", "8", "--epochs", "1", "--per-class", "1",
-                             "--deterministic-noise", "--no-baselines"])
-    assert result["epsilon"] <= 10 + 1e-6 and "cnn_test_acc" in result
-    with np.load(tmp_path / "run" / "samples.npz") as f:
-        assert f["images"].shape[1:] == (28, 28, 1)  # the tiny preset's layout: 28 px padded to 32
