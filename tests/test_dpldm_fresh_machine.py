@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -94,21 +93,19 @@ def test_a_changed_or_missing_shipped_file_is_refused(no_fonts: Path, shipped_co
         data.load("fontdigits")
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not font_digits.font_files()[0], reason=f"no handwriting font under {font_digits.FONT_ROOT} "
                     "(rebuilding needs them: apt-get install the packages of dpldm.font_digits.PACKAGES, or set "
                     "DPLDM_FONTS to a folder holding them)")
-def test_rebuilding_from_the_fonts_gives_the_shipped_hash(tmp_path: Path) -> None:
+def test_the_fonts_render_the_shipped_fontdigits() -> None:
+    # the first 2,000 of the shipped set's 20,000 draws; the whole set is rendered and compared by
+    # `python -m dpldm.font_digits --check`, a step of .ci/run (22 s: kept out of the test suite's 15 minutes)
     rec = record()
     hand, other = font_digits.font_files()
     assert (len(hand), len(other), font_digits.font_set_id()) == (
         rec["fonts"]["handwriting"], rec["fonts"]["print"], rec["font_set"]), "other fonts than the shipped set's"
-    images, labels = font_digits.render_shipped("fontdigits")
-    assert data.arrays_sha256(images, labels) == rec["arrays_sha256"]
-    rebuilt = tmp_path / data.FONTDIGITS_FILE
-    data.write_npz(rebuilt, images=images, labels=labels.astype(np.uint8))
-    if zlib.ZLIB_RUNTIME_VERSION == rec["rendered_with"]["zlib"]:  # the same compressor writes the same bytes
-        assert sha256_file(rebuilt) == data.shipped_sums()[data.FONTDIGITS_FILE]
+    images, labels = font_digits.render(2000, seed=data.SPLIT_SEED)
+    shipped_images, shipped_labels = data.read_npz(data.SHIPPED_DIR / data.FONTDIGITS_FILE)
+    assert np.array_equal(images, shipped_images[:2000]) and np.array_equal(labels, shipped_labels[:2000])
 
 
 @pytest.mark.skipif(not font_digits.font_files()[0], reason=f"no handwriting font under {font_digits.FONT_ROOT}")
