@@ -258,6 +258,41 @@ def write_base(folder: Path, vae: AutoencoderKL, model: ConditionalUNet, ae_meta
     write_sha256sums(folder, sorted(files_in(folder)))  # every file, the card included
 
 
+def base_folder(name: str, dest: Path, force: bool) -> Path:
+    """Where a base of that name goes, refused before anything is read or written.
+
+    Args:
+        name: the base's name.
+        dest: the parent folder.
+        force: replace an existing base of that name.
+
+    Returns:
+        dest/name.
+
+    Raises:
+        ValueError: not a folder name.
+        FileExistsError: the base exists and not `force`.
+    """
+    if not NAME.fullmatch(name):
+        raise ValueError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (a folder name)")
+    folder = Path(dest) / name
+    if folder.exists() and not force:
+        raise FileExistsError(f"{folder} exists: pass --force to replace it")
+    return folder
+
+
+def warn_if_large(folder: Path) -> None:
+    """Warn when a written base is over the size a packaged base aims at.
+
+    Args:
+        folder: the base folder.
+    """
+    total = sum((folder / rel).stat().st_size for rel in files_in(folder))
+    if total > SIZE_BUDGET_MB * 1e6:
+        warnings.warn(f"base {folder.name} is {total / 1e6:.1f} MB, over the {SIZE_BUDGET_MB:g} MB a packaged base "
+                      "aims at", UserWarning, stacklevel=3)
+
+
 def ship(ae_dir: Path, ldm_dir: Path, name: str, dest: Path = BASES_DIR, command: str | None = None,
          public_note: str = "", dtype: str = "float16", force: bool = False, ship_command: str | None = None) -> Path:
     """Write <dest>/<name>/ from the two pre-trained folders.
@@ -281,11 +316,7 @@ def ship(ae_dir: Path, ldm_dir: Path, name: str, dest: Path = BASES_DIR, command
         FileExistsError: the base exists and not `force`.
         CheckpointError: not a public pre-training pair, or weights out of `dtype`'s range.
     """
-    if not NAME.fullmatch(name):
-        raise ValueError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (a folder name)")
-    folder = Path(dest) / name
-    if folder.exists() and not force:
-        raise FileExistsError(f"{folder} exists: pass --force to replace it")
+    folder = base_folder(name, dest, force)
     ae_dir, ldm_dir = Path(ae_dir), Path(ldm_dir)
     ae_meta, ldm_meta = read_json_or_empty(ae_dir / "dpldm.json"), read_json_or_empty(ldm_dir / "ldm.json")
     check_public_pair(ae_dir, ldm_dir, ae_meta, ldm_meta)
@@ -299,10 +330,7 @@ def ship(ae_dir: Path, ldm_dir: Path, name: str, dest: Path = BASES_DIR, command
                           "class_embedder": count(model.class_embedder)}}
     atomic_dir(folder, lambda tmp: write_base(tmp, vae, model, ae_meta, ldm_meta, rec))
     verify_base(folder)
-    total = sum((folder / rel).stat().st_size for rel in files_in(folder))
-    if total > SIZE_BUDGET_MB * 1e6:
-        warnings.warn(f"base {name} is {total / 1e6:.1f} MB, over the {SIZE_BUDGET_MB:g} MB a packaged base aims at",
-                      UserWarning, stacklevel=2)
+    warn_if_large(folder)
     return folder
 
 

@@ -15,7 +15,6 @@ import argparse
 import datetime
 import json
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from dpldm.files import atomic_dir, read_json_or_empty, sha256_file, write_sha25
 from dpldm.models import CheckpointError
 from dpldm.pipeline import load_pipeline
 from dpldm.provenance import command_line
-from dpldm.ship import DTYPES, NAME, SIZE_BUDGET_MB, count, describe_public, hms, machine_line
+from dpldm.ship import DTYPES, base_folder, count, describe_public, hms, machine_line, warn_if_large
 
 STAGE_RECORD = "dpldm.json"  # what python -m dpldm.pretrain_pipeline records beside the pipeline
 PARTS = ("unet", "vae", "text_encoder")
@@ -157,11 +156,7 @@ def ship(src: Path, name: str, dest: Path = BASES_DIR, command: str | None = Non
         FileExistsError: the base exists and not `force`.
         CheckpointError: not a public pre-training, or weights out of `dtype`'s range.
     """
-    if not NAME.fullmatch(name):
-        raise ValueError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (a folder name)")
-    folder = Path(dest) / name
-    if folder.exists() and not force:
-        raise FileExistsError(f"{folder} exists: pass --force to replace it")
+    folder = base_folder(name, dest, force)
     src = Path(src)
     meta = read_json_or_empty(src / STAGE_RECORD)
     check_public_pipeline(src, meta)
@@ -176,10 +171,7 @@ def ship(src: Path, name: str, dest: Path = BASES_DIR, command: str | None = Non
            "parameters": {part: count(getattr(pipe, part)) for part in PARTS}}
     atomic_dir(folder, lambda tmp: write_base(tmp, pipe, meta, rec))
     verify_base(folder, kind="pipeline")
-    total = sum((folder / rel).stat().st_size for rel in files_in(folder))
-    if total > SIZE_BUDGET_MB * 1e6:
-        warnings.warn(f"base {name} is {total / 1e6:.1f} MB, over the {SIZE_BUDGET_MB:g} MB a packaged base aims at",
-                      UserWarning, stacklevel=2)
+    warn_if_large(folder)
     return folder
 
 
