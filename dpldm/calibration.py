@@ -8,6 +8,7 @@ Poisson batches from a loader of N examples in batches of B: the engine reads th
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -60,17 +61,26 @@ def noise_multiplier(target_epsilon: float, delta: float, n: int, batch_size: in
     Raises:
         ValueError: when target_epsilon is unreachable (the PRV search takes seconds either way).
     """
-    from dpkernels.privacy import get_noise_multiplier  # the accountants load on first use, not on import
-
     # not quiet: no catch_warnings either, which would reset the once-per-location record of warnings shown
     with warnings.catch_warnings() if quiet else contextlib.nullcontext():
         if quiet:
             warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        if not prior:
-            return get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                        sample_rate=sample_rate(n, batch_size), epochs=epochs, accountant=accountant)
-        steps = epochs * batches_per_epoch(n, batch_size)
-        return _after_prior(target_epsilon, delta, sample_rate(n, batch_size), steps, accountant, list(prior))
+        return _calibrated(float(target_epsilon), float(delta), sample_rate(n, batch_size), int(epochs),
+                           epochs * batches_per_epoch(n, batch_size), accountant,
+                           tuple((float(s), float(q), int(k)) for s, q, k in prior))
+
+
+@functools.lru_cache(maxsize=256)
+def _calibrated(target: float, delta: float, q: float, epochs: int, steps: int, accountant: str,
+                prior: tuple[tuple[float, float, int], ...]) -> float:
+    # a pure function of its arguments, remembered: a compartments run checks each shard's rate before training
+    # and dpldm.train calibrates it again, each a PRV search of seconds to a minute (a refusal is not remembered)
+    from dpkernels.privacy import get_noise_multiplier  # the accountants load on first use, not on import
+
+    if not prior:
+        return get_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=q, epochs=epochs,
+                                    accountant=accountant)
+    return _after_prior(target, delta, q, steps, accountant, list(prior))
 
 
 def composed_epsilon(history: Sequence[tuple[float, float, int]], delta: float, accountant: str) -> float:

@@ -439,15 +439,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parallel.teardown()
 
 
-def run(cfg: dict[str, Any], opts: TrainOptions, private: data_mod.DataSet | None = None
-        ) -> tuple[dict[str, Any], ConditionalUNet]:
+def run(cfg: dict[str, Any], opts: TrainOptions, private: data_mod.DataSet | None = None,
+        text: pipeline_stage.TextRun | None = None) -> tuple[dict[str, Any], ConditionalUNet]:
     """DP fine-tune, then (unless opts say not to) sample and evaluate.
 
     Args:
-        cfg: the config (dpldm.config.load_config).
+        cfg: the config (dpldm.config.load_config; with `text`, the run config of its pipeline).
         opts: the run's options; unset ones are taken from the config (TrainOptions.resolved, on a copy).
         private: the private data set, already loaded (dpldm.compartments passes one shard); default: opts.data,
             else the config's private data.
+        text: a pipeline and its captioned private data, already loaded (dpldm.compartments passes one shard's,
+            under the run's class prompts, in place of `private`); default: --pipeline's, loaded from opts.
 
     Returns:
         (result.json's content, the fine-tuned model as trained: LoRA adapters still separate).
@@ -457,8 +459,9 @@ def run(cfg: dict[str, Any], opts: TrainOptions, private: data_mod.DataSet | Non
     """
     t_start = time.time()
     opts = opts.resolved(cfg)
-    text = None
-    if opts.pipeline is not None:
+    if text is not None:
+        private = text.captioned.data
+    elif opts.pipeline is not None:
         if opts.prompts is not None and not Path(opts.prompts).is_file():
             fail(f"--prompts {opts.prompts}: no such file")  # read after training: checked before it
         try:

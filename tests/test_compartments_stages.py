@@ -376,13 +376,13 @@ def test_forget_is_refused_while_a_sample_is_working_on_the_run(class_run: Path,
     samples trained on the shard left those samples behind under a lineage that survived the forget. Every stage
     now holds the run's lock: the forget is refused and changes nothing; once the sample is done it removes it."""
     run = copy_run(class_run, tmp_path)
-    real, seen = sample.load_autoencoder, {}
+    real, seen = sample.base_vae, {}
 
     def load_then_forget(*a: object, **k: object) -> object:
         seen["forget"] = forget_in_another_process(run, "1")
         return real(*a, **k)
 
-    monkeypatch.setattr(sample, "load_autoencoder", load_then_forget)
+    monkeypatch.setattr(sample, "base_vae", load_then_forget)
     sample.main(["--run", str(run), "--shards", "0,1", "--per-class", "1", "--ddim-steps", "2", "--name", "s"])
     assert seen["forget"].returncode != 0 and "another stage is working on this run" in seen["forget"].stderr, seen
     reg, _ = registry.load(run)

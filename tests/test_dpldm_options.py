@@ -55,21 +55,24 @@ def test_a_library_call_raises_train_error_and_main_exits(tmp_path: Path, change
 
 
 @pytest.mark.parametrize("resume", [False, True])
-def test_shard_options_are_what_the_old_argv_parsed_to(resume: bool) -> None:
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_shard_options_are_what_the_old_argv_parsed_to(resume: bool, pipeline: bool) -> None:
     """dpldm.compartments used to build `--flag value` lists and re-parse them with dpldm.train's parser: the
-    options it builds now are exactly what those lists parsed to."""
+    options it builds now are exactly what those lists parsed to (a pipeline base: --pipeline and --prompt)."""
     registered = {"config": "tiny", "set": ["train.lr=0.01"], "runs": "/r", "seed": 3, "target_epsilon": 5.0,
                   "epochs": 2, "max_physical_batch_size": 8, "max_grad_norm": 0.5, "noise_multiplicity": 2,
                   "trainable": "lora", "lora_rank": 2, "accountant": "rdp", "backend": "torch",
                   "checkpoint_every": 3, "secure_mode": False, "deterministic_noise": True, "no_dp": False}
     args = ctrain.shard_args(registered, "cpu")  # ablation and lr unset: the config's
     argv = ["--config", "tiny", "--runs", "/r", "--seed", "3", "--device", "cpu", "--out", "/w", "--no-sample",
-            "--resume" if resume else "--fresh", "--batch-size", "7", "--delta", "1e-06", "--autoencoder", "/a",
-            "--pretrained", "/l", "--set", "train.lr=0.01", "--target-epsilon", "5.0", "--epochs", "2",
+            "--resume" if resume else "--fresh", "--batch-size", "7", "--delta", "1e-06",
+            *(["--pipeline", "/p", "--prompt", "a {label}"] if pipeline else ["--autoencoder", "/a", "--pretrained", "/l"]),
+            "--set", "train.lr=0.01", "--target-epsilon", "5.0", "--epochs", "2",
             "--max-physical-batch-size", "8", "--max-grad-norm", "0.5", "--noise-multiplicity", "2", "--trainable",
             "lora", "--lora-rank", "2", "--accountant", "rdp", "--backend", "torch", "--checkpoint-every", "3",
             "--deterministic-noise"]
-    built = ctrain.shard_options(args, Path("/w"), 7, 1e-6, Path("/a"), Path("/l"), resume)
+    base = {"pipeline": "/p", "prompt": "a {label}"} if pipeline else {"autoencoder": "/a", "ldm": "/l"}
+    built = ctrain.shard_options(args, Path("/w"), 7, 1e-6, base, resume)
     assert built == train.TrainOptions.from_args(train.parser().parse_args(argv))
     cfg = load_config("tiny")
     assert built.resolved(cfg).run_args() == train.TrainOptions.from_args(

@@ -12,9 +12,11 @@ import torch
 
 from dpldm import data as data_mod
 from dpldm.common import images_tensor, seed_all
+from dpldm.compartments import pipeline_base
+from dpldm.compartments.store import base_vae
 from dpldm.diffusion import encode_latents
 from dpldm.fit import Recipe, fit
-from dpldm.models import ConditionalUNet, load_autoencoder, load_ldm
+from dpldm.models import ConditionalUNet, load_ldm
 from dpldm.trainable import select_trainable
 
 
@@ -25,7 +27,7 @@ def train_public(cfg: dict[str, Any], data: data_mod.DataSet, base: dict[str, An
     Args:
         cfg: the run's config.
         data: the shard's (public) data.
-        base: the run's base record ({"autoencoder", "ldm", ...}).
+        base: the run's base record ({"autoencoder", "ldm", ...}, or a pipeline's).
         hp: trainable, ablation, lora_rank, epochs, batch_size, lr (dpldm.train's meaning).
         seed: for initialisation, batches, timesteps and noise.
         device: where to train.
@@ -34,10 +36,10 @@ def train_public(cfg: dict[str, Any], data: data_mod.DataSet, base: dict[str, An
         (the model as trained, adapters separate, its number of steps).
     """
     gen = seed_all(seed)
-    vae = load_autoencoder(Path(base["autoencoder"]), cfg)
+    vae = base_vae(base, cfg)
     z = encode_latents(vae, images_tensor(data.train, cfg))
     y = torch.from_numpy(data.train.labels)
-    model, _ = load_ldm(Path(base["ldm"]), cfg)
+    model = pipeline_base.base_model(base).train() if base.get("pipeline") else load_ldm(Path(base["ldm"]), cfg)[0]
     select_trainable(model, hp["trainable"], hp["ablation"], hp["lora_rank"])
     model.to(device).train()
     batch = min(hp["batch_size"], len(y))

@@ -1,7 +1,8 @@
 """A compartments run folder: what it holds, and the lineage of every file in it.
 
-    <run>/compartments.json          config, shard key, base model, delta/accountant, shards (name -> classes,
-                                     trained or not), the options each shard is trained with (for --resume)
+    <run>/compartments.json          config, shard key, base model (or pipeline, with the config derived from it),
+                                     delta/accountant, shards (name -> classes, trained or not), the options each
+                                     shard is trained with (for --resume)
     <run>/lineage.json               artifacts {folder: {"trained_on": [shards]}} and events (train, add, forget)
     <run>/compartments/<shard>/      one compartment (dpldm.compartments.store)
     <run>/work/<shard>/              PRIVATE while its shard trains: the dpldm.train run (checkpoint with the noise
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime
 import fcntl
 import json
@@ -301,7 +303,8 @@ def complete(reg: dict[str, Any], run: Path | None = None) -> bool:
 
 
 def config_of(registry: dict[str, Any]) -> dict[str, Any]:
-    """The config the run was created with (its name or path and --set overrides).
+    """The config the run was created with (its name or path and --set overrides; on a pipeline, the config
+    derived from it then, recorded whole: dpldm.compartments.pipeline_base).
 
     Args:
         registry: the run's registry.
@@ -310,6 +313,8 @@ def config_of(registry: dict[str, Any]) -> dict[str, Any]:
         The resolved config.
     """
     set_threads()
+    if registry.get("run_config"):
+        return copy.deepcopy(registry["run_config"])
     return load_config(registry["config"], registry["set"])
 
 

@@ -34,10 +34,10 @@ from dpldm.compartments import registry
 from dpldm.compartments.compose import compose_sample
 from dpldm.compartments.router import RouterWeights, load_router
 from dpldm.compartments.rules import composition_rule, rule_names, rules_help
-from dpldm.compartments.store import check_base, load_compartment
+from dpldm.compartments.store import base_vae, check_base, load_compartment
 from dpldm.data import from_model_tensor
 from dpldm.diffusion import decode_latents
-from dpldm.models import CheckpointError, load_autoencoder
+from dpldm.models import CheckpointError
 from dpldm.runlog import RunLog, progress
 from dpldm.sample import save_grid
 
@@ -239,9 +239,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     base = reg["base"]
     try:
         check_base(base)  # every compartment is a difference to this base: a changed one is never used silently
-        models = [load_compartment(Path(args.run) / "compartments" / n, Path(base["ldm"]), cfg, base["id"]).to(
-            args.device) for n in names]
-        vae = load_autoencoder(Path(base["autoencoder"]), cfg).to(args.device)
+        models = [load_compartment(Path(args.run) / "compartments" / n, base, cfg).to(args.device) for n in names]
+        vae = base_vae(base, cfg).to(args.device)
     except CheckpointError as e:
         raise registry.RunError(str(e)) from e
     router, router_shards = None, []

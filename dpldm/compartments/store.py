@@ -14,10 +14,12 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
+from dpldm.compartments import pipeline_base
 from dpldm.export import plain_copy
 from dpldm.files import atomic_dir, existing_dir, sha256_file
-from dpldm.models import CheckpointError, ConditionalUNet, load_ldm
+from dpldm.models import CheckpointError, ConditionalUNet, load_autoencoder, load_ldm
 from dpldm.trainable import add_lora
 
 WEIGHTS = "weights.safetensors"
@@ -81,8 +83,12 @@ def check_base(base: dict[str, Any]) -> None:
 
     Args:
         base: the run's record ({"ldm", "id", "autoencoder", "autoencoder_id"}; runs written before the
-            autoencoder was hashed have no "autoencoder_id", and only their LDM is checked).
+            autoencoder was hashed have no "autoencoder_id", and only their LDM is checked; or a pipeline's,
+            dpldm.compartments.pipeline_base).
     """
+    if base.get("pipeline"):
+        pipeline_base.check(base)
+        return
     now = ldm_id(Path(base["ldm"]))
     if now != base["id"]:
         raise CompartmentError(f"the base LDM {base['ldm']} changed since the run was created (sha256 of its weights "
@@ -94,6 +100,21 @@ def check_base(base: dict[str, Any]) -> None:
             raise CompartmentError(f"the base autoencoder {base['autoencoder']} changed since the run was created "
                                    f"(sha256 {now[:12]}..., the run recorded {base['autoencoder_id'][:12]}...): "
                                    "restore it, or train a new run on this base")
+
+
+def base_vae(base: dict[str, Any], cfg: dict[str, Any]) -> nn.Module:
+    """The autoencoder every compartment of the run encodes and decodes with: the base's, or the pipeline's VAE.
+
+    Args:
+        base: the run's base record.
+        cfg: the run's config.
+
+    Returns:
+        The frozen autoencoder.
+    """
+    if base.get("pipeline"):
+        return pipeline_base.base_vae(base)
+    return load_autoencoder(Path(base["autoencoder"]), cfg)
 
 
 def trained_tensors(model: ConditionalUNet) -> dict[str, torch.Tensor]:
@@ -172,34 +193,33 @@ def stored(folder: Path) -> bool:
     return weights.is_file() and sha256_file(weights) == meta["sha256"]
 
 
-def load_compartment(folder: Path, base_ldm: Path, cfg: dict[str, Any], base_id: str | None = None
-                     ) -> ConditionalUNet:
-    """The base LDM with the compartment's tensors in place (LoRA folded in): a plain model for sampling.
+def load_compartment(folder: Path, base: dict[str, Any], cfg: dict[str, Any]) -> nn.Module:
+    """The base with the compartment's tensors in place: a plain model for sampling (an LDM base: LoRA folded in;
+    a pipeline: its UNet copy on the class prompts, adapters kept as peft layers).
 
     Refuses a compartment whose weights do not match their recorded sha256, or that was trained on another base.
 
     Args:
         folder: the compartment folder.
-        base_ldm: the base LDM folder it was trained on.
+        base: the run's base record (its "id" is the base's hash, checked by check_base).
         cfg: the run's config.
-        base_id: the base's ldm_id, if known (else computed).
 
     Returns:
-        The model, LoRA merged, in eval mode.
+        The model, in eval mode.
 
     Raises:
         CompartmentError: as said above, or a tensor that does not fit the base.
     """
     meta = read_meta(folder)
-    base_id = base_id or ldm_id(base_ldm)
-    if meta.get("base_id") != base_id:
+    if meta.get("base_id") != base["id"]:
         raise CompartmentError(f"compartment {folder} was trained on another base model (base id "
-                               f"{str(meta.get('base_id'))[:12]}..., this base {base_id[:12]}...): train it again "
+                               f"{str(meta.get('base_id'))[:12]}..., this base {base['id'][:12]}...): train it again "
                                "on this base, or sample with the base it was trained on")
     weights = Path(folder) / WEIGHTS
     if not weights.is_file() or sha256_file(weights) != meta.get("sha256"):
         raise CompartmentError(f"{weights}: missing or changed since it was written (sha256 mismatch)")
-    model, _ = load_ldm(base_ldm, cfg)
+    text = bool(base.get("pipeline"))
+    model = pipeline_base.base_model(base) if text else load_ldm(Path(base["ldm"]), cfg)[0]
     if meta.get("mode") == "lora":
         add_lora(model, int(meta.get("lora_rank") or 0))
     params = dict(model.named_parameters())
@@ -209,4 +229,4 @@ def load_compartment(folder: Path, base_ldm: Path, cfg: dict[str, Any], base_id:
             raise CompartmentError(f"{weights}: tensor {name} {tuple(value.shape)} does not fit the base model")
         with torch.no_grad():
             params[name].copy_(value)
-    return plain_copy(model, cfg)
+    return model.requires_grad_(False).eval() if text else plain_copy(model, cfg)

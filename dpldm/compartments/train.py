@@ -49,7 +49,7 @@ from dpldm import warmup
 from dpldm.calibration import batches_per_epoch, noise_multiplier, sample_rate
 from dpldm.checkpoint import checkpoint_dir, latest_checkpoint
 from dpldm.common import add_config_args, config_from, images_tensor, private_classes
-from dpldm.compartments import registry
+from dpldm.compartments import pipeline_base, registry
 from dpldm.compartments.accounting import composed_epsilon, privacy_report
 from dpldm.compartments.public import train_public
 from dpldm.compartments.registry import RunError
@@ -66,6 +66,7 @@ from dpldm.compartments.shards import (
 )
 from dpldm.compartments.store import (
     autoencoder_id,
+    base_vae,
     check_base,
     ldm_id,
     read_meta,
@@ -73,7 +74,6 @@ from dpldm.compartments.store import (
     stored,
 )
 from dpldm.diffusion import encode_latents, train_scheduler
-from dpldm.models import load_autoencoder
 from dpldm.runlog import RunLog
 
 # dpldm.train options a compartment passes through unchanged (same meaning, per shard)
@@ -141,6 +141,12 @@ def parser() -> argparse.ArgumentParser:
                                                          "compartment's")
     p.add_argument("--router-epsilon", type=float, help="the router's budget (default: the config's router.epsilon, "
                                                         "else 1)")
+    text = p.add_argument_group("compartments of a diffusers pipeline (dpldm/compartments/pipeline_base.py)")
+    text.add_argument("--pipeline", help="a local text-conditioned diffusers pipeline folder, or the name of a shipped "
+                                         "pipeline base: the base of every compartment (with --data FOLDER of class "
+                                         "sub-folders and --prompt)")
+    text.add_argument("--prompt", help="with --pipeline: class c's condition, e.g. 'a photo of a {label}' ({label}: "
+                                       "its folder's name)")
     add_train_args(p)
     return p
 
@@ -188,7 +194,7 @@ class HeldLog(RunLog):
         return log
 
 
-def shard_options(args: argparse.Namespace, out: Path, batch_size: int, delta: float, ae_dir: Path, ldm_dir: Path,
+def shard_options(args: argparse.Namespace, out: Path, batch_size: int, delta: float, base: dict[str, Any],
                   resume: bool = False) -> train_stage.TrainOptions:
     """dpldm.train options for one compartment: the options above plus the run's base, delta, batch size.
 
@@ -197,18 +203,19 @@ def shard_options(args: argparse.Namespace, out: Path, batch_size: int, delta: f
         out: the shard's dpldm.train run folder (<run>/work/<shard>).
         batch_size: the shard's expected batch size (batch_for).
         delta: the run's delta.
-        ae_dir: the base's autoencoder folder.
-        ldm_dir: the base's LDM folder.
+        base: the run's base (resolve_base, or a pipeline's: pipeline_base.start).
         resume: continue the checkpoint in `out`; else discard whatever a killed run left there (--fresh).
 
     Returns:
         The options (unset ones are the config's: dpldm.train fills them).
     """
     given = {key: getattr(args, key) for key in PASS_THROUGH if getattr(args, key) is not None}
+    where = ({"pipeline": Path(base["pipeline"]), "prompt": base["prompt"]} if base.get("pipeline")
+             else {"autoencoder": Path(base["autoencoder"]), "pretrained": Path(base["ldm"])})
     return train_stage.TrainOptions(
         config=str(args.config), set=list(args.set), runs=Path(args.runs), seed=args.seed, device=args.device,
         out=out, no_sample=True, resume=resume, fresh=not resume, batch_size=batch_size, delta=delta,
-        autoencoder=ae_dir, pretrained=ldm_dir, **given, **{f: True for f in FLAGS if getattr(args, f)})
+        **where, **given, **{f: True for f in FLAGS if getattr(args, f)})
 
 
 def options_of(args: argparse.Namespace) -> dict[str, Any]:
@@ -337,12 +344,12 @@ def train_compartment(cfg: dict[str, Any], args: argparse.Namespace, run: Path, 
     earlier = []
     if not resume and (work / "result.json").is_file():
         earlier = json.loads((work / "result.json").read_text()).get("accountant_history") or []
-    targs = shard_options(args, work, batch_size, delta, Path(base["autoencoder"]), Path(base["ldm"]),
-                          resume).resolved(cfg)
+    targs = shard_options(args, work, batch_size, delta, base, resume).resolved(cfg)
     log.print(f"compartment {name}: {len(data.train.labels)} examples, expected batch {batch_size}"
               + (f", resumed from {found.name} at step {ckpt['step']}" if resume else "")
               + (", trained again: the killed run's spending is kept in its accounting" if earlier else ""))
-    result, model = train_stage.run(cfg, targs, private=data)
+    text = pipeline_base.shard_text_run(base, data) if base.get("pipeline") else None
+    result, model = train_stage.run(cfg, targs, private=data, text=text)
     history = [*earlier, *result["accountant_history"]]
     meta = {"shard": name, "classes": classes, "mode": targs.trainable, "lora_rank": targs.lora_rank,
             "ablation": targs.ablation, "base_id": base["id"], "accountant": targs.accountant, "delta": delta,
@@ -421,16 +428,17 @@ def absolute(path: str | Path | None) -> str | None:
     return None if path is None else str(Path(path).resolve()) if Path(path).exists() else str(path)
 
 
-def check_config(cfg: dict[str, Any]) -> None:
+def check_config(cfg: dict[str, Any], pipeline: bool = False) -> None:
     """Refuse a config whose private label set is not the base's (compartments share its class embedder), one that
-    adapts the autoencoder per shard, and a pipeline preset (compartments of a diffusers pipeline are not built yet: issue 20).
+    adapts the autoencoder per shard, and a pipeline preset without a pipeline.
 
     Args:
         cfg: the config.
+        pipeline: the run's base is a diffusers pipeline (--pipeline).
     """
-    if cfg.get("requires_pipeline"):
-        raise RunError(f"config {cfg['name']} fine-tunes a diffusers pipeline (dpldm.train --pipeline): compartments "
-                       "of a pipeline are not supported yet")
+    if cfg.get("requires_pipeline") and not pipeline:
+        raise RunError(f"config {cfg['name']} fine-tunes a diffusers pipeline: pass --pipeline DIR (with --data "
+                       "FOLDER of class sub-folders and --prompt TEMPLATE)")
     if private_classes(cfg) != cfg["data"]["num_classes"]:
         raise RunError("compartments share the base's class embedder: the private label set must be the base's "
                        "(data.private_num_classes is set)")
@@ -510,23 +518,29 @@ def run(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     Returns:
         The privacy report (report_of).
     """
-    check_config(cfg)
+    pipeline_base.check_options(args)
+    base = None
+    if args.pipeline is not None:
+        cfg, base = pipeline_base.start(cfg, args)
+    check_config(cfg, pipeline=base is not None)
     args.trainable, args.accountant = args.trainable or "lora", args.accountant or "prv"
     if args.no_dp and not args.data:
         raise RunError("--no-dp trains without privacy: it needs --data naming PUBLIC data (the config's private "
                        "data is never trained non-privately)")
     out: Path = args.out or Path(args.runs) / cfg["name"] / f"compartments-{args.shard_by}{args.num_shards or ''}"
     with registry.locked(out, create=True):  # held already where --out named it (dpldm.compartments.registry.cli)
-        return start(cfg, args, out)
+        return start(cfg, args, out, base)
 
 
-def start(cfg: dict[str, Any], args: argparse.Namespace, out: Path) -> dict[str, Any]:
+def start(cfg: dict[str, Any], args: argparse.Namespace, out: Path, base: dict[str, Any] | None = None
+          ) -> dict[str, Any]:
     """run()'s work, with the new run folder locked.
 
     Args:
-        cfg: the config.
+        cfg: the config (on a pipeline: the run config pipeline_base.start derived).
         args: parser() arguments.
         out: the run folder.
+        base: a pipeline's base record (pipeline_base.start), else None (resolve_base chooses the base).
 
     Returns:
         The privacy report (report_of).
@@ -550,7 +564,11 @@ def start(cfg: dict[str, Any], args: argparse.Namespace, out: Path) -> dict[str,
     checked: set[float] = set()
     plans = {s.name: plan_shard(cfg, args, s.name, len(s.index), full_batch, n, delta, checked) for s in shards}
     held = HeldLog("compartments-train")
-    base = resolve_base(cfg, args, held)
+    if base is None:
+        base = resolve_base(cfg, args, held)
+    else:
+        held.print(f"base pipeline {base['pipeline']} (sha256 {base['id'][:16]}), class prompts "
+                   + ", ".join(repr(p) for p in base["prompts"]))
     options = options_of(args)
     reg = {"config": options["config"], "set": args.set, "data": absolute(args.data),
            "key": args.shard_by, "num_shards": len(shards), "shard_seed": args.shard_seed, "base": base,
@@ -559,6 +577,7 @@ def start(cfg: dict[str, Any], args: argparse.Namespace, out: Path) -> dict[str,
            "shards": {s.name: {"classes": s.classes, "trained": False, **plans[s.name], "options": options}
                       for s in shards},
            "forgotten": [], "manifest": absolute(args.manifest),
+           "run_config": cfg if base.get("pipeline") else None,
            "router": {"epsilon": args.router_epsilon or router_hp(cfg)["epsilon"], "backend": args.backend,
                       # the seed is kept only when the noise is deterministic anyway (tests): never for a private run
                       "noise_seed": args.seed if args.deterministic_noise else None} if args.router else None}
@@ -659,7 +678,7 @@ def resume(out: Path, device: str) -> dict[str, Any]:
         raise RunError(f"shards {', '.join(old)} were registered by an older version, without their options: "
                        "forget them and add their data again")
     cfg = registry.config_of(reg)
-    check_config(cfg)
+    check_config(cfg, pipeline=bool(reg["base"].get("pipeline")))
     check_base(reg["base"])
     registry.record(lineage, "logs/train", list(reg["shards"]), "resume")
     registry.save(out, reg, lineage)
@@ -670,7 +689,8 @@ def resume(out: Path, device: str) -> dict[str, Any]:
 
 
 def new_shard_data(path: str, cfg: dict[str, Any]) -> data_mod.DataSet:
-    """The data of a shard added later: all of it training data.
+    """The data of a shard added later: all of it training data. On a pipeline, a folder's class sub-folders
+    are named among the run's classes (any of them), and each takes its label from the run's order.
 
     Args:
         path: an .npz or a folder of class folders.
@@ -684,7 +704,8 @@ def new_shard_data(path: str, cfg: dict[str, Any]) -> data_mod.DataSet:
     if not p.exists():
         raise data_mod.DataError(f"{p}: no such file or folder")
     split = (data_mod.from_npz(p, private_classes(cfg)) if p.is_file()
-             else data_mod.from_folder(p, d["channels"], private_classes(cfg), d["image_size"])[0])
+             else data_mod.from_folder(p, d["channels"], private_classes(cfg), d["image_size"],
+                                       d.get(pipeline_base.CLASS_NAMES))[0])
     empty = data_mod.Split(split.images[:0], split.labels[:0])  # all of it trains; nothing is evaluated here
     return data_mod.DataSet(split, empty, private_classes(cfg), str(p))
 
@@ -704,7 +725,9 @@ def add(args: argparse.Namespace) -> dict[str, Any]:
                        f"--resume --out {args.run}), or forget its untrained shards")
     args.config, args.set = reg["config"], reg["set"]
     cfg = config_from(args)
-    check_config(cfg)
+    if reg.get("run_config"):  # a pipeline's: the config derived from it when the run was created
+        cfg = registry.config_of(reg)
+    check_config(cfg, pipeline=bool(reg["base"].get("pipeline")))
     name = check_name(args.name)
     if name in reg["shards"]:
         raise ShardError(f"shard {name!r} already exists in {args.run}")
@@ -798,7 +821,7 @@ def fit_router(cfg: dict[str, Any], run: Path, reg: dict[str, Any], lineage: dic
         The router's meta (its shards, shares, accounting, sigma).
     """
     hp, names = {**router_hp(cfg), "epsilon": reg["router"]["epsilon"]}, list(data)
-    vae = load_autoencoder(Path(reg["base"]["autoencoder"]), cfg)
+    vae = base_vae(reg["base"], cfg)
     zs = [encode_latents(vae, images_tensor(d.train, cfg)) for d in data.values()]
     z = torch.cat(zs).contiguous()
     shard = torch.cat([torch.full((len(x),), i) for i, x in enumerate(zs)])
