@@ -32,6 +32,7 @@ import torch
 from dpldm.common import seed_all
 from dpldm.compartments import registry
 from dpldm.compartments.compose import compose_sample
+from dpldm.compartments.pipeline_base import CLASS_NAMES
 from dpldm.compartments.router import RouterWeights, load_router
 from dpldm.compartments.rules import composition_rule, rule_names, rules_help
 from dpldm.compartments.store import base_vae, check_base, load_compartment
@@ -271,7 +272,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     imgs, labs, weights = np.concatenate(images), labels.numpy(), np.concatenate(w_steps, axis=1)  # [S, B, n]
     np.savez_compressed(out / "samples.npz", images=imgs, labels=labs, shards=np.array(names),
                         weights=weights.astype(np.float16), weights_mean=weights.mean(0), weights_final=weights[-1])
-    save_grid(imgs, labs, out / "grid.png", hp.get("grid_per_row", 10), hp.get("grid_scale", 4))
+    save_grid(imgs, labs, out / "grid.png", hp.get("grid_per_row", 10), hp.get("grid_scale", 4),
+              names=cfg["data"].get(CLASS_NAMES))  # a pipeline's rows named by class (public: they fill the prompt)
     attribution_plot(weights, labs, names, out / "attribution.png")
     result = {"shards": names, "trained_on": used, "rule": args.rule, "classes": classes, "not_sampled": missing,
               "per_class": per_class, "ddim_steps": steps, "guidance_scale": guidance,
