@@ -113,11 +113,13 @@ def test_sampling_evaluating_adding_and_forgetting_on_a_pipeline(pipeline_run: P
     assert ctrain.new_shard_data(str(new), registry.config_of(reg)).train.labels.tolist() == [2] * 6
     with pytest.warns(UserWarning, match="NO privacy"):
         ctrain.main_add(["--run", str(run), "--name", "extra", "--data", str(new), "--trainable", "lora",
-                         "--lora-rank", "2", "--target-epsilon", "8", "--deterministic-noise"])
+                         "--lora-rank", "2", "--deterministic-noise"])
     public = class_folders(tmp_path / "public", per_class=4, classes=("one", "zero"), seed=2)
     ctrain.main_add(["--run", str(run), "--name", "public", "--data", str(public), "--no-dp"])
     reg, _ = registry.load(run)
     assert registry.trained(reg) == ["0", "1", "extra", "public"]
+    extra = store.read_meta(run / "compartments" / "extra")  # unset options are the run's: epsilon 8, not the config's
+    assert extra["mode"] == "lora" and 7.9 < extra["epsilon"] <= 8 + 1e-6
     assert store.read_meta(run / "compartments" / "public")["public"] is True
     # what sampling loads is the pipeline's UNet with the stored adapters, on the class prompts' contexts
     model = store.load_compartment(run / "compartments" / "extra", reg["base"], registry.config_of(reg))

@@ -711,7 +711,8 @@ def new_shard_data(path: str, cfg: dict[str, Any]) -> data_mod.DataSet:
 
 
 def add(args: argparse.Namespace) -> dict[str, Any]:
-    """Train the compartment of a new shard with the run's config, base, delta, accountant and mode.
+    """Train the compartment of a new shard with the run's config, base, delta, accountant and mode, and the options
+its shards were trained with for those not given (run_options).
 
     Args:
         args: add_parser() arguments.
@@ -737,6 +738,9 @@ def add(args: argparse.Namespace) -> dict[str, Any]:
     if args.accountant not in (None, reg["accountant"]):
         raise RunError(f"--accountant {args.accountant}: the run accounts with {reg['accountant']}")
     args.accountant, args.trainable = reg["accountant"], args.trainable or reg["trainable"]
+    for key, value in run_options(reg).items():  # unset: as the run's shards were trained (epsilon, epochs, ...)
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
     try:
         existing = shard_data(reg, cfg)
     except data_mod.DataError as e:
@@ -759,6 +763,21 @@ def add(args: argparse.Namespace) -> dict[str, Any]:
     for note in rate_notes({name: plan}, args.batch_size or reg["batch_size"], reg["n_train"]):
         log.print(note)
     return train_pending(cfg, Path(args.run), reg, lineage, log, args.device)
+
+
+def run_options(reg: dict[str, Any]) -> dict[str, Any]:
+    """The dpldm.train options every registered shard of the run was trained with (PASS_THROUGH, where they all
+    agree and were set): what `add` takes for those it is not given.
+
+    Args:
+        reg: the registry.
+
+    Returns:
+        {option: value}.
+    """
+    registered = [info["options"] for info in reg["shards"].values() if info.get("options")]
+    return {k: registered[0][k] for k in PASS_THROUGH if registered and registered[0].get(k) is not None
+            and all(o.get(k) == registered[0][k] for o in registered)}
 
 
 def report_of(run: Path) -> dict[str, Any]:
