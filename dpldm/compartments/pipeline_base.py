@@ -46,12 +46,12 @@ def check_options(args: argparse.Namespace) -> None:
         raise RunError(f"--pipeline is the base of every compartment: drop {', '.join(mixed)}")
     if not args.prompt:
         raise RunError("--pipeline needs --prompt TEMPLATE (e.g. 'a photo of a {label}'): compartments are "
-                              "composed per class, and class c's condition is TEMPLATE filled with its folder name")
+                       "composed per class, and class c's condition is TEMPLATE filled with its folder name")
     if "{label}" not in args.prompt:
         raise RunError(f"--prompt {args.prompt!r}: needs {{label}} where the class name goes")
     if not args.data or not Path(args.data).is_dir():
         raise RunError(f"--pipeline needs --data FOLDER of class sub-folders (their names fill the prompt), "
-                              f"got {args.data!r}; python -m dpldm.class_folders writes a built-in set that way")
+                       f"got {args.data!r}; python -m dpldm.class_folders writes a built-in set that way")
 
 
 def class_names(key: str, data: str) -> list[str]:
@@ -161,7 +161,7 @@ def shard_text_run(base: dict[str, Any], data: data_mod.DataSet) -> pipeline_mod
 
 
 @functools.lru_cache(maxsize=2)
-def _loaded(folder: str, sha256: str) -> tuple[pipeline_mod.Pipeline, Any]:
+def _loaded(folder: str, sha256: str) -> tuple[pipeline_mod.Pipeline, dict[tuple[str, ...], nn.Module]]:
     """The pipeline and its class-prompt table, loaded once per process for sampling (never trained)."""
     return fresh_pipeline({"pipeline": folder, "id": sha256}), {}
 
