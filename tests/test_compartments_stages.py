@@ -425,9 +425,9 @@ def killed_run(tiny_runs: Path, tiny_private: Path, tmp_path_factory: pytest.Tem
     real, real_run = train_stage.save_train_state, train_stage.run
     saved = []
 
-    def every_step(cfg: dict, opts: train_stage.TrainOptions, private: object = None) -> object:
+    def every_step(cfg: dict, opts: train_stage.TrainOptions, **k: object) -> object:
         # a checkpoint after every step: the kill lands between two of them
-        return real_run(cfg, dataclasses.replace(opts, checkpoint_every=1), private=private)
+        return real_run(cfg, dataclasses.replace(opts, checkpoint_every=1), **k)
 
     def save_then_die(folder: Path, *a: object, **k: object) -> None:
         real(folder, *a, **k)
@@ -469,9 +469,9 @@ def test_a_killed_train_resumes_shard_by_shard(killed_run: Path, tmp_path: Path,
     calls = []
     real = train_stage.run
 
-    def spy(cfg: dict, targs: object, private: object = None) -> object:
+    def spy(cfg: dict, targs: object, **k: object) -> object:
         calls.append((targs.out.name, targs.resume))
-        return real(cfg, targs, private=private)
+        return real(cfg, targs, **k)
 
     monkeypatch.setattr(train_stage, "run", spy)
     weights0 = (run / "compartments" / "0" / store.WEIGHTS).read_bytes()
