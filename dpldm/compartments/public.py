@@ -5,18 +5,16 @@ accounting of the private shards (it never sees their data)."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from dpldm import data as data_mod
 from dpldm.common import images_tensor, seed_all
-from dpldm.compartments import pipeline_base
-from dpldm.compartments.store import base_vae
+from dpldm.compartments.store import base_model, base_vae
 from dpldm.diffusion import encode_latents
 from dpldm.fit import Recipe, fit
-from dpldm.models import ConditionalUNet, load_ldm
+from dpldm.models import ConditionalUNet
 from dpldm.trainable import select_trainable
 
 
@@ -39,7 +37,7 @@ def train_public(cfg: dict[str, Any], data: data_mod.DataSet, base: dict[str, An
     vae = base_vae(base, cfg)
     z = encode_latents(vae, images_tensor(data.train, cfg))
     y = torch.from_numpy(data.train.labels)
-    model = pipeline_base.base_model(base).train() if base.get("pipeline") else load_ldm(Path(base["ldm"]), cfg)[0]
+    model = base_model(base, cfg)
     select_trainable(model, hp["trainable"], hp["ablation"], hp["lora_rank"])
     model.to(device).train()
     batch = min(hp["batch_size"], len(y))

@@ -117,6 +117,22 @@ def base_vae(base: dict[str, Any], cfg: dict[str, Any]) -> nn.Module:
     return load_autoencoder(Path(base["autoencoder"]), cfg)
 
 
+def base_model(base: dict[str, Any], cfg: dict[str, Any]) -> nn.Module:
+    """The model every compartment of the run starts from: the base LDM, or the pipeline's UNet on the class
+    prompts (pipeline_base.base_model, its own copy).
+
+    Args:
+        base: the run's base record.
+        cfg: the run's config.
+
+    Returns:
+        The model.
+    """
+    if base.get("pipeline"):
+        return pipeline_base.base_model(base)
+    return load_ldm(Path(base["ldm"]), cfg)[0]
+
+
 def trained_tensors(model: ConditionalUNet) -> dict[str, torch.Tensor]:
     """What a compartment stores: the parameters training changed.
 
@@ -218,8 +234,7 @@ def load_compartment(folder: Path, base: dict[str, Any], cfg: dict[str, Any]) ->
     weights = Path(folder) / WEIGHTS
     if not weights.is_file() or sha256_file(weights) != meta.get("sha256"):
         raise CompartmentError(f"{weights}: missing or changed since it was written (sha256 mismatch)")
-    text = bool(base.get("pipeline"))
-    model = pipeline_base.base_model(base) if text else load_ldm(Path(base["ldm"]), cfg)[0]
+    model = base_model(base, cfg)
     if meta.get("mode") == "lora":
         add_lora(model, int(meta.get("lora_rank") or 0))
     params = dict(model.named_parameters())
@@ -229,4 +244,4 @@ def load_compartment(folder: Path, base: dict[str, Any], cfg: dict[str, Any]) ->
             raise CompartmentError(f"{weights}: tensor {name} {tuple(value.shape)} does not fit the base model")
         with torch.no_grad():
             params[name].copy_(value)
-    return model.requires_grad_(False).eval() if text else plain_copy(model, cfg)
+    return model.requires_grad_(False).eval() if base.get("pipeline") else plain_copy(model, cfg)
