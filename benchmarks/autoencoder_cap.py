@@ -5,11 +5,15 @@ real test split; no latent model decoded by that autoencoder can do better. With
 <run>/warmup/release.npz, a DP output), the autoencoder is first adapted by dpldm.adapt_autoencoder on images drawn
 from the release plus public images (post-processing: no further privacy), and both caps are measured.
 
-This is a diagnostic: it reads the private test split. Choose settings with it on a PROXY data set (e.g. MNIST
+With --release it also prints the autoencoder's round-trip error on the release's samples beside its error on public
+images and on samples of the same Gaussian model fitted to the public images (no private image read: a candidate
+rule for adapting without the test split; its readings are in benchmarks/RESULTS.md). --gap-only stops there.
+
+The cap is a diagnostic: it reads the private test split. Choose settings with it on a PROXY data set (e.g. MNIST
 with the letters base, to decide for Fashion-MNIST with the digit base), never on the run's own data.
 
     python benchmarks/autoencoder_cap.py --config mnist-letters [--release RUN/warmup/release.npz] \
-        [--steps 600] [--images 20000] [--out DIR]
+        [--steps 600] [--images 20000] [--out DIR] [--gap-only]
 """
 
 from __future__ import annotations
@@ -54,6 +58,47 @@ def cap(vae: Any, cfg: dict[str, Any], real: data_mod.DataSet, n: int, out: Path
     return {"test_mse": mse, "cnn_test_acc": res["cnn_test_acc"], "s": time.time() - t0}
 
 
+def mse(vae: Any, x: torch.Tensor, batch: int = 500) -> float:
+    """Mean squared error of the round trip (posterior mean decoded) of model tensors x, pixels in [0, 1]."""
+    with torch.no_grad():
+        rec = torch.cat([decode(vae, encode(vae, x[i:i + batch])) for i in range(0, len(x), batch)])
+    return float(((rec.clamp(-1, 1) - x) ** 2).mean() / 4)
+
+
+def public_gaussians(public: data_mod.Split, frequencies: int, per_class: int, rng: np.random.Generator
+                     ) -> np.ndarray:
+    """Images drawn from per-class Gaussians of the public images' DCT coefficients (the warm-up's model, fitted
+    without noise): blobs of the autoencoder's own domain, the reference for the release's samples."""
+    _, h, w, c = public.images.shape
+    b = warmup.basis(h, w, frequencies)
+    k = len(b)
+    z = warmup.coefficients(public.images, frequencies)
+    out = []
+    for label in np.unique(public.labels):
+        zc = z[public.labels == label]
+        if len(zc) < 2:  # no covariance to fit
+            continue
+        ev, vec = np.linalg.eigh(np.cov(zc.T))
+        draw = zc.mean(0) + rng.standard_normal((per_class, z.shape[1])) @ (vec * np.sqrt(np.clip(ev, 0, None))).T
+        px = np.stack([draw[:, i * k:(i + 1) * k] @ b for i in range(c)], axis=-1).reshape(per_class, h, w, c)
+        out.append(np.clip(np.rint(px * 255.0), 0, 255).astype(np.uint8))
+    return np.concatenate(out)
+
+
+def domain_gap(vae: Any, cfg: dict[str, Any], rel: warmup.Release, public: data_mod.Split, seed: int
+               ) -> dict[str, float]:
+    """The round-trip error on 200 release samples per class, on 2,000 public images, and on 100 samples per
+    public class of public_gaussians; no private image is read (the release is a DP output)."""
+    rng = np.random.default_rng(seed)
+    images, labels = rel.sample(200, rng)
+    idx = rng.choice(len(public.labels), min(2000, len(public.labels)), replace=False)
+    blobs = public_gaussians(public, rel.frequencies, 100, rng)
+    row = {"release_samples": mse(vae, images_tensor(data_mod.Split(images, labels), cfg)),
+           "public": mse(vae, images_tensor(data_mod.Split(public.images[idx], public.labels[idx]), cfg)),
+           "public_gaussians": mse(vae, images_tensor(data_mod.Split(blobs, np.zeros(len(blobs), np.int64)), cfg))}
+    return {**row, "ratio": row["release_samples"] / row["public_gaussians"]}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="mnist-letters")
@@ -66,13 +111,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--images", type=int, default=20000, help="reconstructed training images the CNN learns from")
     p.add_argument("--out", type=Path, default=Path("runs/autoencoder-cap"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gap-only", action="store_true", help="with --release: only domain_gap (no private image read)")
     args = p.parse_args(argv)
+    if args.gap_only and args.release is None:
+        raise SystemExit("--gap-only needs --release")
     cfg = load_config(args.config, args.set)
     vae = load_autoencoder(args.autoencoder or verified_base(cfg["base"]) / "autoencoder", cfg)
+    rel = warmup.Release.load(args.release) if args.release is not None else None
+    if rel is not None:
+        gap = domain_gap(vae, cfg, rel, load_public(cfg).train, args.seed)
+        print("round-trip MSE: " + ", ".join(f"{k} {v:.5f}" for k, v in gap.items()))
+        if args.gap_only:
+            return {"gap": gap}
     real = load_private(cfg["data"]["private"], cfg)
     rows = {"as shipped": cap(vae, cfg, real, args.images, args.out / "shipped", args.seed)}
-    if args.release is not None:
-        rel = warmup.Release.load(args.release)
+    if rel is not None:
         settings = warmup.Settings.of(cfg)
         per_class = settings.per_class if settings else 2000
         if len(rel.counts) != private_classes(cfg):
@@ -88,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         adapted = cap(vae, cfg, real, args.images, args.out / "adapted", args.seed)
         rows[f"adapted, {args.steps} steps"] = {**adapted, "adapt_s": time.time() - t0, "losses": losses[-3:]}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cap.json").write_text(json.dumps(rows, indent=1))
+    (args.out / "cap.json").write_text(json.dumps({**rows, **({"domain_gap": gap} if rel else {})}, indent=1))
     for name, row in rows.items():
         print(f"{name:24s} test MSE {row['test_mse']:.4f}  CNN on reconstructions {row['cnn_test_acc']:.4f}")
     return rows

@@ -105,6 +105,32 @@ def test_the_cap_benchmark_runs_on_a_release(tiny_runs, tmp_path) -> None:  # no
         str(tmp_path / "release.npz"), "--steps", "2", "--batch-size", "8", "--images", "40", "--out",
         str(tmp_path / "cap"), "--set", "evaluate.cnn_steps=2"])
     assert set(rows) == {"as shipped", "adapted, 2 steps"}
-    assert json.loads((tmp_path / "cap" / "cap.json").read_text()) == rows
+    written = json.loads((tmp_path / "cap" / "cap.json").read_text())
+    assert written.pop("domain_gap")["ratio"] > 0 and written == rows
     for row in rows.values():
         assert 0 <= row["cnn_test_acc"] <= 1 and row["test_mse"] > 0
+
+
+def test_the_domain_gap_reads_no_private_image(tiny_runs, tmp_path, monkeypatch) -> None:  # noqa: F811
+    """--gap-only: the release's samples against public images and public Gaussians, the private set never loaded."""
+    import numpy as np
+
+    from benchmarks import autoencoder_cap
+    from dpldm import data, warmup
+
+    ds = data.load("mnist5k")
+    settings = warmup.Settings(sigma=5.0, frequencies=4, clip=14.0, per_class=3, steps=1, batch_size=8, lr=1e-3)
+    warmup.release(ds.train.images[:200], ds.train.labels[:200], 10, settings,
+                   np.random.default_rng(0)).save(tmp_path / "release.npz")
+
+    def no_private(*a, **k):
+        raise AssertionError("the private set was loaded")
+
+    monkeypatch.setattr(autoencoder_cap, "load_private", no_private)
+    gap = autoencoder_cap.main(["--config", "tiny", "--autoencoder", str(tiny_runs / "tiny" / "public" /
+                                "autoencoder"), "--release", str(tmp_path / "release.npz"), "--gap-only"])["gap"]
+    assert set(gap) == {"release_samples", "public", "public_gaussians", "ratio"}
+    assert all(v > 0 for v in gap.values())
+    assert gap["ratio"] == gap["release_samples"] / gap["public_gaussians"]
+    with pytest.raises(SystemExit, match="--gap-only needs --release"):
+        autoencoder_cap.main(["--config", "tiny", "--gap-only"])
