@@ -274,3 +274,27 @@ def test_every_preset_loads_its_warmup_and_matches_its_base() -> None:
         if cfg.get("base"):
             check_layout(verified_base(cfg["base"]), cfg)
     assert {"fmnist", "fmnist-cpu"} <= set(with_warmup)
+
+
+def test_the_gradient_signal_diagnostic_reads_a_finished_run(tiny_runs: Path, tiny_private: Path,
+                                                             tmp_path: Path) -> None:
+    """benchmarks/gradient_signal.py end to end at tiny size: the noise from the run's own sigma, C and batch; the
+    statistics ordered; with a C that clips every gradient, the signal cannot exceed C."""
+    import math
+
+    from benchmarks import gradient_signal
+
+    out = tmp_path / "run"
+    train.main(run_args(tiny_runs, tiny_private, out))
+    dp = gradient_signal.run_settings(out)
+    common = [str(out), "--config", "tiny", "--runs", str(tiny_runs), "--data", str(tiny_private), "--images", "6"]
+    row, = gradient_signal.main(common)
+    assert row["clip"] == dp["max_grad_norm"] and row["noise"] == pytest.approx(
+        dp["sigma"] * dp["max_grad_norm"] * math.sqrt(row["d"]) / dp["expected_batch_size"])
+    assert 0 <= row["share_clipped"] <= 1 and row["norm_p10"] <= row["norm_p50"] <= row["norm_p90"]
+    assert row["signal"] <= row["signal_upper"]
+    # every gradient clipped to norm c: the unbiased estimate is (|sum|^2 - n c^2) / (n (n - 1)) <= c^2
+    tiny, = gradient_signal.main([*common, "--clip", "1e-6"])
+    assert tiny["share_clipped"] == 1 and tiny["signal"] <= 1e-6 * (1 + 1e-9)
+    with pytest.raises(SystemExit, match="at least 2"):
+        gradient_signal.main([*common[:-1], "1"])
