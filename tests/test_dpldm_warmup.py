@@ -294,7 +294,31 @@ def test_the_gradient_signal_diagnostic_reads_a_finished_run(tiny_runs: Path, ti
     assert 0 <= row["share_clipped"] <= 1 and row["norm_p10"] <= row["norm_p50"] <= row["norm_p90"]
     assert row["signal"] <= row["signal_upper"]
     # every gradient clipped to norm c: the unbiased estimate is (|sum|^2 - n c^2) / (n (n - 1)) <= c^2
-    tiny, = gradient_signal.main([*common, "--clip", "1e-6"])
+    tiny, big = gradient_signal.main([*common, "--clip", "1e-6", "1e6"])
     assert tiny["share_clipped"] == 1 and tiny["signal"] <= 1e-6 * (1 + 1e-9)
-    with pytest.raises(SystemExit, match="at least 2"):
-        gradient_signal.main([*common[:-1], "1"])
+    assert big["share_clipped"] == 0 and big["norm_p50"] == tiny["norm_p50"]
+    # clipping every gradient to norm C scales each vector: |E c| / C only depends on the directions
+    assert tiny["snr"] == pytest.approx(gradient_signal.main([*common, "--clip", "1e-3"])[0]["snr"], rel=1e-6)
+    with pytest.raises(SystemExit, match="at least 3"):
+        gradient_signal.main([*common[:-1], "2"])
+
+
+def test_the_gradient_signal_estimate_is_the_pair_mean_with_its_jackknife_error() -> None:
+    """pair_estimate against the brute force: the mean of c_i . c_j over i != j, and the jackknife recomputed by
+    leaving each vector out; on many draws the estimate centres on ||mu||^2 (unbiased)."""
+    from benchmarks.gradient_signal import pair_estimate
+
+    rng = np.random.default_rng(0)
+    c = rng.normal(size=(7, 5))
+    gram = c @ c.T
+
+    def pairs(idx):
+        return np.mean([c[i] @ c[j] for i in idx for j in idx if i != j])
+
+    est, se = pair_estimate(gram)
+    loo = np.array([pairs([j for j in range(7) if j != i]) for i in range(7)])
+    assert est == pytest.approx(pairs(range(7)))
+    assert se == pytest.approx(np.sqrt(6 / 7 * ((loo - loo.mean()) ** 2).sum()))
+    mu = np.full(5, 0.3)
+    draws = [pair_estimate((x := mu + rng.normal(size=(20, 5))) @ x.T)[0] for _ in range(4000)]
+    assert np.mean(draws) == pytest.approx(mu @ mu, abs=0.03)
