@@ -76,7 +76,10 @@ def signal(model: Any, cfg: dict[str, Any], z: torch.Tensor, y: torch.Tensor, cl
         if grads is None:
             grads = torch.empty(n, g.numel())
         grads[i] = g
-    gram = (grads.double() @ grads.double().T).numpy()
+    gram = np.zeros((n, n))
+    for j in range(0, grads.shape[1], 1 << 20):  # in float64, a slice at a time: all of it would not fit in memory
+        part = grads[:, j:j + (1 << 20)].double()
+        gram += (part @ part.T).numpy()
     norms = np.sqrt(np.diag(gram))
     q = np.percentile(norms, [10, 50, 90])
     rows = []
