@@ -69,9 +69,6 @@ def public_gaussians(public: data_mod.Split, frequencies: int, per_class: int, r
                      ) -> np.ndarray:
     """Images drawn from per-class Gaussians of the public images' DCT coefficients (the warm-up's model, fitted
     without noise): blobs of the autoencoder's own domain, the reference for the release's samples."""
-    _, h, w, c = public.images.shape
-    b = warmup.basis(h, w, frequencies)
-    k = len(b)
     z = warmup.coefficients(public.images, frequencies)
     out = []
     for label in np.unique(public.labels):
@@ -80,8 +77,7 @@ def public_gaussians(public: data_mod.Split, frequencies: int, per_class: int, r
             continue
         ev, vec = np.linalg.eigh(np.cov(zc.T))
         draw = zc.mean(0) + rng.standard_normal((per_class, z.shape[1])) @ (vec * np.sqrt(np.clip(ev, 0, None))).T
-        px = np.stack([draw[:, i * k:(i + 1) * k] @ b for i in range(c)], axis=-1).reshape(per_class, h, w, c)
-        out.append(np.clip(np.rint(px * 255.0), 0, 255).astype(np.uint8))
+        out.append(warmup.to_images(draw, public.images.shape[1:], frequencies))
     return np.concatenate(out)
 
 

@@ -253,17 +253,31 @@ class Release:
         Returns:
             (uint8 images [K * per_class, H, W, C], int64 labels).
         """
-        h, w, ch = self.shape
-        b = basis(h, w, self.frequencies)
-        k = len(b)
         means, roots = self.gaussians()
         images, labels = [], []
         for c in range(len(means)):
             z = means[c] + rng.standard_normal((per_class, means.shape[1])) @ roots[c].T
-            pixels = np.stack([z[:, i * k:(i + 1) * k] @ b for i in range(ch)], axis=-1).reshape(per_class, h, w, ch)
-            images.append(np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8))
+            images.append(to_images(z, self.shape, self.frequencies))
             labels.append(np.full(per_class, c, dtype=np.int64))
         return np.concatenate(images), np.concatenate(labels)
+
+
+def to_images(z: np.ndarray, shape: tuple[int, int, int], frequencies: int) -> np.ndarray:
+    """Kept DCT coefficients (coefficients()' layout) back to pixels.
+
+    Args:
+        z: [N, C * k] coefficients, pixels scaled to [0, 1].
+        shape: (H, W, C).
+        frequencies: see basis().
+
+    Returns:
+        uint8 images [N, H, W, C].
+    """
+    h, w, ch = shape
+    b = basis(h, w, frequencies)
+    k = len(b)
+    pixels = np.stack([z[:, i * k:(i + 1) * k] @ b for i in range(ch)], axis=-1).reshape(len(z), h, w, ch)
+    return np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8)
 
 
 def scales(clip: float) -> tuple[float, float, float]:
