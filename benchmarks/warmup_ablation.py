@@ -7,7 +7,7 @@ spends no further privacy and prints, each as the evaluation CNN's accuracy on t
     warmed     the base LDM after the warm-up only (no DP-SGD step), sampled as the run samples
     (the run's own result.json has the third: warm-up + DP-SGD)
 
-    python benchmarks/warmup_ablation.py RUN_DIR [--config fmnist-cpu] [--per-class 1000] [--out DIR]
+    python benchmarks/warmup_ablation.py RUN_DIR [--config fmnist-cpu] [--set KEY=VALUE] [--per-class 1000] [--out DIR]
 """
 
 from __future__ import annotations
@@ -39,9 +39,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", choices=["gaussian", "warmed"], help="one of the two (the other's row is read from "
                    "its eval.json when an earlier call wrote it)")
+    p.add_argument("--set", action="append", default=[], help="the run's --set overrides")
     args = p.parse_args()
-    cfg = load_config(args.config)
-    settings = warmup.Settings.of(cfg)
+    cfg = load_config(args.config, args.set)
+    target = evaluate.run_target(args.run)  # picks the release's sigma where the config has a table by epsilon
+    settings = warmup.Settings.of(cfg, target.epsilon if target else None)
     rel = warmup.Release.load(args.run / "warmup" / warmup.RELEASE_FILE)
     if settings is None or not rel.matches(settings, rel.shape, len(rel.counts)):
         raise SystemExit(f"{args.run}: its release was not made with config {args.config}'s warmup section")

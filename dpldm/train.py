@@ -554,7 +554,7 @@ def prepare(cfg: dict[str, Any], opts: TrainOptions, private: data_mod.DataSet |
     out: Path = opts.out
     private = private_data(cfg, opts, private)
     try:
-        warmup = warmup_stage.Settings.of(cfg)
+        warmup = warmup_stage.Settings.of(cfg, opts.target_epsilon)
     except warmup_stage.WarmupError as e:
         fail(str(e))
     if warmup is not None and warmup.autoencoder_steps and not cfg["data"].get("public"):

@@ -46,7 +46,8 @@ class Settings:
     """The warm-up section of a config.
 
     Attributes:
-        sigma: the release's noise multiplier (its sensitivity is 1).
+        sigma: the release's noise multiplier (its sensitivity is 1). In a config, a number or a table from target
+            epsilon to sigma (see of()).
         frequencies: DCT coefficients (u, v) with u + v < frequencies are kept, per channel.
         clip: R, the L2 bound of an image's coefficient vector (pixels in [0, 1]).
         per_class: samples drawn per class for the warm-up training.
@@ -71,11 +72,14 @@ class Settings:
     autoencoder_lr: float = 3e-4
 
     @classmethod
-    def of(cls, cfg: dict[str, Any]) -> Settings | None:
+    def of(cls, cfg: dict[str, Any], target_epsilon: float | None = None) -> Settings | None:
         """The config's `warmup` section, checked; None when the config has none (or `warmup: null`).
 
         Args:
             cfg: the config.
+            target_epsilon: the run's target epsilon, which picks sigma when the config gives a table
+                {epsilon: sigma}: the entry of the largest epsilon at or below the target (below every entry, the
+                smallest's). Default: the config's train.target_epsilon.
 
         Returns:
             The settings, or None.
@@ -86,6 +90,9 @@ class Settings:
         section = cfg.get("warmup")
         if not section:
             return None
+        if isinstance(section.get("sigma"), dict):
+            target = target_epsilon if target_epsilon is not None else cfg.get("train", {}).get("target_epsilon")
+            section = {**section, "sigma": sigma_for(section["sigma"], target)}
         fields = cls.__dataclass_fields__
         names = set(fields)
         required = {n for n, f in fields.items() if f.default is MISSING}
@@ -111,6 +118,33 @@ class Settings:
             [(sigma, 1.0, 1)].
         """
         return [(float(self.sigma), 1.0, 1)]
+
+
+def sigma_for(table: dict[Any, Any], target_epsilon: float | None) -> float:
+    """The release's sigma for a target epsilon, from a config's table {epsilon: sigma}. A table because the
+    release's share of the budget should differ: at epsilon 10 a release at sigma 1 leaves DP-SGD's sigma 5% higher
+    (PRV), while at epsilon 1 sigma 4 would already double it.
+
+    Args:
+        table: {epsilon: sigma}, keys and values positive numbers.
+        target_epsilon: the run's target epsilon.
+
+    Returns:
+        The sigma of the largest epsilon at or below the target; below every entry, the smallest epsilon's.
+
+    Raises:
+        WarmupError: an empty or malformed table, or no target epsilon to pick with.
+    """
+    try:
+        entries = sorted((float(e), float(s)) for e, s in table.items())
+    except (TypeError, ValueError) as e:
+        raise WarmupError(f"config warmup.sigma {table}: a table from epsilon to sigma needs numbers ({e})") from e
+    if not entries or min(min(e, s) for e, s in entries) <= 0:
+        raise WarmupError(f"config warmup.sigma {table}: a table from epsilon to sigma needs positive entries")
+    if target_epsilon is None:
+        raise WarmupError(f"config warmup.sigma {table} depends on the target epsilon, and none is given")
+    below = [s for e, s in entries if e <= float(target_epsilon)]
+    return below[-1] if below else entries[0][1]
 
 
 def dct_matrix(n: int) -> np.ndarray:

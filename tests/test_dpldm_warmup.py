@@ -107,6 +107,21 @@ def test_settings_are_checked() -> None:
         warmup.Settings.of({"warmup": {**vars(SETTINGS), "sigma": 0.0}})
 
 
+def test_sigma_by_target_epsilon() -> None:
+    """A table {epsilon: sigma} picks the entry at or below the target; the config's own target by default."""
+    table = {1: 5.0, 10: 1.0}
+    cfg = {"warmup": {**vars(SETTINGS), "sigma": table}, "train": {"target_epsilon": 10.0}}
+    assert warmup.Settings.of(cfg).sigma == 1.0
+    assert [warmup.Settings.of(cfg, e).sigma for e in (0.5, 1.0, 3.0, 9.99, 10.0, 50.0)] == [5.0, 5.0, 5.0, 5.0,
+                                                                                           1.0, 1.0]
+    assert warmup.Settings.of(cfg, 1.0).history() == [(5.0, 1.0, 1)]
+    for bad, match in (({}, "positive"), ({1: 0.0}, "positive"), ({"x": 1.0}, "numbers")):
+        with pytest.raises(warmup.WarmupError, match=match):
+            warmup.Settings.of({**cfg, "warmup": {**cfg["warmup"], "sigma": bad}})
+    with pytest.raises(warmup.WarmupError, match="depends on the target epsilon"):
+        warmup.Settings.of({"warmup": cfg["warmup"]})
+
+
 def run_args(runs: Path, data: Path, out: Path, *extra: str) -> list[str]:
     # RDP unless a test passes --accountant: its calibration takes a fraction of PRV's seconds
     accountant = () if "--accountant" in extra else ("--accountant", "rdp")
@@ -172,6 +187,24 @@ def test_a_restart_reuses_the_release_on_disk_and_refuses_another_one(
         other / "warmup" / warmup.RELEASE_FILE)
     with pytest.raises(SystemExit, match="other settings"):
         train.main(run_args(tiny_runs, tiny_private, other, "--resume"))
+
+
+@pytest.mark.filterwarnings("ignore:--deterministic-noise")
+def test_a_sigma_table_releases_at_the_runs_target_epsilon(tiny_runs: Path, tiny_private: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    class Killed(Exception):
+        pass
+
+    def killed(*a, **k):  # stop once the release is on disk: its sigma is what is checked
+        raise Killed
+
+    monkeypatch.setattr(warmup, "train_on_samples", killed)
+    table = ("--set", "warmup.sigma={2: 6.0, 10: 4.0}")
+    for eps, sigma in ((3.0, 6.0), (10.0, 4.0)):
+        out = tmp_path / f"eps{eps:g}"
+        with pytest.raises(Killed):
+            train.main(run_args(tiny_runs, tiny_private, out, *table, "--target-epsilon", str(eps)))
+        assert warmup.Release.load(out / "warmup" / warmup.RELEASE_FILE).sigma == sigma
 
 
 @pytest.mark.parametrize("autoencoder_steps", [0, 3])
@@ -322,3 +355,37 @@ def test_the_gradient_signal_estimate_is_the_pair_mean_with_its_jackknife_error(
     mu = np.full(5, 0.3)
     draws = [pair_estimate((x := mu + rng.normal(size=(20, 5))) @ x.T)[0] for _ in range(4000)]
     assert np.mean(draws) == pytest.approx(mu @ mu, abs=0.03)
+
+
+def test_the_release_choice_measures_a_proxy_and_refuses_the_private_set(tmp_path: Path) -> None:
+    """benchmarks/warmup_release_choice.py at tiny size: one row per sigma, its costs from the accountant (a noisier
+    release spends less alone and leaves DP-SGD less noise); the config's private set is refused as a proxy."""
+    from benchmarks import warmup_release_choice
+
+    args = ["--config", "fmnist-cpu", "--per-class", "4", "--set", "evaluate.cnn_steps=2", "--targets", "10",
+            "--n", "60000", "--out", str(tmp_path)]
+    rows = warmup_release_choice.main([*args, "--proxy", "digits", "--sigma", "1", "5"])
+    assert [r["sigma"] for r in rows] == [1.0, 5.0] and all(0.0 <= r["cnn_test_acc"] <= 1.0 for r in rows)
+    assert rows[0]["release_epsilon"] > rows[1]["release_epsilon"]
+    assert rows[0]["dpsgd_sigma_at_10"] > rows[1]["dpsgd_sigma_at_10"] > 0
+    assert rows[1]["release_epsilon"] == pytest.approx(composed_epsilon([(5.0, 1.0, 1)], 1e-5, "prv"))
+    with pytest.raises(SystemExit, match="private data set"):
+        warmup_release_choice.main([*args, "--proxy", "fmnist"])
+
+
+def test_a_compartment_plans_its_release_at_the_runs_target_epsilon() -> None:
+    """A shard's reachability check composes the release the run's target epsilon picks from a sigma table, not
+    the config's default target's."""
+    import argparse
+
+    from dpldm.compartments.registry import RunError
+    from dpldm.compartments.train import plan_shard
+    from dpldm.config import load_config
+
+    cfg = load_config("tiny", ["warmup={sigma: {1: 0.3, 10: 5.0}, frequencies: 4, clip: 6.0, per_class: 2, "
+                               "steps: 1, batch_size: 4, lr: 0.001}"])
+    args = argparse.Namespace(target_epsilon=10.0, epochs=1, accountant="rdp", no_dp=False)
+    assert plan_shard(cfg, args, "a", 1000, 100, 1000, 1e-5)["n"] == 1000
+    args.target_epsilon = 2.0  # picks sigma 0.3, whose release alone spends more than 2
+    with pytest.raises(RunError, match="unreachable"):
+        plan_shard(cfg, args, "a", 1000, 100, 1000, 1e-5)

@@ -479,7 +479,7 @@ def plan_shard(cfg: dict[str, Any], args: argparse.Namespace, name: str, size: i
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="divide by zero", category=RuntimeWarning)  # PRV, q = 1
-                settings = warmup.Settings.of(cfg)  # each compartment's own release, composed before its DP-SGD
+                settings = warmup.Settings.of(cfg, eps)  # each compartment's own release, composed before its DP-SGD
                 noise_multiplier(eps, delta, size, batch, epochs, args.accountant, quiet=True,
                                  prior=settings.history() if settings else [])
         except ValueError as e:
