@@ -382,8 +382,9 @@ def test_a_compartment_plans_its_release_at_the_runs_target_epsilon() -> None:
     from dpldm.compartments.train import plan_shard
     from dpldm.config import load_config
 
-    cfg = load_config("tiny", ["warmup={sigma: {1: 0.3, 10: 5.0}, frequencies: 4, clip: 6.0, per_class: 2, "
-                               "steps: 1, batch_size: 4, lr: 0.001}"])
+    section = ("warmup={sigma: {1: 0.3, 10: 5.0}, frequencies: 4, clip: 6.0, per_class: 2, steps: 1, batch_size: 4, "
+               "lr: 0.001}")
+    cfg = load_config("tiny", [section])
     args = argparse.Namespace(target_epsilon=10.0, epochs=1, accountant="rdp", no_dp=False)
     assert plan_shard(cfg, args, "a", 1000, 100, 1000, 1e-5)["n"] == 1000
     args.target_epsilon = 2.0  # picks sigma 0.3, whose release alone spends more than 2
