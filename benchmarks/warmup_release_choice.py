@@ -21,6 +21,7 @@ import numpy as np
 
 from dpldm import calibration, evaluate, warmup
 from dpldm import data as data_mod
+from dpldm.common import private_classes
 from dpldm.config import load_config
 from dpldm.train import default_delta
 
@@ -72,7 +73,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.proxy == cfg["data"]["private"]:
         raise SystemExit(f"--proxy {args.proxy} is the config's private data set: choose on another one")
     d = cfg["data"]
-    proxy = data_mod.load(args.proxy, d["channels"], d["num_classes"], d["image_size"])
+    k = private_classes(cfg)  # the proxy stands in for the private set: its label count
+    proxy = data_mod.load(args.proxy, d["channels"], k, d["image_size"])
     per_class = args.per_class or base.per_class
     rows = []
     for sigma in args.sigma or [base.sigma]:
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 s = replace(base, sigma=sigma, frequencies=freq, clip=clip)
                 t0 = time.time()
                 rng = np.random.default_rng(args.seed)  # a proxy experiment: reproducible noise is what is wanted
-                rel = warmup.release(proxy.train.images, proxy.train.labels, d["num_classes"], s, rng)
+                rel = warmup.release(proxy.train.images, proxy.train.labels, k, s, rng)
                 images, labels = rel.sample(per_class, rng)
                 name = f"sigma{sigma:g}-f{freq}-R{clip:g}"
                 res = evaluate.run(cfg, data_mod.Split(images, labels), proxy, None, args.out / name,
