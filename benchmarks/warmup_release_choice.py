@@ -3,7 +3,7 @@
 For each (sigma, frequencies, clip) given, a Gaussian release (dpldm.warmup.release) of the proxy's training split,
 images drawn from its per-class Gaussians, and the config's evaluation CNN trained on them and read on the proxy's
 test split; beside it, what the release costs: its epsilon alone and the DP-SGD noise multiplier it leaves the
-config's DP-SGD stage at each target epsilon (the accountant's composition; "-" where the release alone spends more).
+config's DP-SGD stage at each target epsilon (the accountant's composition; null where the release alone spends more).
 The proxy is read without privacy: it stands for data that is public to the experimenter, not for the private set.
 
     python benchmarks/warmup_release_choice.py --config fmnist-cpu --proxy mnist --sigma 5 3 2
